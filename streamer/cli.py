@@ -1,0 +1,336 @@
+"""`emotion-monitor` command line. The sub-commands and flags here are a stable interface: scripts call them."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import csv
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from streamer.config import ConfigError, MonitorConfig, load_config
+
+log = logging.getLogger("emotion-monitor")
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for noisy in ("faster_whisper", "amqtt", "transitions"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _config(args: argparse.Namespace) -> MonitorConfig:
+    config = load_config(args.config)
+    if getattr(args, "language", None):
+        config.recogniser.language = None if args.language == "auto" else args.language
+    if getattr(args, "broker", None):
+        config.mqtt.url = args.broker
+    if getattr(args, "stream", None):
+        config.stream = args.stream
+    if getattr(args, "node", None):
+        config.node = args.node
+    if getattr(args, "source", None):
+        config.source = args.source
+    return config
+
+
+def _source_spec(spec: str) -> str:
+    """`auto`: the first microphone if one exists, else the generated Spanish demo."""
+    if spec != "auto":
+        return spec
+    from streamer.sources import list_input_devices
+
+    if list_input_devices():
+        return "mic"
+    from streamer.demo import demo_audio_path
+
+    path = demo_audio_path()
+    log.info("no microphone found: playing the generated Spanish demo %s in real time", path)
+    return f"file:{path}"
+
+
+async def _run(args: argparse.Namespace, config: MonitorConfig) -> int:
+    from streamer.live_view import ConsoleSink
+    from streamer.pipeline import Engine, run_stream
+    from streamer.publisher import JsonlSink, MqttSink, resolve_broker
+    from streamer.sources import open_source
+
+    source = open_source(_source_spec(config.source), realtime=not args.fast, rate=args.rate, channels=args.channels)
+    engine = await asyncio.to_thread(Engine, config.recogniser, config.classifier, config.node)
+    url, embedded = await resolve_broker(config.mqtt)
+    mqtt = MqttSink(config.mqtt, url, config.node)
+    sinks = [mqtt]
+    if args.jsonl:
+        sinks.append(JsonlSink(args.jsonl, config.mqtt.publish_transcript))
+    if not args.quiet:
+        sinks.append(ConsoleSink(show_transcript=config.mqtt.publish_transcript))
+    for sink in sinks:
+        await sink.start()
+    log.info(
+        "stream %s from %s → %s (topic emotion/v1/%s/%s/event)",
+        config.stream,
+        source.name,
+        url,
+        config.node,
+        config.stream,
+    )
+    task = asyncio.create_task(run_stream(source, engine, sinks, config.stream, config.segmenter))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    stats = None
+    try:
+        stats = await task
+    except asyncio.CancelledError:
+        log.info("stopping")
+    finally:
+        for sink in sinks:
+            await sink.close()
+        if embedded:
+            await embedded.stop()
+        engine.close()
+    if stats is None:
+        return 0
+    lat = stats.latencies_ms
+    log.info(
+        "%d utterances, %d events, %d failed; end of speech → publish p50 %.0f ms, p95 %.0f ms; "
+        "%d events published over MQTT",
+        stats.utterances,
+        stats.events,
+        stats.failed,
+        _percentile(lat, 50),
+        _percentile(lat, 95),
+        mqtt.published,
+    )
+    return 1 if stats.error else 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return asyncio.run(_run(args, _config(args)))
+
+
+async def _analyze(args: argparse.Namespace, config: MonitorConfig) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from streamer.audio import AudioError, load_audio
+    from streamer.frames import SAMPLE_RATE, Utterance
+    from streamer.pipeline import Engine, run_stream
+    from streamer.publisher import JsonlSink
+    from streamer.segmenter import speech_seconds
+    from streamer.sources import FileSource
+
+    engine = await asyncio.to_thread(Engine, config.recogniser, config.classifier, config.node)
+    sink = JsonlSink(args.jsonl, config.mqtt.publish_transcript)
+    await sink.start()
+    failed = 0
+    try:
+        with Progress(transient=True, console=Console(stderr=True)) as progress:
+            job = progress.add_task("analysing", total=len(args.paths))
+            for path in args.paths:
+                stream = Path(path).stem
+                if args.whole_file:
+                    try:
+                        audio = await asyncio.to_thread(load_audio, path)
+                        if len(audio) == 0:
+                            raise AudioError(f"{path}: no samples")
+                    except AudioError as e:
+                        log.error("%s", e)
+                        failed += 1
+                        progress.advance(job)
+                        continue
+                    now = time.monotonic()  # offline: latency counts from now
+                    utterance = Utterance(
+                        stream=stream,
+                        segment_id=0,
+                        audio=audio,
+                        start_s=0.0,
+                        end_s=round(len(audio) / SAMPLE_RATE, 3),
+                        speech_end_arrived=now,
+                        emitted=now,
+                        wall_end=Path(path).stat().st_mtime,
+                        speech_s=speech_seconds(audio, config.segmenter),
+                        source=f"file:{path}",
+                    )
+                    sink.send(await engine.aprocess(utterance, 0))
+                else:
+                    stats = await run_stream(FileSource(path, realtime=False), engine, [sink], stream, config.segmenter)
+                    failed += bool(stats.error)
+                progress.advance(job)
+    finally:
+        await sink.close()
+        engine.close()
+    if failed:
+        log.error("%d of %d files could not be analysed", failed, len(args.paths))
+    return 1 if failed else 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    return asyncio.run(_analyze(args, _config(args)))
+
+
+def cmd_classify_text(args: argparse.Namespace) -> int:
+    from streamer.classifier import EmotionClassifier, as_scores
+    from streamer.frames import LABELS
+
+    config = _config(args)
+    try:
+        with open(args.csv, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        log.error("cannot read %s: %s", args.csv, e)
+        return 1
+    if rows and args.column not in rows[0]:
+        log.error("%s has no column %r; columns: %s", args.csv, args.column, ", ".join(rows[0]))
+        return 1
+    classifier = EmotionClassifier(config.classifier)
+    texts = [(row.get(args.column) or "").strip() for row in rows]
+    out = sys.stdout if args.jsonl == "-" else open(args.jsonl, "w", encoding="utf-8")  # noqa: SIM115
+    empty = 0
+    try:
+        for start in range(0, len(texts), 64):
+            batch = texts[start : start + 64]
+            filled = [t for t in batch if t]
+            probs = iter(classifier.classify_text(filled)) if filled else iter(())
+            for offset, text in enumerate(batch):
+                line: dict = {"row": start + offset, "transcript": text, "model": {"emotion": classifier.text.model_id}}
+                if text:
+                    p = next(probs)
+                    best = int(np.argmax(p))
+                    line |= {
+                        "label": LABELS[best],
+                        "confidence": round(float(p[best]), 4),
+                        "scores": as_scores(p),
+                        "text_scores": as_scores(p),
+                    }
+                else:
+                    empty += 1
+                    line |= {
+                        "label": None,
+                        "confidence": None,
+                        "scores": None,
+                        "text_scores": None,
+                        "skipped": "empty text",
+                    }
+                out.write(json.dumps(line, ensure_ascii=False) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    if empty:
+        log.warning("%d rows had no text in column %r (label null)", empty, args.column)
+    return 0
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    from streamer.sources import list_input_devices
+
+    devices = list_input_devices()
+    if not devices:
+        print("no audio input devices found")
+    for d in devices:
+        print(f"{d.index:3d}  {d.name}  ({d.channels} ch, {d.rate} Hz)")
+    return 0
+
+
+def cmd_install_service(args: argparse.Namespace) -> int:
+    from streamer.service import install, unit_text
+
+    if args.print:
+        print(unit_text(args.run_args))
+        return 0
+    path = install(args.run_args, args.enable)
+    print(f"wrote {path}")
+    if not args.enable:
+        print("start it with: systemctl --user daemon-reload && systemctl --user enable --now emotion-monitor")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="emotion-monitor", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="YAML config (see configs/monitor.yaml)")
+        p.add_argument("--language", help="language code such as es, or auto to detect per utterance")
+
+    run = sub.add_parser("run", help="monitor a live source and publish events")
+    common(run)
+    run.add_argument("--source", help="mic[:DEVICE] | file:PATH | stdin (default: auto)")
+    run.add_argument("--broker", help="auto | mqtt://[user:pass@]host:port | mqtts://…")
+    run.add_argument("--jsonl", help="also write events as JSON lines to this file (- for stdout)")
+    run.add_argument("--stream", help="stream id used in topics and events")
+    run.add_argument("--node", help="node id used in topics (default: host name)")
+    run.add_argument("--fast", action="store_true", help="file: sources play as fast as possible")
+    run.add_argument("--rate", type=int, default=16000, help="sample rate of stdin PCM (default 16000)")
+    run.add_argument("--channels", type=int, default=1, help="channels of stdin PCM (default 1)")
+    run.add_argument("--quiet", action="store_true", help="no live view in the terminal")
+    run.set_defaults(func=cmd_run)
+
+    analyze = sub.add_parser("analyze", help="analyse audio files offline")
+    common(analyze)
+    analyze.add_argument("paths", nargs="+", metavar="PATH")
+    analyze.add_argument("--whole-file", action="store_true", help="each file is one utterance → one event")
+    analyze.add_argument("--jsonl", required=True, help="output JSON lines (- for stdout)")
+    analyze.set_defaults(func=cmd_analyze)
+
+    text = sub.add_parser("classify-text", help="words-only emotion for a CSV column")
+    text.add_argument("--config")
+    text.add_argument("--csv", required=True)
+    text.add_argument("--column", required=True)
+    text.add_argument("--jsonl", required=True, help="output JSON lines (- for stdout)")
+    text.set_defaults(func=cmd_classify_text)
+
+    devices = sub.add_parser("devices", help="list audio input devices")
+    devices.set_defaults(func=cmd_devices)
+
+    service = sub.add_parser("install-service", help="install a systemd user unit running `run`")
+    service.add_argument("--enable", action="store_true", help="also daemon-reload and enable --now")
+    service.add_argument("--print", action="store_true", help="print the unit instead of writing it")
+    service.add_argument("run_args", nargs=argparse.REMAINDER, help="arguments for `run`, after --")
+    service.set_defaults(func=cmd_install_service)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    if getattr(args, "run_args", None) and args.run_args[0] == "--":
+        args.run_args = args.run_args[1:]
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        from streamer.audio import AudioError
+        from streamer.models import ModelFileError
+        from streamer.sources import SourceError
+
+        if isinstance(e, AudioError | SourceError | ModelFileError | ValueError | OSError):
+            log.error("%s", e)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())

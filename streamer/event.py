@@ -1,0 +1,78 @@
+"""The wire format: `EmotionEvent` → JSON dict (schema `emotion-monitor/event/v1`) and MQTT topic names."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime
+from functools import cache
+from importlib import resources
+
+from streamer.frames import EmotionEvent
+
+SCHEMA_ID = "emotion-monitor/event/v1"
+TOPIC_ROOT = "emotion/v1"
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
+
+
+def topic_safe(name: str) -> str:
+    """An id usable as one MQTT topic level: no wildcards (`#`, `+`), separators, NUL or spaces."""
+    return _UNSAFE.sub("_", name)[:128] or "_"
+
+
+def event_topic(node: str, stream: str) -> str:
+    return f"{TOPIC_ROOT}/{topic_safe(node)}/{topic_safe(stream)}/event"
+
+
+def status_topic(node: str) -> str:
+    return f"{TOPIC_ROOT}/{topic_safe(node)}/status"
+
+
+def iso_utc(epoch_s: float) -> str:
+    return datetime.fromtimestamp(epoch_s, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def to_wire(event: EmotionEvent, publish_transcript: bool = True) -> dict:
+    u, t, e = event.utterance, event.transcript, event.emotion
+    wire = {
+        "schema": SCHEMA_ID,
+        "event_id": f"{event.node}/{event.stream}/{u.segment_id}/{'final' if event.final else 'interim'}",
+        "node": event.node,
+        "stream": event.stream,
+        "seq": event.seq,
+        "segment_id": u.segment_id,
+        "start_s": u.start_s,
+        "end_s": u.end_s,
+        "time": iso_utc(u.wall_end),
+        "language": t.language,
+        "transcript": t.text if publish_transcript else "",
+        "label": e.label,
+        "confidence": e.confidence,
+        "scores": e.scores,
+        "audio_scores": e.audio_scores,
+        "text_scores": e.text_scores,
+        "final": event.final,
+        "model": event.models,
+        "asr": {
+            "language_probability": round(t.language_probability, 4),
+            "no_speech_prob": round(t.no_speech_prob, 4),
+            "avg_logprob": round(t.avg_logprob, 4),
+            "rejected": t.rejected,
+        },
+        "latency_ms": event.latency.as_dict(),
+    }
+    if u.source:
+        wire["source"] = u.source
+    return wire
+
+
+@cache
+def schema() -> dict:
+    return json.loads((resources.files("streamer") / "schema" / "event-v1.schema.json").read_text())
+
+
+def validate(wire: dict) -> None:
+    """Raise `jsonschema.ValidationError` when `wire` does not follow the v1 schema."""
+    import jsonschema
+
+    jsonschema.validate(wire, schema(), format_checker=jsonschema.FormatChecker())

