@@ -28,14 +28,14 @@ def condition(samples: np.ndarray, rate: int) -> np.ndarray:
     if not 1_000 <= rate <= MAX_RATE:
         raise AudioError(f"sample rate {rate} Hz is outside 1000..{MAX_RATE} Hz")
     x = np.asarray(samples)
+    if np.issubdtype(x.dtype, np.integer):
+        x = x.astype(np.float32) / float(np.iinfo(x.dtype).max + 1)
     if x.ndim == 2:
         if x.shape[1] == 0:
             raise AudioError("audio has no channels")
         x = x.mean(axis=1)
     elif x.ndim != 1:
         raise AudioError(f"audio must be [samples] or [samples, channels], got shape {x.shape}")
-    if np.issubdtype(x.dtype, np.integer):
-        x = x.astype(np.float32) / float(np.iinfo(x.dtype).max + 1)
     x = x.astype(np.float32, copy=False)
     bad = ~np.isfinite(x)
     if bad.any():
@@ -45,6 +45,22 @@ def condition(samples: np.ndarray, rate: int) -> np.ndarray:
     if rate != SAMPLE_RATE and len(x):
         x = soxr.resample(x, rate, SAMPLE_RATE).astype(np.float32, copy=False)
     return np.ascontiguousarray(x)
+
+
+class StreamConditioner:
+    """`condition` for a live stream: the resampler keeps its state across chunks (no clicks at chunk edges)."""
+
+    def __init__(self, rate: int, channels: int = 1) -> None:
+        condition(np.zeros((0, channels), np.float32), rate)  # validates rate and channels
+        self.rate, self.channels = rate, channels
+        self._resampler = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32") if rate != SAMPLE_RATE else None
+
+    def __call__(self, pcm: np.ndarray, last: bool = False) -> np.ndarray:
+        """`pcm`: int16 [n, channels] → 16 kHz mono float32."""
+        mono = condition(pcm.reshape(-1, self.channels), SAMPLE_RATE)
+        if self._resampler is None:
+            return mono
+        return self._resampler.resample_chunk(mono, last=last)
 
 
 def pcm16_to_float(data: bytes) -> np.ndarray:
@@ -85,5 +101,5 @@ def _decode_with_av(path: Path, first_error: Exception) -> tuple[np.ndarray, int
     except Exception as av_error:
         raise AudioError(f"{path}: unreadable audio ({first_error}; {av_error})") from av_error
     if not parts:
-        raise AudioError(f"{path}: no audio samples could be decoded")
+        raise AudioError(f"{path}: unreadable audio, no samples could be decoded ({first_error})")
     return np.concatenate(parts)[:, None], SAMPLE_RATE

@@ -19,7 +19,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from streamer.audio import AudioError, condition, load_audio
+from streamer.audio import AudioError, StreamConditioner, load_audio
 from streamer.frames import SAMPLE_RATE, AudioChunk
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class StdinSource:
     """Signed 16-bit little-endian PCM on a byte stream (stdin by default), mono or interleaved channels."""
 
     def __init__(self, rate: int = SAMPLE_RATE, channels: int = 1, stream: BinaryIO | None = None) -> None:
-        condition(np.zeros((0, channels), np.float32), rate)  # validates rate and channels up front
+        self._condition = StreamConditioner(rate, channels)
         self.rate, self.channels = rate, channels
         self._stream = stream
         self.name = "stdin"
@@ -76,10 +76,13 @@ class StdinSource:
             usable = len(data) - len(data) % frame_bytes
             leftover = data[usable:]
             if usable:
-                pcm = np.frombuffer(data[:usable], dtype="<i2").reshape(-1, self.channels)
-                yield AudioChunk(condition(pcm, self.rate), time.monotonic())
+                pcm = np.frombuffer(data[:usable], dtype="<i2")
+                yield AudioChunk(self._condition(pcm), time.monotonic())
         if leftover:
             log.warning("stdin ended with %d stray bytes (not a whole sample frame); ignored", len(leftover))
+        tail = self._condition(np.zeros(0, "<i2"), last=True)
+        if len(tail):
+            yield AudioChunk(tail, time.monotonic())
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,7 @@ class MicSource:
         pyaudio, pa = _pyaudio()
         rate, channels = self.device.rate, min(self.device.channels, 2)
         frames = int(CHUNK_S * rate)
+        conditioner = StreamConditioner(rate, channels)
         try:
             with _quiet_stderr():
                 stream = pa.open(
@@ -191,8 +195,7 @@ class MicSource:
                     data = await asyncio.to_thread(stream.read, frames, False)
                 except OSError as e:
                     raise SourceError(f"microphone {self.device.name} stopped delivering audio: {e}") from e
-                pcm = np.frombuffer(data, dtype="<i2").reshape(-1, channels)
-                yield AudioChunk(condition(pcm, rate), time.monotonic())
+                yield AudioChunk(conditioner(np.frombuffer(data, dtype="<i2")), time.monotonic())
         finally:
             stream.stop_stream()
             stream.close()

@@ -1,0 +1,97 @@
+"""Shared fixtures: real speech from espeak-ng, real noise from sox, the real Mosquitto, the real models."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from streamer.frames import SAMPLE_RATE
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("EMOTION_DATA_DIR", REPO.parent / "shared" / "data"))
+BROKER = ("127.0.0.1", 1883)
+
+ANGRY_ES = "¡Estoy furioso! Esto es inaceptable, quiero hablar con el responsable ahora mismo."
+HAPPY_ES = "Qué alegría, por fin ha llegado el paquete. Muchísimas gracias, estoy encantado."
+
+
+def silence(seconds: float) -> np.ndarray:
+    return np.zeros(int(seconds * SAMPLE_RATE), np.float32)
+
+
+@pytest.fixture(scope="session")
+def speak(tmp_path_factory):
+    """Spanish (or other) speech from espeak-ng, 16 kHz mono float32."""
+    if not shutil.which("espeak-ng"):
+        pytest.fail("espeak-ng is required by the tests (./setup.sh installs it)")
+    from streamer.demo import speak as synthesise
+
+    cache: dict[tuple[str, str], np.ndarray] = {}
+
+    def _speak(text: str, voice: str = "es") -> np.ndarray:
+        if (text, voice) not in cache:
+            cache[text, voice] = synthesise(text, voice)
+        return cache[text, voice]
+
+    return _speak
+
+
+@pytest.fixture(scope="session")
+def pink_noise(tmp_path_factory) -> np.ndarray:
+    """3 s of pink noise from sox (WebRTC VAD alone calls this speech)."""
+    path = tmp_path_factory.mktemp("noise") / "pink.wav"
+    subprocess.run(["sox", "-n", "-r", "16000", "-c", "1", "-b", "16", str(path), "synth", "3", "pinknoise",
+                    "vol", "0.3"], check=True)
+    audio, _ = sf.read(path, dtype="float32")
+    return audio
+
+
+@pytest.fixture(scope="session")
+def conversation(speak) -> tuple[np.ndarray, list[tuple[float, float]]]:
+    """Two one-clause sentences separated by pauses, with the true speech spans (from the samples, not a VAD)."""
+    parts, spans, t = [silence(1.0)], [], 1.0
+    for text in ("Estoy furioso con este servicio tan malo", "Qué alegría me da verte por aquí hoy"):
+        speech = speak(text)
+        active = np.flatnonzero(np.abs(speech) > 1e-3)
+        spans.append((t + active[0] / SAMPLE_RATE, t + active[-1] / SAMPLE_RATE))
+        parts += [speech, silence(1.5)]
+        t += (len(speech) + int(1.5 * SAMPLE_RATE)) / SAMPLE_RATE
+    return np.concatenate(parts), spans
+
+
+@pytest.fixture(scope="session")
+def engine():
+    from streamer.pipeline import Engine
+
+    e = Engine(node="test")
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="session")
+def broker() -> tuple[str, int]:
+    try:
+        socket.create_connection(BROKER, timeout=1).close()
+    except OSError:
+        pytest.fail("the tests need Mosquitto on 127.0.0.1:1883 (`mosquitto -d`; .ci/run starts it)")
+    return BROKER
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def data_dir(name: str) -> Path:
+    path = DATA / name
+    if not path.is_dir():
+        pytest.skip(f"dataset {name} not found at {path} (set EMOTION_DATA_DIR)")
+    return path
