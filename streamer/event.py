@@ -12,7 +12,7 @@ from streamer.frames import EmotionEvent
 
 SCHEMA_ID = "emotion-monitor/event/v1"
 TOPIC_ROOT = "emotion/v1"
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
+_UNSAFE = re.compile(r"[^\w.\-]")
 
 
 def topic_safe(name: str) -> str:

@@ -113,8 +113,8 @@ class Recogniser:
 
     def _encode(self, audio: np.ndarray):
         """Encode one ≤30 s piece padded to the configured window; returns (storage, frames covering audio)."""
-        window_s = min(MAX_WINDOW_S, max(self.opts.encoder_window_s, len(audio) / SAMPLE_RATE))
-        n = round(window_s * SAMPLE_RATE)
+        n = max(round(self.opts.encoder_window_s * SAMPLE_RATE), len(audio))
+        n = min(int(MAX_WINDOW_S * SAMPLE_RATE), math.ceil(n / SAMPLES_PER_FRAME) * SAMPLES_PER_FRAME)
         padded = np.zeros(n, dtype=np.float32)
         padded[: len(audio)] = audio[:n]
         mel = self._whisper.feature_extractor(padded)[:, : n // 160]

@@ -1,0 +1,168 @@
+"""Sinks against the real Mosquitto, an embedded amqtt broker, and a broker that appears mid-run."""
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+import uuid
+
+import aiomqtt
+import numpy as np
+import pytest
+
+from streamer.event import event_topic, status_topic, topic_safe, validate
+from streamer.frames import LABELS, Emotion, EmotionEvent, Transcript, Utterance
+from streamer.publisher import JsonlSink, MqttOptions, MqttSink, parse_broker_url, resolve_broker
+from tests.conftest import free_port
+
+
+def make_event(stream: str, seq: int, node: str = "test") -> EmotionEvent:
+    """A complete event built from the real dataclasses (the model stages are tested elsewhere)."""
+    now = time.monotonic()
+    scores = dict.fromkeys(LABELS, round(1 / 6, 4))
+    utterance = Utterance(stream=stream, segment_id=seq, audio=np.zeros(1600, np.float32), start_s=seq * 2.0,
+                          end_s=seq * 2.0 + 1.0, speech_end_arrived=now, emitted=now, wall_end=time.time(),
+                          speech_s=0.8, source="test")
+    transcript = Transcript(text=f"frase {seq}", language="es", language_probability=1.0, no_speech_prob=0.01,
+                            avg_logprob=-0.2, compression_ratio=1.0, rejected=None,
+                            encoder_frames=np.zeros((50, 512), np.float32), encode_ms=1.0, decode_ms=1.0)
+    emotion = Emotion(scores=scores, audio_scores=scores, text_scores=scores, label="anger", confidence=0.1667,
+                      ms=0.1)
+    return EmotionEvent(node=node, stream=stream, seq=seq, utterance=utterance, transcript=transcript,
+                        emotion=emotion, models={"asr": "a", "emotion": "b"}, ready=now)
+
+
+async def receive(host: str, port: int, topic: str, count: int, started: asyncio.Event, timeout: float = 20):
+    got = []
+    async with aiomqtt.Client(host, port, identifier=f"test-sub-{uuid.uuid4().hex[:8]}") as client:
+        await client.subscribe(topic, qos=1)
+        started.set()
+        async with asyncio.timeout(timeout):
+            async for message in client.messages:
+                got.append((str(message.topic), message.payload.decode(), message.retain))
+                if len(got) >= count:
+                    break
+    return got
+
+
+async def publish_and_collect(url: str, host: str, port: int, node: str, events: int, opts: MqttOptions):
+    started = asyncio.Event()
+    collector = asyncio.create_task(receive(host, port, f"emotion/v1/{node}/#", events + 1, started))
+    await started.wait()
+    sink = MqttSink(opts, url, node)
+    await sink.start()
+    for i in range(events):
+        sink.send(make_event("s1", i, node))
+    got = await collector
+    await sink.close()
+    return got, sink
+
+
+async def test_events_and_status_reach_mosquitto(broker):
+    node = f"n{uuid.uuid4().hex[:6]}"
+    got, sink = await publish_and_collect("mqtt://127.0.0.1:1883", *broker, node, 5, MqttOptions())
+    assert (status_topic(node), "online", False) in got
+    events = [json.loads(p) for t, p, _ in got if t == event_topic(node, "s1")]
+    assert [e["seq"] for e in events] == list(range(5))
+    for e in events:
+        validate(e)
+    assert sink.published == 5
+    # the status is retained: a late subscriber sees offline after a clean close
+    started = asyncio.Event()
+    late = await receive(*broker, status_topic(node), 1, started)
+    assert late == [(status_topic(node), "offline", True)]
+
+
+async def test_last_will_marks_a_dead_publisher_offline(broker, tmp_path):
+    node = f"n{uuid.uuid4().hex[:6]}"
+    script = tmp_path / "pub.py"
+    script.write_text(
+        "import asyncio, os, sys\n"
+        "from streamer.publisher import MqttOptions, MqttSink\n"
+        "async def main():\n"
+        f"    sink = MqttSink(MqttOptions(keepalive=1), 'mqtt://127.0.0.1:1883', '{node}')\n"
+        "    await sink.start(); await sink.connected.wait(); print('up', flush=True)\n"
+        "    await asyncio.sleep(60)\n"
+        "asyncio.run(main())\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().strip() == b"up"
+        started = asyncio.Event()
+        watcher = asyncio.create_task(receive(*broker, status_topic(node), 2, started))
+        await started.wait()
+        proc.kill()
+        got = await watcher
+        assert [p for _, p, _ in got] == ["online", "offline"]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+async def test_embedded_broker_serves_when_none_listens():
+    port = free_port()
+    url, embedded = await resolve_broker(MqttOptions(url="auto", embedded_port=port))
+    assert embedded is not None and url == f"mqtt://127.0.0.1:{port}"
+    try:
+        got, _ = await publish_and_collect(url, "127.0.0.1", port, "emb", 3, MqttOptions())
+        assert sum(t.endswith("/event") for t, _, _ in got) == 3
+    finally:
+        await embedded.stop()
+
+
+async def test_auto_uses_the_running_broker(broker):
+    url, embedded = await resolve_broker(MqttOptions(url="auto"))
+    assert embedded is None and url == "mqtt://127.0.0.1:1883"
+
+
+async def test_events_wait_for_a_broker_that_starts_late(tmp_path):
+    """Broker unreachable at start: events are buffered, then delivered in order once it appears."""
+    port = free_port()
+    node = "late"
+    sink = MqttSink(MqttOptions(), f"mqtt://127.0.0.1:{port}", node)
+    await sink.start()
+    for i in range(4):
+        sink.send(make_event("s", i, node))
+    await asyncio.sleep(1.5)
+    assert sink.published == 0
+    conf = tmp_path / "m.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
+    mosquitto = subprocess.Popen(["mosquitto", "-c", str(conf)], stderr=subprocess.DEVNULL)
+    try:
+        await asyncio.sleep(0.5)
+        started = asyncio.Event()
+        collector = asyncio.create_task(receive("127.0.0.1", port, f"emotion/v1/{node}/s/event", 4, started))
+        await started.wait()
+        got = await collector
+        assert [json.loads(p)["seq"] for _, p, _ in got] == [0, 1, 2, 3]
+        await sink.close()
+    finally:
+        mosquitto.terminate()
+        mosquitto.wait()
+
+
+def test_broker_urls():
+    opts = MqttOptions(username="envuser", password="envpass")
+    a = parse_broker_url("mqtts://u%40x:p%3Aw@broker.example:8884", opts)
+    assert (a.host, a.port, a.tls, a.username, a.password) == ("broker.example", 8884, True, "u@x", "p:w")
+    b = parse_broker_url("mqtt://localhost", opts)
+    assert (b.port, b.tls, b.username, b.password) == (1883, False, "envuser", "envpass")
+    with pytest.raises(ValueError, match="broker URL"):
+        parse_broker_url("http://x", opts)
+
+
+def test_topic_levels_are_sanitised():
+    assert topic_safe("call/+/#\x00 ñ") == "call______ñ"
+    assert event_topic("a/b", "#") == "emotion/v1/a_b/_/event"
+
+
+async def test_jsonl_sink_writes_valid_events(tmp_path):
+    path = tmp_path / "out.jsonl"
+    sink = JsonlSink(str(path), publish_transcript=False)
+    await sink.start()
+    sink.send(make_event("s", 0))
+    await sink.close()
+    line = json.loads(path.read_text())
+    validate(line)
+    assert line["transcript"] == ""
+    assert line["latency_ms"]["total"] >= 0

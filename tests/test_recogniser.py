@@ -1,0 +1,86 @@
+import shutil
+import time
+
+import numpy as np
+import pytest
+
+from streamer.frames import SAMPLE_RATE, Utterance
+from streamer.models import ModelFileError, whisper_base_dir
+from streamer.recogniser import Recogniser, RecogniserOptions, compression_ratio, guard
+from tests.conftest import silence
+
+
+def utterance(audio: np.ndarray, speech_s: float | None = None) -> Utterance:
+    now = time.monotonic()
+    duration = len(audio) / SAMPLE_RATE
+    return Utterance(stream="t", segment_id=0, audio=audio, start_s=0.0, end_s=duration, speech_end_arrived=now,
+                     emitted=now, wall_end=time.time(), speech_s=duration if speech_s is None else speech_s)
+
+
+@pytest.fixture(scope="module")
+def recogniser():
+    return Recogniser()
+
+
+def test_spanish_speech_is_transcribed_with_one_encoder_pass(recogniser, speak):
+    audio = np.concatenate([silence(0.3), speak("Buenos días, quiero consultar el estado de mi pedido"),
+                            silence(0.3)])
+    t = recogniser.recognise(utterance(audio))
+    words = t.text.lower()
+    assert t.rejected is None
+    assert sum(w in words for w in ("buenos", "días", "consultar", "pedido")) >= 3, t.text
+    assert t.language == "es"
+    # the encoder frames kept for the voice head cover exactly the utterance (20 ms each)
+    assert t.encoder_frames.shape == (int(np.ceil(len(audio) / 320)), 512)
+    assert t.encode_ms > 0 and t.decode_ms > 0
+
+
+def test_language_is_detected_when_not_configured(speak):
+    english = Recogniser(RecogniserOptions(language=None))
+    t = english.recognise(utterance(speak("Good morning, I would like to check the status of my order", "en")))
+    assert t.language == "en"
+    assert "order" in t.text.lower()
+
+
+def test_silence_and_noise_give_no_text(recogniser, pink_noise):
+    for audio, speech_s in ((silence(2.0), 0.0), (pink_noise, 0.0)):
+        t = recogniser.recognise(utterance(audio, speech_s))
+        assert t.text == ""
+        assert t.rejected is not None
+
+
+def test_long_audio_is_recognised_in_30_s_pieces(recogniser, speak):
+    sentences = ["El tren de las ocho llega siempre con retraso.", "Mañana iremos al mercado a comprar fruta.",
+                 "La biblioteca cierra a las nueve de la noche.", "Mi hermano trabaja en un hospital de Madrid.",
+                 "Este verano queremos viajar a la costa.", "El perro del vecino ladra todas las mañanas.",
+                 "Necesito cambiar la rueda de la bicicleta.", "Hoy hace mucho calor en la ciudad.", "Los niños juegan en el parque después del colegio."]
+    audio = np.concatenate([np.concatenate([speak(s), silence(0.8)]) for s in sentences])
+    assert len(audio) > 30 * SAMPLE_RATE
+    t = recogniser.recognise(utterance(audio))
+    assert t.encoder_frames.shape[0] == int(np.ceil(len(audio) / 320))
+    text = t.text.lower()
+    assert "tren" in text and "parque" in text, t.text  # words from the first and the second piece
+
+
+def test_guard_rules():
+    opts = RecogniserOptions()
+    assert guard("", 0.0, 0.0, 2.0, opts) == "empty"
+    assert guard("hola", 0.0, -0.2, 0.0, opts) == "no_vad_speech"
+    assert guard("hola", 0.9, -1.5, 2.0, opts) == "no_speech"
+    assert guard("tú, " * 40, 0.1, -0.3, 10.0, opts) == "repetition"
+    assert guard("una frase muy larga que no cabe en medio segundo de voz", 0.1, -0.3, 0.5, opts) == (
+        "longer_than_speech")
+    assert guard("hola, buenos días", 0.1, -0.3, 1.5, opts) is None
+    assert compression_ratio("abc") < compression_ratio("abc" * 50)
+
+
+def test_model_files_are_verified(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMOTION_MONITOR_CACHE", str(tmp_path))
+    target = whisper_base_dir()  # joined from the two PyPI parts
+    assert (target / "model.bin").stat().st_size == 145_217_607
+    with open(target / "model.bin", "r+b") as f:
+        f.seek(1000)
+        f.write(b"\x00\x01\x02")
+    with pytest.raises(ModelFileError, match="SHA-256"):
+        whisper_base_dir()
+    shutil.rmtree(target)
