@@ -1,0 +1,145 @@
+"""The whole chain, as a user runs it: the `emotion-monitor` command, real audio, the real Mosquitto."""
+
+import asyncio
+import csv
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from streamer.event import validate
+from streamer.frames import SAMPLE_RATE
+from tests.conftest import ANGRY_ES, HAPPY_ES, silence
+from tests.test_publisher import receive
+
+CLI = [sys.executable, "-m", "streamer"]
+
+
+def cli(*args: str, stdin: bytes | None = None, env: dict | None = None, timeout: float = 240):
+    return subprocess.run([*CLI, *args], input=stdin, capture_output=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def conversation_wav(conversation, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("audio") / "conversation.wav"
+    sf.write(path, conversation[0], SAMPLE_RATE, subtype="PCM_16")
+    return path
+
+
+async def test_run_publishes_each_utterance_to_mosquitto(broker, conversation_wav, tmp_path):
+    node, stream = f"n{uuid.uuid4().hex[:6]}", "desk"
+    started = asyncio.Event()
+    collector = asyncio.create_task(receive(*broker, f"emotion/v1/{node}/{stream}/event", 2, started, 120))
+    await started.wait()
+    out = tmp_path / "events.jsonl"
+    proc = await asyncio.create_subprocess_exec(
+        *CLI, "run", "--source", f"file:{conversation_wav}", "--fast", "--broker", "mqtt://127.0.0.1:1883",
+        "--node", node, "--stream", stream, "--jsonl", str(out), stderr=asyncio.subprocess.PIPE)
+    _, stderr = await proc.communicate()
+    assert proc.returncode == 0, stderr.decode()
+    events = [json.loads(payload) for _, payload, _ in await collector]
+    assert [e["seq"] for e in events] == [0, 1]
+    for event in events:
+        validate(event)
+        assert event["node"] == node and event["stream"] == stream and event["final"] is True
+        assert abs(sum(event["scores"].values()) - 1) < 0.01
+        assert event["latency_ms"]["total"] >= event["latency_ms"]["asr"] > 0
+    assert "furioso" in events[0]["transcript"].lower()
+    assert "alegría" in events[1]["transcript"].lower()
+    assert [e["event_id"] for e in read_jsonl(out)] == [e["event_id"] for e in events]
+    assert "ANGER" in stderr.decode() or "DISGUST" in stderr.decode()  # the live view names the labels
+
+
+def test_stdin_pcm_at_8k(conversation):
+    audio, _ = conversation
+    import soxr
+
+    pcm8k = (soxr.resample(audio, SAMPLE_RATE, 8000) * 32767).astype("<i2").tobytes()
+    result = cli("run", "--source", "stdin", "--rate", "8000", "--broker", "mqtt://127.0.0.1:1883", "--quiet",
+                 "--stream", "stdin-test", "--jsonl", "-", stdin=pcm8k)
+    assert result.returncode == 0, result.stderr.decode()
+    events = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert len(events) == 2
+    assert all(e["source"] == "stdin" for e in events)
+
+
+def test_unreadable_source_is_a_clear_error(tmp_path):
+    bad = tmp_path / "broken.wav"
+    bad.write_bytes(b"RIFF\x00\x00junk" * 10)
+    result = cli("run", "--source", f"file:{bad}", "--fast", "--broker", "mqtt://127.0.0.1:1883", "--quiet")
+    assert result.returncode == 1
+    stderr = result.stderr.decode()
+    assert "broken.wav" in stderr and "Traceback" not in stderr
+
+
+def test_analyze_whole_file_gives_one_event_per_file(speak, tmp_path):
+    paths = []
+    for name, audio in (("angry", speak(ANGRY_ES)), ("happy", speak(HAPPY_ES)), ("silence", silence(2.0))):
+        paths.append(tmp_path / f"{name}.flac")
+        sf.write(paths[-1], audio, SAMPLE_RATE)
+    corrupt = tmp_path / "corrupt.mp3"
+    corrupt.write_bytes(os.urandom(2000))
+    out = tmp_path / "out.jsonl"
+    result = cli("analyze", *map(str, paths), str(corrupt), "--whole-file", "--jsonl", str(out))
+    assert result.returncode == 1  # one file failed, the others were analysed
+    assert "corrupt.mp3" in result.stderr.decode()
+    events = {Path(e["source"].removeprefix("file:")).stem: e for e in read_jsonl(out)}
+    assert set(events) == {"angry", "happy", "silence"}
+    for event in events.values():
+        validate(event)
+    assert events["silence"]["transcript"] == ""
+    assert events["silence"]["text_scores"] is None
+    assert "furioso" in events["angry"]["transcript"].lower()
+    assert events["happy"]["text_scores"]["joy"] > events["happy"]["text_scores"]["anger"]
+
+
+def test_analyze_without_whole_file_segments_and_ignores_silence(conversation_wav, tmp_path):
+    quiet = tmp_path / "quiet.wav"
+    sf.write(quiet, silence(3.0), SAMPLE_RATE)
+    out = tmp_path / "out.jsonl"
+    result = cli("analyze", str(conversation_wav), str(quiet), "--jsonl", str(out))
+    assert result.returncode == 0, result.stderr.decode()
+    events = read_jsonl(out)
+    assert [(e["stream"], e["seq"]) for e in events] == [("conversation", 0), ("conversation", 1)]
+
+
+def test_classify_text(tmp_path):
+    src = tmp_path / "in.csv"
+    with open(src, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "text"])
+        writer.writerows([[1, ANGRY_ES], [2, HAPPY_ES], [3, ""],
+                          [4, "Me siento muy triste y solo desde que murió mi padre."]])
+    out = tmp_path / "out.jsonl"
+    result = cli("classify-text", "--csv", str(src), "--column", "text", "--jsonl", str(out))
+    assert result.returncode == 0, result.stderr.decode()
+    rows = read_jsonl(out)
+    assert [r["row"] for r in rows] == [0, 1, 2, 3]
+    assert rows[0]["label"] in ("anger", "disgust")
+    assert rows[1]["label"] == "joy"
+    assert rows[2]["label"] is None
+    assert rows[3]["label"] == "sadness"
+    bad = cli("classify-text", "--csv", str(src), "--column", "nope", "--jsonl", str(out))
+    assert bad.returncode == 1 and "no column 'nope'" in bad.stderr.decode()
+
+
+def test_devices_and_install_service(tmp_path):
+    result = cli("devices")
+    assert result.returncode == 0 and result.stdout
+    result = cli("install-service", "--", "--source", "mic:USB", "--broker", "mqtt://h:1883",
+                 env={"XDG_CONFIG_HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr.decode()
+    unit = (tmp_path / "systemd" / "user" / "emotion-monitor.service").read_text()
+    assert "run --source mic:USB --broker mqtt://h:1883" in unit
+    assert "[Install]" in unit
