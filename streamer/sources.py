@@ -37,13 +37,14 @@ class FileSource:
     def __init__(self, path: str | Path, realtime: bool = True) -> None:
         self.path, self.realtime = Path(path), realtime
         self.name = f"file:{self.path}"
+        self.started = 0.0  # monotonic time of the first sample, once playing
 
     async def chunks(self) -> AsyncIterator[AudioChunk]:
         audio = await asyncio.to_thread(load_audio, self.path)
         if len(audio) == 0:
             raise AudioError(f"{self.path}: no samples")
         step = int(CHUNK_S * SAMPLE_RATE)
-        t0 = time.monotonic()
+        t0 = self.started = time.monotonic()
         for i in range(0, len(audio), step):
             piece = audio[i : i + step]
             if self.realtime:

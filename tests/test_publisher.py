@@ -13,7 +13,7 @@ import pytest
 
 from streamer.event import event_topic, status_topic, topic_safe, validate
 from streamer.frames import LABELS, Emotion, EmotionEvent, Transcript, Utterance
-from streamer.publisher import JsonlSink, MqttOptions, MqttSink, parse_broker_url, resolve_broker
+from streamer.publisher import JsonlSink, MqttOptions, MqttSink, is_listening, parse_broker_url, resolve_broker
 from tests.conftest import free_port
 
 
@@ -33,11 +33,16 @@ def make_event(stream: str, seq: int, node: str = "test") -> EmotionEvent:
                         emotion=emotion, models={"asr": "a", "emotion": "b"}, ready=now)
 
 
-async def receive(host: str, port: int, topic: str, count: int, started: asyncio.Event, timeout: float = 20):
+async def receive(host: str, port: int, topic: str, count: int, started: asyncio.Event, timeout: float = 20,
+                  identifier: str | None = None):
+    """Collect `count` messages; with an `identifier`, in a persistent session the broker queues for."""
     got = []
-    async with aiomqtt.Client(host, port, identifier=f"test-sub-{uuid.uuid4().hex[:8]}") as client:
+    async with aiomqtt.Client(host, port, identifier=identifier or f"test-sub-{uuid.uuid4().hex[:8]}",
+                              clean_session=identifier is None) as client:
         await client.subscribe(topic, qos=1)
         started.set()
+        if count == 0:
+            return got
         async with asyncio.timeout(timeout):
             async for message in client.messages:
                 got.append((str(message.topic), message.payload.decode(), message.retain))
@@ -115,30 +120,59 @@ async def test_auto_uses_the_running_broker(broker):
     assert embedded is None and url == "mqtt://127.0.0.1:1883"
 
 
-async def test_events_wait_for_a_broker_that_starts_late(tmp_path):
-    """Broker unreachable at start: events are buffered, then delivered in order once it appears."""
-    port = free_port()
-    node = "late"
+def start_mosquitto(port: int, tmp_path) -> subprocess.Popen:
+    """A Mosquitto the test controls, persisting sessions in tmp_path across restarts."""
+    conf = tmp_path / f"mosquitto-{port}.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+                    f"persistence_location {tmp_path}/\n")
+    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stderr=subprocess.DEVNULL)
+    for _ in range(50):
+        if is_listening("127.0.0.1", port):
+            return proc
+        time.sleep(0.05)
+    raise RuntimeError("mosquitto did not start")
+
+
+def stop_mosquitto(proc: subprocess.Popen) -> None:
+    proc.terminate()  # SIGTERM: Mosquitto saves its sessions to disk
+    proc.wait()
+
+
+async def collect_seqs(port: int, node: str, count: int) -> list[int]:
+    started = asyncio.Event()
+    got = await receive("127.0.0.1", port, f"emotion/v1/{node}/s/event", count, started, identifier="late-sub")
+    return [json.loads(p)["seq"] for _, p, _ in got]
+
+
+async def test_events_survive_a_broker_that_is_late_and_then_restarts(tmp_path):
+    """Broker unreachable at start, then stopped mid-run: events are buffered and delivered in order.
+
+    The subscriber keeps a persistent session, so what the monitor publishes while it is away is queued for it.
+    """
+    port, node = free_port(), "late"
+    mosquitto = start_mosquitto(port, tmp_path)
+    await collect_seqs(port, node, 0)  # create the subscriber's persistent session
+    stop_mosquitto(mosquitto)
     sink = MqttSink(MqttOptions(), f"mqtt://127.0.0.1:{port}", node)
     await sink.start()
     for i in range(4):
         sink.send(make_event("s", i, node))
-    await asyncio.sleep(1.5)
+    await asyncio.sleep(1.0)
     assert sink.published == 0
-    conf = tmp_path / "m.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
-    mosquitto = subprocess.Popen(["mosquitto", "-c", str(conf)], stderr=subprocess.DEVNULL)
+    mosquitto = start_mosquitto(port, tmp_path)
     try:
-        await asyncio.sleep(0.5)
-        started = asyncio.Event()
-        collector = asyncio.create_task(receive("127.0.0.1", port, f"emotion/v1/{node}/s/event", 4, started))
-        await started.wait()
-        got = await collector
-        assert [json.loads(p)["seq"] for _, p, _ in got] == [0, 1, 2, 3]
+        assert await collect_seqs(port, node, 4) == [0, 1, 2, 3]
+        stop_mosquitto(mosquitto)
+        for i in range(4, 8):
+            sink.send(make_event("s", i, node))
+        await asyncio.sleep(1.0)
+        mosquitto = start_mosquitto(port, tmp_path)
+        seqs = await collect_seqs(port, node, 4)
+        assert sorted(set(seqs)) == [4, 5, 6, 7] and seqs == sorted(seqs)
         await sink.close()
+        assert sink.dropped == 0
     finally:
-        mosquitto.terminate()
-        mosquitto.wait()
+        stop_mosquitto(mosquitto)
 
 
 def test_broker_urls():

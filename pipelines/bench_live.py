@@ -1,0 +1,128 @@
+"""One live stream, end to end: end of speech → event received by a real MQTT subscriber.
+
+The stream is Spanish speech (espeak-ng sentences, or UEM clips with `--uem`) separated by pauses, played in
+real time through the real pipeline. Ground-truth speech ends come from the samples, not from the VAD.
+Prints p50/p95/max latency, the stage breakdown and CPU seconds per second of audio; `--json` saves them.
+
+    .venv/bin/python -m pipelines.bench_live [--broker mqtt://127.0.0.1:1883] [--uem N] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import os
+import platform
+import resource
+import time
+import uuid
+from pathlib import Path
+
+import aiomqtt
+import numpy as np
+
+from streamer.audio import load_audio
+from streamer.demo import DEMO_SENTENCES, speak
+from streamer.frames import SAMPLE_RATE
+from streamer.pipeline import Engine, run_stream
+from streamer.publisher import MqttOptions, MqttSink
+from streamer.sources import FileSource
+
+SENTENCES = (*DEMO_SENTENCES, "Mañana tengo una reunión a las nueve.", "¿Puede repetirme el número, por favor?",
+             "No entiendo por qué me cobran dos veces el mismo recibo.", "Muchas gracias por su ayuda, adiós.")
+
+
+def build_stream(clips: list[np.ndarray], pause_s: float) -> tuple[np.ndarray, list[float]]:
+    pause = np.zeros(int(pause_s * SAMPLE_RATE), np.float32)
+    parts, ends, t = [pause], [], len(pause)
+    for clip in clips:
+        active = np.flatnonzero(np.abs(clip) > 1e-3)
+        ends.append((t + (active[-1] if len(active) else len(clip))) / SAMPLE_RATE)
+        parts += [clip, pause]
+        t += len(clip) + len(pause)
+    return np.concatenate(parts), ends
+
+
+def uem_clips(n: int) -> list[np.ndarray]:
+    root = Path(os.environ.get("EMOTION_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    rows = list(csv.DictReader(open(root / "speech_es_uem" / "manifest.csv")))
+    rows = [r for r in rows if r["speaker"] in ("test1", "test2")][:n]
+    return [load_audio(root / "speech_es_uem" / r["path"]) for r in rows]
+
+
+async def bench(args: argparse.Namespace) -> dict:
+    import soundfile as sf
+
+    clips = uem_clips(args.uem) if args.uem else [speak(s) for s in SENTENCES]
+    audio, true_ends = build_stream(clips, args.pause)
+    wav = Path(args.workdir) / "bench_live.wav"
+    sf.write(wav, audio, SAMPLE_RATE, subtype="PCM_16")
+    engine = Engine(node="bench")
+    node, stream = f"bench{uuid.uuid4().hex[:6]}", "live"
+    engine.node = node
+    host, port = args.broker.removeprefix("mqtt://").split(":")
+    received: list[tuple[float, dict]] = []
+
+    async def subscribe(ready: asyncio.Event) -> None:
+        async with aiomqtt.Client(host, int(port)) as client:
+            await client.subscribe(f"emotion/v1/{node}/{stream}/event", qos=1)
+            ready.set()
+            async for message in client.messages:
+                received.append((time.monotonic(), json.loads(message.payload)))
+
+    ready = asyncio.Event()
+    subscriber = asyncio.create_task(subscribe(ready))
+    await ready.wait()
+    sink = MqttSink(MqttOptions(), args.broker, node)
+    await sink.start()
+    await sink.connected.wait()
+    source = FileSource(wav, realtime=True)
+    cpu0, wall0 = time.process_time(), time.monotonic()
+    stats = await run_stream(source, engine, [sink], stream)
+    cpu = time.process_time() - cpu0
+    await sink.close()
+    await asyncio.sleep(0.5)
+    subscriber.cancel()
+    engine.close()
+
+    latencies, stages = [], []
+    for arrived, event in received:
+        truth = min(true_ends, key=lambda e: abs(e - event["end_s"]))
+        latencies.append((arrived - (source.started + truth)) * 1000)
+        stages.append(event["latency_ms"])
+    lat = np.array(latencies)
+    stage_p50 = {k: round(float(np.median([s[k] for s in stages])), 1) for k in stages[0]} if stages else {}
+    return {
+        "machine": f"{platform.node()} {platform.processor() or platform.machine()} {os.cpu_count()} cores",
+        "audio_s": round(len(audio) / SAMPLE_RATE, 1),
+        "utterances_true": len(true_ends),
+        "events": len(received),
+        "failed": stats.failed,
+        "latency_ms_p50": round(float(np.percentile(lat, 50)), 1) if len(lat) else None,
+        "latency_ms_p95": round(float(np.percentile(lat, 95)), 1) if len(lat) else None,
+        "latency_ms_max": round(float(lat.max()), 1) if len(lat) else None,
+        "stage_ms_p50": stage_p50,
+        "cpu_s_per_audio_s": round(cpu / (len(audio) / SAMPLE_RATE), 3),
+        "wall_s": round(time.monotonic() - wall0, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--broker", default="mqtt://127.0.0.1:1883")
+    parser.add_argument("--uem", type=int, default=0, help="use N clips of UEM's held-out speakers instead of espeak")
+    parser.add_argument("--pause", type=float, default=1.5, help="seconds of silence between utterances")
+    parser.add_argument("--workdir", default="/tmp")
+    parser.add_argument("--json", help="write the figures here")
+    args = parser.parse_args()
+    result = asyncio.run(bench(args))
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
