@@ -47,7 +47,8 @@ def build_stream(clips: list[np.ndarray], pause_s: float) -> tuple[np.ndarray, l
 
 def uem_clips(n: int) -> list[np.ndarray]:
     root = Path(os.environ.get("EMOTION_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
-    rows = list(csv.DictReader(open(root / "speech_es_uem" / "manifest.csv")))
+    with open(root / "speech_es_uem" / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
     rows = [r for r in rows if r["speaker"] in ("test1", "test2")][:n]
     return [load_audio(root / "speech_es_uem" / r["path"]) for r in rows]
 

@@ -18,8 +18,8 @@ REPO = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("EMOTION_DATA_DIR", REPO.parent / "shared" / "data"))
 BROKER = ("127.0.0.1", 1883)
 
-ANGRY_ES = "¡Estoy furioso! Esto es inaceptable, quiero hablar con el responsable ahora mismo."
-HAPPY_ES = "Qué alegría, por fin ha llegado el paquete. Muchísimas gracias, estoy encantado."
+ANGRY_ES = "Estoy harto, es la tercera vez que llamo y nadie me soluciona nada. Es una vergüenza."
+HAPPY_ES = "Muchas gracias, estoy muy contento con el paquete."
 
 
 def silence(seconds: float) -> np.ndarray:
@@ -57,7 +57,7 @@ def pink_noise(tmp_path_factory) -> np.ndarray:
 def conversation(speak) -> tuple[np.ndarray, list[tuple[float, float]]]:
     """Two one-clause sentences separated by pauses, with the true speech spans (from the samples, not a VAD)."""
     parts, spans, t = [silence(1.0)], [], 1.0
-    for text in ("Estoy furioso con este servicio tan malo", "Qué alegría me da verte por aquí hoy"):
+    for text in ("Estoy furioso con este servicio tan malo", HAPPY_ES):
         speech = speak(text)
         active = np.flatnonzero(np.abs(speech) > 1e-3)
         spans.append((t + active[0] / SAMPLE_RATE, t + active[-1] / SAMPLE_RATE))

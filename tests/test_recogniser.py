@@ -53,7 +53,8 @@ def test_long_audio_is_recognised_in_30_s_pieces(recogniser, speak):
     sentences = ["El tren de las ocho llega siempre con retraso.", "Mañana iremos al mercado a comprar fruta.",
                  "La biblioteca cierra a las nueve de la noche.", "Mi hermano trabaja en un hospital de Madrid.",
                  "Este verano queremos viajar a la costa.", "El perro del vecino ladra todas las mañanas.",
-                 "Necesito cambiar la rueda de la bicicleta.", "Hoy hace mucho calor en la ciudad.", "Los niños juegan en el parque después del colegio."]
+                 "Necesito cambiar la rueda de la bicicleta.", "Hoy hace mucho calor en la ciudad.",
+                 "Los niños juegan en el parque después del colegio."]
     audio = np.concatenate([np.concatenate([speak(s), silence(0.8)]) for s in sentences])
     assert len(audio) > 30 * SAMPLE_RATE
     t = recogniser.recognise(utterance(audio))

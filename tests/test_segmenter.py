@@ -1,3 +1,4 @@
+import itertools
 import time
 
 import numpy as np
@@ -46,7 +47,7 @@ def test_long_speech_is_split_at_max_length(speak):
     utterances = segment(long, opts=SegmenterOptions(max_utterance_s=4.0))
     assert len(utterances) >= 3
     assert all(u.duration_s <= 4.0 + 0.2 for u in utterances)
-    for a, b in zip(utterances, utterances[1:], strict=False):
+    for a, b in itertools.pairwise(utterances):
         assert b.start_s >= a.end_s - 0.01  # no audio counted twice
 
 

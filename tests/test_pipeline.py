@@ -1,0 +1,96 @@
+"""Classifier and the asyncio wiring in-process, on real speech and the shipped heads."""
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from streamer.classifier import LinearHead, voice_features
+from streamer.frames import LABELS, SAMPLE_RATE, Utterance
+from streamer.models import TEXT_HEAD, VOICE_HEAD
+from streamer.pipeline import StreamStats, run_stream
+from streamer.sources import FileSource
+from tests.conftest import ANGRY_ES, HAPPY_ES, silence
+
+
+class ListSink:
+    """A real sink that keeps events in memory."""
+
+    def __init__(self):
+        self.events = []
+
+    async def start(self):
+        pass
+
+    def send(self, event):
+        self.events.append(event)
+
+    async def close(self):
+        pass
+
+
+def test_shipped_heads_load_with_expected_shapes():
+    voice, text = LinearHead.load(VOICE_HEAD), LinearHead.load(TEXT_HEAD)
+    assert voice.coef.shape == (6, 1024) and text.coef.shape == (6, 384)
+    assert voice.labels == text.labels == LABELS
+    p = voice.predict_proba(np.random.default_rng(0).standard_normal((3, 1024)))
+    assert p.shape == (3, 6) and np.allclose(p.sum(axis=1), 1)
+
+
+def test_head_round_trip(tmp_path):
+    rng = np.random.default_rng(1)
+    head = LinearHead(LABELS, rng.random(4), rng.random(4) + 0.5, rng.standard_normal((6, 4)), rng.standard_normal(6),
+                      {"id": "x"})
+    head.save(tmp_path / "h.npz")
+    loaded = LinearHead.load(tmp_path / "h.npz")
+    x = rng.standard_normal((5, 4))
+    assert np.allclose(head.predict_proba(x), loaded.predict_proba(x), atol=1e-5)
+    assert loaded.model_id == "x"
+
+
+def test_voice_features_pool_mean_and_std():
+    frames = np.arange(12, dtype=np.float32).reshape(3, 4)
+    f = voice_features(frames)
+    assert f.shape == (8,) and np.allclose(f[:4], frames.mean(0)) and np.allclose(f[4:], frames.std(0))
+
+
+def make_utterance(audio: np.ndarray, speech_s: float) -> Utterance:
+    now = time.monotonic()
+    return Utterance(stream="t", segment_id=0, audio=audio, start_s=0.0, end_s=len(audio) / SAMPLE_RATE,
+                     speech_end_arrived=now, emitted=now, wall_end=time.time(), speech_s=speech_s)
+
+
+def test_engine_fuses_voice_and_words(engine, speak):
+    angry = speak(ANGRY_ES)
+    event = engine.process(make_utterance(angry, len(angry) / SAMPLE_RATE), 0)
+    e = event.emotion
+    assert e.text_scores is not None
+    for label in LABELS:  # late fusion: the mean of the two modalities
+        assert e.scores[label] == pytest.approx((e.audio_scores[label] + e.text_scores[label]) / 2, abs=2e-4)
+    assert e.label == max(e.scores, key=e.scores.get) and e.confidence == e.scores[e.label]
+    assert e.text_scores["anger"] + e.text_scores["disgust"] > e.text_scores["joy"]
+    happy = speak(HAPPY_ES)
+    assert engine.process(make_utterance(happy, 3.0), 1).emotion.text_scores["joy"] > 0.3
+
+
+def test_no_words_means_voice_only(engine):
+    event = engine.process(make_utterance(silence(1.5), 0.0), 0)
+    assert event.transcript.text == "" and event.emotion.text_scores is None
+    assert event.emotion.scores == event.emotion.audio_scores
+
+
+async def test_a_broken_stream_does_not_stop_the_others(engine, speak, tmp_path):
+    good = tmp_path / "good.wav"
+    sf.write(good, np.concatenate([silence(0.5), speak(HAPPY_ES), silence(1.0)]), SAMPLE_RATE)
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF....WAVEfmt garbage")
+    sink = ListSink()
+    good_stats, bad_stats = await asyncio.gather(
+        run_stream(FileSource(good, realtime=False), engine, [sink], "good"),
+        run_stream(FileSource(bad, realtime=False), engine, [sink], "bad"),
+    )
+    assert isinstance(bad_stats, StreamStats) and bad_stats.error and bad_stats.events == 0
+    assert good_stats.error is None and good_stats.events >= 1
+    assert {e.stream for e in sink.events} == {"good"}
