@@ -15,7 +15,7 @@ import soundfile as sf
 from streamer.event import validate
 from streamer.frames import SAMPLE_RATE
 from tests.conftest import ANGRY_ES, HAPPY_ES, silence
-from tests.test_publisher import receive
+from tests.test_publisher import clear_retained, receive
 
 CLI = [sys.executable, "-m", "streamer"]
 
@@ -48,6 +48,7 @@ async def test_run_publishes_each_utterance_to_mosquitto(broker, conversation_wa
     _, stderr = await proc.communicate()
     assert proc.returncode == 0, stderr.decode()
     events = [json.loads(payload) for _, payload, _ in await collector]
+    await clear_retained(*broker, f"emotion/v1/{node}/status")
     assert [e["seq"] for e in events] == [0, 1]
     for event in events:
         validate(event)

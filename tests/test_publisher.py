@@ -51,6 +51,12 @@ async def receive(host: str, port: int, topic: str, count: int, started: asyncio
     return got
 
 
+async def clear_retained(host: str, port: int, topic: str) -> None:
+    """Leave the shared broker as we found it: an empty retained message deletes the retained status."""
+    async with aiomqtt.Client(host, port) as client:
+        await client.publish(topic, b"", qos=1, retain=True)
+
+
 async def publish_and_collect(url: str, host: str, port: int, node: str, events: int, opts: MqttOptions):
     started = asyncio.Event()
     collector = asyncio.create_task(receive(host, port, f"emotion/v1/{node}/#", events + 1, started))
@@ -77,6 +83,7 @@ async def test_events_and_status_reach_mosquitto(broker):
     started = asyncio.Event()
     late = await receive(*broker, status_topic(node), 1, started)
     assert late == [(status_topic(node), "offline", True)]
+    await clear_retained(*broker, status_topic(node))
 
 
 async def test_last_will_marks_a_dead_publisher_offline(broker, tmp_path):
@@ -99,6 +106,7 @@ async def test_last_will_marks_a_dead_publisher_offline(broker, tmp_path):
         proc.kill()
         got = await watcher
         assert [p for _, p, _ in got] == ["online", "offline"]
+        await clear_retained(*broker, status_topic(node))
     finally:
         proc.kill()
         proc.wait()
