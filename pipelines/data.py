@@ -1,0 +1,234 @@
+"""Typed readers for the labelled data in `../shared/data` and grouped folds over them.
+
+Nothing here is committed with the project: the data folder is found through `EMOTION_DATA_DIR`
+(default `<repo>/../shared/data`). Records outside the six EmoSPeech labels (UEM surprise, EmoDB boredom),
+empty texts and missing audio files are skipped; every skip is counted and logged as a warning.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Generic, TypeVar
+
+import numpy as np
+
+from streamer.frames import LABELS
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
+
+UEM = "speech_es_uem"
+EMODB = "speech_de_emodb"
+EMOSPEECH = "text_es_emospeech2024"
+
+# Labels outside the six EmoSPeech labels that a dataset is known to carry; they are dropped on purpose.
+DROPPED = {UEM: {"surprise"}, EMODB: {"boredom"}, EMOSPEECH: set()}
+
+# UEM file-name prefixes (column label_es) and EmoDB file-name codes (6th character, column code).
+UEM_LABELS_ES = {
+    "Alegria": "joy",
+    "Asco": "disgust",
+    "Ira": "anger",
+    "Miedo": "fear",
+    "Neutro": "neutral",
+    "Tristeza": "sadness",
+    "Sorpresa": "surprise",
+}
+EMODB_CODES = {
+    "W": "anger",
+    "L": "boredom",
+    "E": "disgust",
+    "A": "fear",
+    "F": "joy",
+    "T": "sadness",
+    "N": "neutral",
+}
+
+
+class DataError(RuntimeError):
+    """The data folder or one of its files is missing or malformed."""
+
+
+@dataclass(frozen=True)
+class SpeechClip:
+    dataset: str
+    path: Path
+    label: str
+    speaker: str
+    split: str  # UEM: train | test_unseen_speaker; EmoDB: all
+
+
+@dataclass(frozen=True)
+class TextRow:
+    dataset: str
+    id: str
+    label: str
+    text: str
+    youtube_key: str
+    source: str  # train | extra
+
+
+@dataclass
+class Loaded(Generic[T]):
+    """Records read from one dataset plus why others were skipped (reason → count)."""
+
+    name: str
+    records: list[T]
+    skipped: Counter = field(default_factory=Counter)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def label_counts(self) -> dict[str, int]:
+        counts = Counter(r.label for r in self.records)  # type: ignore[attr-defined]
+        return {label: counts.get(label, 0) for label in LABELS}
+
+
+def data_dir(path: str | Path | None = None) -> Path:
+    """The shared data folder: the argument, else `$EMOTION_DATA_DIR`, else `<repo>/../shared/data`."""
+    if path is not None:
+        return Path(path)
+    env = os.environ.get("EMOTION_DATA_DIR")
+    return Path(env) if env else (REPO_ROOT.parent / "shared" / "data").resolve()
+
+
+def dataset_dir(name: str, root: str | Path | None = None) -> Path:
+    folder = data_dir(root) / name
+    if not folder.is_dir():
+        raise DataError(f"dataset {name} not found at {folder} (set EMOTION_DATA_DIR to the folder that holds {name}/)")
+    return folder
+
+
+def _read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"{path}: missing columns {missing} (has {reader.fieldnames})")
+        return list(reader)
+
+
+def _warn_skips(loaded: Loaded) -> Loaded:
+    if loaded.skipped:
+        detail = ", ".join(f"{n} {reason}" for reason, n in sorted(loaded.skipped.items()))
+        log.warning("%s: kept %d records, skipped %s", loaded.name, len(loaded.records), detail)
+    return loaded
+
+
+def _label_skip(dataset: str, label: str) -> str | None:
+    """None when the label is one of LABELS, else the reason it is skipped."""
+    if label in LABELS:
+        return None
+    return f"label {label}" if label in DROPPED[dataset] else f"unknown label {label!r}"
+
+
+def _speech_clip(dataset: str, folder: Path, row: dict, label: str, speaker: str, split: str, skipped: Counter):
+    reason = _label_skip(dataset, label)
+    if reason:
+        skipped[reason] += 1
+        return None
+    path = folder / row["path"]
+    if not path.is_file() or path.stat().st_size == 0:
+        log.warning("%s: audio file missing or empty: %s", dataset, path)
+        skipped["missing audio"] += 1
+        return None
+    return SpeechClip(dataset=dataset, path=path, label=label, speaker=speaker, split=split)
+
+
+def read_uem(root: str | Path | None = None) -> Loaded[SpeechClip]:
+    """Acted Spanish speech, 16 speakers; `split` test_unseen_speaker marks the authors' held-out test1/test2."""
+    folder = dataset_dir(UEM, root)
+    loaded: Loaded[SpeechClip] = Loaded(UEM, [])
+    for row in _read_csv(folder / "manifest.csv", ("path", "label_es", "label", "speaker", "orig_split")):
+        label = UEM_LABELS_ES.get(row["label_es"], row["label"])
+        if label != row["label"]:
+            log.warning("%s: %s has label %r but prefix %r", UEM, row["path"], row["label"], row["label_es"])
+            loaded.skipped["label disagrees with file name"] += 1
+            continue
+        clip = _speech_clip(UEM, folder, row, label, row["speaker"], row["orig_split"], loaded.skipped)
+        if clip:
+            loaded.records.append(clip)
+    return _warn_skips(loaded)
+
+
+def read_emodb(root: str | Path | None = None) -> Loaded[SpeechClip]:
+    """Acted German speech (EmoDB, 2 s clips at 22.05 kHz); labels from the file-name code, boredom dropped."""
+    folder = dataset_dir(EMODB, root)
+    loaded: Loaded[SpeechClip] = Loaded(EMODB, [])
+    for row in _read_csv(folder / "manifest.csv", ("path", "speaker", "code", "label")):
+        label = EMODB_CODES.get(row["code"], row["label"])
+        if label != row["label"]:
+            log.warning("%s: %s has label %r but code %r", EMODB, row["path"], row["label"], row["code"])
+            loaded.skipped["label disagrees with file name"] += 1
+            continue
+        speaker = f"emodb{int(row['speaker']):02d}" if row["speaker"].isdigit() else row["speaker"]
+        clip = _speech_clip(EMODB, folder, row, label, speaker, "all", loaded.skipped)
+        if clip:
+            loaded.records.append(clip)
+    return _warn_skips(loaded)
+
+
+def read_emospeech(root: str | Path | None = None, include_extra: bool = True) -> Loaded[TextRow]:
+    """EmoSPeech 2024 training transcripts (`train.csv`) and, optionally, the extra MEACorpus rows."""
+    folder = dataset_dir(EMOSPEECH, root)
+    loaded: Loaded[TextRow] = Loaded(EMOSPEECH, [])
+    sources = ("train", "extra") if include_extra else ("train",)
+    for source in sources:
+        for row in _read_csv(folder / f"{source}.csv", ("id", "label", "transcription", "youtube_key")):
+            reason = _label_skip(EMOSPEECH, row["label"])
+            text = " ".join(row["transcription"].split())
+            if reason is None and not text:
+                reason = "empty text"
+            if reason is None and not row["youtube_key"].strip():
+                reason = "no youtube_key"
+            if reason:
+                loaded.skipped[reason] += 1
+                continue
+            loaded.records.append(TextRow(EMOSPEECH, row["id"], row["label"], text, row["youtube_key"].strip(), source))
+    return _warn_skips(loaded)
+
+
+def grouped_folds(
+    labels: Sequence[str], groups: Sequence[str], n_splits: int, seed: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified folds in which no group (speaker, video) is on both sides; `n_splits` is capped at the
+    number of groups (and at the size of the largest class). Deterministic for a given seed."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    y = np.asarray(labels)
+    n_groups = len(set(groups))
+    if n_groups < 2:
+        raise ValueError(f"grouped folds need at least 2 groups, got {n_groups}")
+    largest_class = int(np.unique(y, return_counts=True)[1].max())
+    n = min(n_splits, n_groups, largest_class)
+    if n < n_splits:
+        log.warning("grouped folds: %d folds instead of %d (%d groups)", n, n_splits, n_groups)
+    splitter = StratifiedGroupKFold(n_splits=n, shuffle=True, random_state=seed)
+    return [(train, test) for train, test in splitter.split(np.zeros(len(y)), y, np.asarray(groups))]
+
+
+def limit_records(records: Sequence[T], n: int | None, seed: int) -> list[T]:
+    """A deterministic subset of `n` records that cycles through the labels (for tiny runs); all if n is None."""
+    if n is None or n >= len(records):
+        return list(records)
+    rng = np.random.default_rng(seed)
+    by_label: dict[str, list[T]] = {}
+    for r in records:
+        by_label.setdefault(r.label, []).append(r)  # type: ignore[attr-defined]
+    queues = [[items[i] for i in rng.permutation(len(items))] for _, items in sorted(by_label.items())]
+    out: list[T] = []
+    while len(out) < n:
+        for q in queues:
+            if q and len(out) < n:
+                out.append(q.pop())
+    return out

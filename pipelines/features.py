@@ -1,0 +1,110 @@
+"""Features for the emotion heads, computed the way the runtime computes them, with an on-disk cache.
+
+Voice: the Whisper encoder frames that cover a clip (padded to `encoder_window_s`, exactly
+`Recogniser._encode`, the pass `Recogniser.recognise` makes), mean+std pooled by `voice_features`.
+We call `_encode` rather than `recognise` because decoding the transcript doubles the cost and the
+acted-speech transcripts carry no emotion. Text: `TextEncoder.encode` (multilingual-e5-small, `query: `).
+
+Cache: `.cache/features/<model id>/<sha256>.npy`; the key hashes the audio file's bytes with the window and
+the pooling (voice), or every text in order (text), so a changed file or setting is a cache miss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pipelines.data import REPO_ROOT, SpeechClip
+from streamer.audio import AudioError, load_audio
+from streamer.classifier import TextEncoder, voice_features
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE = REPO_ROOT / ".cache" / "features"
+VOICE_FEATURE_SPEC = "whisper-encoder-last-layer-covered-frames-mean+std-1024"
+TEXT_FEATURE_SPEC = "e5-query-prefix-384"
+
+
+def _atomic_save(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, array)
+    tmp.replace(path)
+
+
+class VoiceFeaturizer:
+    """Whisper (bundled base, runtime defaults unless told otherwise) → 1024-d pooled voice features."""
+
+    def __init__(self, cache_dir: Path | None = DEFAULT_CACHE, opts=None) -> None:
+        from streamer.recogniser import Recogniser, RecogniserOptions
+
+        self.recogniser = Recogniser(opts or RecogniserOptions())
+        self.window_s = float(self.recogniser.opts.encoder_window_s)
+        self.model_id = f"{self.recogniser.model_id}-{self.recogniser.device}-{self.recogniser.compute_type}"
+        self.cache = None if cache_dir is None else Path(cache_dir) / self.model_id
+        self.hits = self.misses = 0
+
+    def _key(self, path: Path) -> str:
+        digest = hashlib.sha256(path.read_bytes())
+        digest.update(f"|window_s={self.window_s:g}|{VOICE_FEATURE_SPEC}".encode())
+        return digest.hexdigest()
+
+    def one(self, path: Path) -> np.ndarray:
+        cached = None if self.cache is None else self.cache / f"{self._key(path)}.npy"
+        if cached is not None and cached.is_file():
+            self.hits += 1
+            return np.load(cached)
+        self.misses += 1
+        audio = load_audio(path)
+        if len(audio) == 0:
+            raise AudioError(f"{path}: no samples")
+        _, frames = self.recogniser._encode(audio)
+        feats = voice_features(frames).astype(np.float32)
+        if cached is not None:
+            _atomic_save(cached, feats)
+        return feats
+
+    def many(self, clips: Sequence[SpeechClip], desc: str) -> tuple[np.ndarray, list[SpeechClip]]:
+        """Features of the readable clips, and those clips; unreadable audio is skipped with a warning."""
+        rows, kept, skipped = [], [], Counter()
+        for clip in tqdm(clips, desc=desc, unit="clip", dynamic_ncols=True, disable=None):
+            try:
+                rows.append(self.one(clip.path))
+                kept.append(clip)
+            except (AudioError, OSError, RuntimeError) as e:
+                log.warning("%s: skipped unreadable audio %s (%s)", desc, clip.path, e)
+                skipped["unreadable audio"] += 1
+        if skipped:
+            log.warning("%s: skipped %d unreadable clips of %d", desc, skipped["unreadable audio"], len(clips))
+        if not rows:
+            raise RuntimeError(f"{desc}: no readable clips")
+        return np.stack(rows), kept
+
+
+class TextFeaturizer:
+    def __init__(self, cache_dir: Path | None = DEFAULT_CACHE, threads: int = 2, batch: int = 32) -> None:
+        self.encoder = TextEncoder(threads)
+        self.model_id = TextEncoder.model_id
+        self.cache = None if cache_dir is None else Path(cache_dir) / self.model_id
+        self.batch = batch
+
+    def many(self, texts: Sequence[str], desc: str) -> np.ndarray:
+        digest = hashlib.sha256(TEXT_FEATURE_SPEC.encode())
+        for t in texts:
+            digest.update(b"\x1e" + t.encode("utf-8"))
+        cached = None if self.cache is None else self.cache / f"{digest.hexdigest()}.npy"
+        if cached is not None and cached.is_file():
+            return np.load(cached)
+        out = []
+        for i in tqdm(range(0, len(texts), self.batch), desc=desc, unit="batch", dynamic_ncols=True, disable=None):
+            out.append(self.encoder.encode(list(texts[i : i + self.batch])).astype(np.float32))
+        feats = np.concatenate(out)
+        if cached is not None:
+            _atomic_save(cached, feats)
+        return feats

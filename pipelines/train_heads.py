@@ -1,0 +1,416 @@
+"""Train the two shipped emotion heads (voice and text) from a YAML recipe, with grouped-CV estimates.
+
+    .venv/bin/python -m pipelines.train_heads --config configs/train/heads.yaml [--out streamer/models] [--limit N]
+
+Voice: pooled Whisper-base encoder frames (the runtime's features) → standardise → logistic regression, scored
+on UEM with speaker-grouped folds and on the authors' two held-out speakers. Text: multilingual-e5-small
+embeddings of the EmoSPeech transcripts → standardise → logistic regression, scored with folds grouped by
+YouTube video. Every (variant, C) in the recipe is scored; the best by the recipe's `select_by` estimate is
+refitted on all of its data and saved as a `LinearHead` (the scaler is kept as the head's mean/scale).
+The saved meta holds no dates or timings, so a rerun on the same data and environment gives the same head.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from pipelines import data as D
+from streamer.classifier import LinearHead
+from streamer.frames import LABELS
+
+log = logging.getLogger("pipelines.train_heads")
+
+VOICE_FILE, TEXT_FILE = "voice_head.npz", "text_head.npz"
+VOICE_LICENCES = {
+    D.UEM: "UEM speech: no licence stated, research use only",
+    D.EMODB: "EmoDB: free for research (TU Berlin)",
+}
+ESTIMATE_NAMES = {"cv": "grouped CV", "heldout": "held-out speakers"}
+
+
+@dataclass
+class Estimate:
+    name: str  # cv | heldout
+    folds: int
+    n_test: int
+    macro_f1: list[float]
+    accuracy: list[float]
+    pooled_macro_f1: float
+    pooled_accuracy: float
+    pooled_per_class_f1: dict[str, float]
+    note: str = ""
+
+    def summary(self) -> dict:
+        return {
+            "folds": self.folds,
+            "n_test": self.n_test,
+            "macro_f1_mean": round(float(np.mean(self.macro_f1)), 4),
+            "macro_f1_sd": round(float(np.std(self.macro_f1)), 4),
+            "accuracy_mean": round(float(np.mean(self.accuracy)), 4),
+            "accuracy_sd": round(float(np.std(self.accuracy)), 4),
+            "pooled_macro_f1": round(self.pooled_macro_f1, 4),
+            "pooled_accuracy": round(self.pooled_accuracy, 4),
+            "pooled_per_class_f1": self.pooled_per_class_f1,
+            **({"note": self.note} if self.note else {}),
+        }
+
+
+def make_model(C: float, cfg: dict, seed: int):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(
+        StandardScaler(),
+        LogisticRegression(
+            C=C,
+            class_weight=cfg.get("class_weight"),
+            max_iter=int(cfg.get("max_iter", 5000)),
+            solver="lbfgs",
+            random_state=seed,
+        ),
+    )
+
+
+def fit_quiet(model, X: np.ndarray, y: np.ndarray):
+    """Fit; a ConvergenceWarning is logged once per fit rather than flooding the terminal."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        model.fit(X, y)
+    if any(issubclass(w.category, ConvergenceWarning) for w in caught):
+        log.warning("logistic regression did not converge (C=%s, n=%d); raise max_iter", model[-1].C, len(y))
+    return model
+
+
+def score(splits, X_eval, y_eval, X_extra, y_extra, C, cfg, seed, name) -> Estimate:
+    """Fit on each split's training rows (plus the always-training `extra` rows), score on its test rows."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    f1s, accs, y_true, y_pred = [], [], [], []
+    for train, test in splits:
+        X = np.concatenate([X_eval[train], X_extra]) if len(X_extra) else X_eval[train]
+        y = np.concatenate([y_eval[train], y_extra]) if len(y_extra) else y_eval[train]
+        model = fit_quiet(make_model(C, cfg, seed), X, y)
+        pred = model.predict(X_eval[test])
+        f1s.append(float(f1_score(y_eval[test], pred, average="macro")))
+        accs.append(float(accuracy_score(y_eval[test], pred)))
+        y_true.extend(y_eval[test])
+        y_pred.extend(pred)
+    return Estimate(
+        name=name,
+        folds=len(splits),
+        n_test=len(y_true),
+        macro_f1=f1s,
+        accuracy=accs,
+        pooled_macro_f1=float(f1_score(y_true, y_pred, average="macro")),
+        pooled_accuracy=float(accuracy_score(y_true, y_pred)),
+        pooled_per_class_f1={
+            label: round(float(f), 4)
+            for label, f in zip(
+                LABELS, f1_score(y_true, y_pred, labels=list(LABELS), average=None, zero_division=0), strict=True
+            )
+        },
+    )
+
+
+def final_head(X: np.ndarray, y: np.ndarray, C: float, cfg: dict, seed: int, meta: dict) -> LinearHead:
+    missing = sorted(set(LABELS) - set(y))
+    if missing:
+        raise ValueError(f"{meta['id']}: no training examples for {missing}; use a larger --limit")
+    model = fit_quiet(make_model(C, cfg, seed), X, y)
+    scaler, lr = model[0], model[-1]
+    order = [list(lr.classes_).index(label) for label in LABELS]
+    head = LinearHead(
+        labels=LABELS,
+        mean=scaler.mean_.astype(np.float32),
+        scale=scaler.scale_.astype(np.float32),
+        coef=lr.coef_[order].astype(np.float32),
+        intercept=lr.intercept_[order].astype(np.float32),
+        meta=meta,
+    )
+    # the numpy head must reproduce sklearn's probabilities (float32 storage aside)
+    check = X[: min(len(X), 64)]
+    expected = model.predict_proba(check)[:, order]
+    got = head.predict_proba(check)
+    if not np.allclose(got, expected, atol=1e-3):
+        raise AssertionError(f"{meta['id']}: LinearHead differs from sklearn by {np.abs(got - expected).max():.2e}")
+    return head
+
+
+def choose(results: list[dict], select_by: str) -> dict:
+    """Best macro-F1 (mean over folds) on `select_by`; ties go to the earlier (simpler, smaller C) entry."""
+    return max(results, key=lambda r: (r["estimates"][select_by]["macro_f1_mean"], -results.index(r)))
+
+
+def label_counts(y) -> dict[str, int]:
+    values, counts = np.unique(np.asarray(y), return_counts=True)
+    found = dict(zip(values.tolist(), counts.tolist(), strict=True))
+    return {label: int(found.get(label, 0)) for label in LABELS}
+
+
+# --------------------------------------------------------------------------- voice
+
+
+def train_voice(cfg: dict, seed: int, root, limit, cache_dir) -> tuple[LinearHead, list[dict], dict]:
+    from pipelines.features import VOICE_FEATURE_SPEC, VoiceFeaturizer
+    from streamer.recogniser import RecogniserOptions
+
+    opts = RecogniserOptions()
+    if float(cfg["encoder_window_s"]) != opts.encoder_window_s:
+        log.warning(
+            "recipe encoder_window_s %s differs from the runtime default %s: features will not match the runtime",
+            cfg["encoder_window_s"],
+            opts.encoder_window_s,
+        )
+    opts.encoder_window_s = float(cfg["encoder_window_s"])
+    readers = {D.UEM: D.read_uem, D.EMODB: D.read_emodb}
+    needed = sorted({name for names in cfg["variants"].values() for name in names} | {cfg["eval_dataset"]})
+    unknown = [n for n in needed if n not in readers]
+    if unknown:
+        raise ValueError(f"voice: unknown datasets {unknown} (known: {sorted(readers)})")
+    loaded = {name: readers[name](root) for name in needed}
+    featurizer = VoiceFeaturizer(cache_dir, opts)
+    feats, clips = {}, {}
+    t0 = time.perf_counter()
+    for name in needed:
+        chosen = D.limit_records(loaded[name].records, limit, seed)
+        feats[name], clips[name] = featurizer.many(chosen, f"voice features {name}")
+    log.info(
+        "voice features: %.1f s (%d cached, %d computed)", time.perf_counter() - t0, featurizer.hits, featurizer.misses
+    )
+
+    ev = cfg["eval_dataset"]
+    X_ev = feats[ev]
+    y_ev = np.array([c.label for c in clips[ev]])
+    speakers = np.array([c.speaker for c in clips[ev]])
+    cv_splits = D.grouped_folds(y_ev, speakers, int(cfg["cv_folds"]), seed)
+    held = np.isin(speakers, cfg.get("heldout_speakers") or [])
+    heldout_splits = [(np.flatnonzero(~held), np.flatnonzero(held))] if held.any() and (~held).any() else []
+
+    results = []
+    for variant, names in cfg["variants"].items():
+        if ev not in names:
+            raise ValueError(f"voice variant {variant}: must train on the evaluation dataset {ev}")
+        others = [n for n in names if n != ev]
+        X_extra = np.concatenate([feats[n] for n in others]) if others else np.zeros((0, X_ev.shape[1]), np.float32)
+        y_extra = np.array([c.label for n in others for c in clips[n]])
+        for C in cfg["C"]:
+            est = {"cv": score(cv_splits, X_ev, y_ev, X_extra, y_extra, C, cfg, seed, "cv")}
+            if heldout_splits:
+                est["heldout"] = score(heldout_splits, X_ev, y_ev, X_extra, y_extra, C, cfg, seed, "heldout")
+            results.append(
+                {
+                    "head": "voice",
+                    "variant": variant,
+                    "datasets": names,
+                    "C": C,
+                    "estimates": {k: v.summary() for k, v in est.items()},
+                }
+            )
+            log.info("voice %-10s C=%-5g %s", variant, C, _short(results[-1]))
+
+    best = choose(results, cfg.get("select_by", "cv"))
+    names = best["datasets"]
+    X = np.concatenate([feats[n] for n in names])
+    y = np.array([c.label for n in names for c in clips[n]])
+    r = featurizer.recogniser
+    meta = {
+        "id": f"voice-{best['variant']}-whisperbase-w{opts.encoder_window_s:g}-meanstd-logreg-v{cfg['version']}",
+        "head": "voice",
+        "labels": list(LABELS),
+        "feature": VOICE_FEATURE_SPEC,
+        "input_dim": int(X.shape[1]),
+        "encoder": r.model_id,
+        "encoder_device": r.device,
+        "encoder_compute_type": r.compute_type,
+        "encoder_window_s": opts.encoder_window_s,
+        "datasets": names,
+        "n_train": len(y),
+        "train_label_counts": label_counts(y),
+        "classifier": _classifier_meta(best["C"], cfg, seed),
+        "cv": best["estimates"],
+        "selected_by": f"{cfg.get('select_by', 'cv')} macro_f1_mean",
+        "variants_tried": [_tried(r_) for r_ in results],
+        "limit": limit,
+        "licence": "; ".join(VOICE_LICENCES[n] for n in names),
+    }
+    return final_head(X, y, best["C"], cfg, seed, meta), results, best
+
+
+# --------------------------------------------------------------------------- text
+
+
+def train_text(cfg: dict, seed: int, root, limit, cache_dir) -> tuple[LinearHead, list[dict], dict]:
+    from pipelines.features import TEXT_FEATURE_SPEC, TextFeaturizer
+
+    loaded = D.read_emospeech(root, include_extra=True)
+    rows = D.limit_records(loaded.records, limit, seed)
+    featurizer = TextFeaturizer(cache_dir)
+    t0 = time.perf_counter()
+    X_all = featurizer.many([r.text for r in rows], "text features emospeech")
+    log.info("text features: %.1f s", time.perf_counter() - t0)
+    y_all = np.array([r.label for r in rows])
+    source = np.array([r.source for r in rows])
+    videos = np.array([r.youtube_key for r in rows])
+    # one set of folds over all rows, grouped by video; each variant trains on its sources, all score the same rows
+    splits_all = D.grouped_folds(y_all, videos, int(cfg["cv_folds"]), seed)
+
+    results = []
+    for variant, sources in cfg["variants"].items():
+        unknown = set(sources) - {"train", "extra"}
+        if unknown:
+            raise ValueError(f"text variant {variant}: unknown sources {sorted(unknown)}")
+        use = np.isin(source, sources)
+        splits = [(train[use[train]], test) for train, test in splits_all]
+        for C in cfg["C"]:
+            est = score(splits, X_all, y_all, np.zeros((0, X_all.shape[1])), np.array([]), C, cfg, seed, "cv")
+            results.append(
+                {
+                    "head": "text",
+                    "variant": variant,
+                    "datasets": [f"{D.EMOSPEECH}/{s}.csv" for s in sources],
+                    "sources": list(sources),
+                    "C": C,
+                    "estimates": {"cv": est.summary()},
+                }
+            )
+            log.info("text  %-12s C=%-5g %s", variant, C, _short(results[-1]))
+
+    best = choose(results, cfg.get("select_by", "cv"))
+    use = np.isin(source, best["sources"])
+    X, y = X_all[use], y_all[use]
+    meta = {
+        "id": f"text-emospeech-{best['variant']}-e5small-logreg-v{cfg['version']}",
+        "head": "text",
+        "labels": list(LABELS),
+        "feature": TEXT_FEATURE_SPEC,
+        "input_dim": int(X.shape[1]),
+        "encoder": featurizer.model_id,
+        "datasets": best["datasets"],
+        "n_train": len(y),
+        "train_label_counts": label_counts(y),
+        "classifier": _classifier_meta(best["C"], cfg, seed),
+        "cv": best["estimates"],
+        "cv_grouping": "youtube_key, folds over train+extra; every variant scored on the same rows",
+        "selected_by": f"{cfg.get('select_by', 'cv')} macro_f1_mean",
+        "variants_tried": [_tried(r_) for r_ in results],
+        "limit": limit,
+        "licence": "CC BY-NC 4.0 (inherited from the EmoSPeech 2024 / MEACorpus 2023 text): non-commercial use only",
+    }
+    return final_head(X, y, best["C"], cfg, seed, meta), results, best
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _classifier_meta(C: float, cfg: dict, seed: int) -> dict:
+    import sklearn
+
+    return {
+        "type": "standardise + multinomial logistic regression (lbfgs)",
+        "C": C,
+        "class_weight": cfg.get("class_weight"),
+        "max_iter": int(cfg.get("max_iter", 5000)),
+        "seed": seed,
+        "sklearn": sklearn.__version__,
+    }
+
+
+def _tried(r: dict) -> dict:
+    return {"variant": r["variant"], "C": r["C"], **{k: v["macro_f1_mean"] for k, v in r["estimates"].items()}}
+
+
+def _short(r: dict) -> str:
+    return "  ".join(
+        f"{k}: F1 {v['macro_f1_mean']:.3f}±{v['macro_f1_sd']:.3f} acc {v['accuracy_mean']:.3f}"
+        for k, v in r["estimates"].items()
+    )
+
+
+def table(results: list[dict], chosen: dict[str, dict]) -> str:
+    head = (
+        f"{'head':<6}{'variant':<13}{'C':>6}  {'estimate':<18}{'folds':>5}{'n_test':>7}"
+        f"  {'macro-F1 mean±sd':<17}{'pooled F1':>9}{'accuracy':>9}  sel"
+    )
+    lines = [head, "-" * len(head)]
+    for r in results:
+        for name, e in r["estimates"].items():
+            mark = "*" if chosen.get(r["head"]) is r else ""
+            lines.append(
+                f"{r['head']:<6}{r['variant']:<13}{r['C']:>6g}  {ESTIMATE_NAMES.get(name, name):<18}{e['folds']:>5}"
+                f"{e['n_test']:>7}  {e['macro_f1_mean']:.3f} ± {e['macro_f1_sd']:.3f}    {e['pooled_macro_f1']:>9.3f}"
+                f"{e['accuracy_mean']:>9.3f}  {mark}"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipelines.train_heads", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", type=Path, default=D.REPO_ROOT / "configs" / "train" / "heads.yaml")
+    p.add_argument("--out", type=Path, default=D.REPO_ROOT / "streamer" / "models")
+    p.add_argument("--limit", type=int, default=None, help="use at most N records per dataset (tiny runs)")
+    p.add_argument("--heads", nargs="+", choices=["voice", "text"], default=["voice", "text"])
+    p.add_argument("--data-dir", type=Path, default=None, help="default: $EMOTION_DATA_DIR or <repo>/../shared/data")
+    p.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default <repo>/.cache/features)")
+    p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--report", type=Path, default=None, help="also write every CV result as JSON here")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.limit is not None and args.limit < len(LABELS):
+        p.error(f"--limit must be at least {len(LABELS)} (one example per label)")
+
+    from pipelines.features import DEFAULT_CACHE
+
+    cache_dir = None if args.no_cache else (args.cache_dir or DEFAULT_CACHE)
+    cfg = yaml.safe_load(args.config.read_text(encoding="utf-8"))
+    seed = int(cfg.get("seed", 0))
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    all_results, chosen, saved = [], {}, []
+    trainers = {"voice": (train_voice, VOICE_FILE), "text": (train_text, TEXT_FILE)}
+    for name in args.heads:
+        trainer, filename = trainers[name]
+        t0 = time.perf_counter()
+        head, results, chosen[name] = trainer(cfg[name], seed, args.data_dir, args.limit, cache_dir)
+        head.meta["recipe"] = {"config": _rel(args.config), **cfg[name], "seed": seed}
+        path = args.out / filename
+        head.save(path)
+        saved.append(path)
+        all_results.extend(results)
+        log.info("%s head %s → %s (%.1f s)", name, head.model_id, path, time.perf_counter() - t0)
+
+    print()
+    print(table(all_results, chosen))
+    print()
+    for path in saved:
+        head = LinearHead.load(path)
+        print(f"{path}  {path.stat().st_size / 1024:.0f} KiB  {head.model_id}  C={head.meta['classifier']['C']:g}")
+    print(f"total {time.perf_counter() - started:.0f} s")
+    if args.report:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(json.dumps(all_results, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(D.REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
