@@ -34,12 +34,32 @@ SENTENCES = (*DEMO_SENTENCES, "Mañana tengo una reunión a las nueve.", "¿Pued
              "No entiendo por qué me cobran dos veces el mismo recibo.", "Muchas gracias por su ayuda, adiós.")
 
 
+def speech_ends(clip: np.ndarray, min_gap_s: float = 0.3) -> list[float]:
+    """Ends (s) of the clip's speech bursts separated by at least `min_gap_s` of silence, from the samples:
+    10 ms frames whose RMS is above 8× the clip's noise floor (its 10th-percentile frame) count as speech."""
+    hop = SAMPLE_RATE // 100
+    rms = np.sqrt(np.mean(clip[: len(clip) // hop * hop].reshape(-1, hop) ** 2, axis=1))
+    active = rms > max(1e-4, 8 * float(np.percentile(rms, 10)))
+    ends, last, gap = [], None, 0
+    for i, on in enumerate(active):
+        if on:
+            last, gap = i, 0
+            continue
+        gap += 1
+        if last is not None and gap == round(min_gap_s * 100):
+            ends.append((last + 1) * hop / SAMPLE_RATE)
+            last = None
+    if last is not None:
+        ends.append((last + 1) * hop / SAMPLE_RATE)
+    return ends
+
+
 def build_stream(clips: list[np.ndarray], pause_s: float) -> tuple[np.ndarray, list[float]]:
+    """Clips separated by pauses, and the true ends of speech (a sentence with inner pauses has several)."""
     pause = np.zeros(int(pause_s * SAMPLE_RATE), np.float32)
     parts, ends, t = [pause], [], len(pause)
     for clip in clips:
-        active = np.flatnonzero(np.abs(clip) > 1e-3)
-        ends.append((t + (active[-1] if len(active) else len(clip))) / SAMPLE_RATE)
+        ends += [t / SAMPLE_RATE + end for end in speech_ends(clip)]
         parts += [clip, pause]
         t += len(clip) + len(pause)
     return np.concatenate(parts), ends
