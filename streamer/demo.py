@@ -5,6 +5,7 @@ It lets the first README command show the whole chain on a machine with no micro
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import subprocess
 import tempfile
@@ -17,17 +18,16 @@ from streamer.audio import AudioError, load_audio
 from streamer.frames import SAMPLE_RATE
 from streamer.models import cache_dir
 
-DEMO_SENTENCES = (
-    "Buenos días, le llamo para consultar el estado de mi pedido.",
-    "¡Estoy harto! Es la tercera vez que llamo y nadie me soluciona nada. ¡Es inaceptable!",
-    "Qué alegría, por fin ha llegado el paquete. ¡Muchísimas gracias, estoy encantado!",
-    "Me da mucho miedo que vuelva a pasar, tengo terror de perder todo mi dinero.",
-    "Lo siento mucho, mi madre murió la semana pasada y estoy muy triste.",
-    "Qué asco, la comida estaba podrida y olía fatal.",
-)
+DEMO_SENTENCES = (  # chosen so that Whisper base still understands espeak-ng's voice
+    "Buenos días, quiero consultar el estado de mi pedido.",
+    "Estoy muy enfadado, nadie me ayuda y quiero una solución ahora mismo.",
+    "Muchas gracias, estoy muy contento con el servicio.",
+    "Tengo mucho miedo de perder todo mi dinero.",
+    "Estoy muy triste, hoy es un día muy malo para mí.",
+    "Es horrible, me da mucho asco.")
 
 
-def speak(text: str, voice: str = "es", speed: int = 150) -> np.ndarray:
+def speak(text: str, voice: str = "es", speed: int = 130) -> np.ndarray:
     """Synthesise `text` with espeak-ng; 16 kHz mono float32."""
     if not shutil.which("espeak-ng"):
         raise AudioError("espeak-ng is not installed (apt-get install espeak-ng); use --source file:PATH instead")
@@ -41,7 +41,8 @@ def speak(text: str, voice: str = "es", speed: int = 150) -> np.ndarray:
 
 def demo_audio_path(sentences: tuple[str, ...] = DEMO_SENTENCES, pause_s: float = 1.2) -> Path:
     """Write (once) and return the demo WAV in the cache dir."""
-    path = cache_dir() / "demo-es.wav"
+    key = hashlib.sha256(repr((sentences, pause_s)).encode()).hexdigest()[:12]
+    path = cache_dir() / f"demo-es-{key}.wav"
     if not path.is_file():
         pause = np.zeros(int(pause_s * SAMPLE_RATE), np.float32)
         parts = [pause]

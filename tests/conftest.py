@@ -37,7 +37,7 @@ def speak(tmp_path_factory):
 
     def _speak(text: str, voice: str = "es") -> np.ndarray:
         if (text, voice) not in cache:
-            cache[text, voice] = synthesise(text, voice)
+            cache[text, voice] = synthesise(text, voice, speed=150)  # the phrases below were chosen at 150 wpm
         return cache[text, voice]
 
     return _speak
