@@ -131,7 +131,7 @@ async def test_auto_uses_the_running_broker(broker):
 def start_mosquitto(port: int, tmp_path) -> subprocess.Popen:
     """A Mosquitto the test controls, persisting sessions in tmp_path across restarts."""
     conf = tmp_path / f"mosquitto-{port}.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+    conf.write_text(f"user root\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
                     f"persistence_location {tmp_path}/\n")
     proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stderr=subprocess.DEVNULL)
     for _ in range(50):
@@ -208,3 +208,50 @@ async def test_jsonl_sink_writes_valid_events(tmp_path):
     validate(line)
     assert line["transcript"] == ""
     assert line["latency_ms"]["total"] >= 0
+
+
+async def test_tls_with_username_and_password(tmp_path):
+    """mqtts:// with a CA the test makes and a password file, against a real Mosquitto."""
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca",
+                    "-keyout", tmp_path / "ca.key", "-out", tmp_path / "ca.crt"], check=True, capture_output=True)
+    subprocess.run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+                    "-keyout", tmp_path / "server.key", "-out", tmp_path / "server.csr"], check=True,
+                   capture_output=True)
+    (tmp_path / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    subprocess.run(["openssl", "x509", "-req", "-in", tmp_path / "server.csr", "-CA", tmp_path / "ca.crt",
+                    "-CAkey", tmp_path / "ca.key", "-CAcreateserial", "-days", "1", "-extfile", tmp_path / "san.ext",
+                    "-out", tmp_path / "server.crt"], check=True, capture_output=True)
+    passwords = tmp_path / "passwd"
+    passwords.write_text("monitor:s3cret\n")
+    subprocess.run(["mosquitto_passwd", "-U", passwords], check=True)
+    port = free_port()
+    conf = tmp_path / "tls.conf"
+    conf.write_text(f"user root\nlistener {port} 127.0.0.1\nallow_anonymous false\npassword_file {passwords}\n"
+                    f"cafile {tmp_path / 'ca.crt'}\ncertfile {tmp_path / 'server.crt'}\n"
+                    f"keyfile {tmp_path / 'server.key'}\n")
+    mosquitto = subprocess.Popen(["mosquitto", "-c", str(conf)], stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(50):
+            if is_listening("127.0.0.1", port):
+                break
+            time.sleep(0.05)
+        secret = tmp_path / "secret"
+        secret.write_text("s3cret\n")
+        opts = MqttOptions(username="monitor", password_file=str(secret), tls_ca=str(tmp_path / "ca.crt"))
+        sink = MqttSink(opts, f"mqtts://127.0.0.1:{port}", "tls")
+        await sink.start()
+        sink.send(make_event("s", 0, "tls"))
+        await asyncio.wait_for(sink.connected.wait(), 10)
+        await sink.close()
+        assert sink.published == 1
+        # a wrong password never connects: events stay buffered, nothing is lost silently
+        wrong = MqttSink(MqttOptions(username="monitor", password="nope", tls_ca=str(tmp_path / "ca.crt")),
+                         f"mqtts://127.0.0.1:{port}", "tls")
+        await wrong.start()
+        wrong.send(make_event("s", 0, "tls"))
+        await asyncio.sleep(1.0)
+        assert wrong.published == 0 and not wrong.connected.is_set()
+        await wrong.close(timeout=0.5)
+    finally:
+        mosquitto.terminate()
+        mosquitto.wait()
