@@ -1,13 +1,13 @@
 """Where events go: MQTT (aiomqtt, QoS 1, buffered while the broker is away), JSON lines, the terminal.
 
-Every sink takes `EmotionEvent`s through `send`, which never blocks the pipeline: the MQTT sink queues and
-publishes from its own task, so a slow or absent broker delays events but loses none (up to `max_buffer`).
+Every sink takes `EmotionEvent`s through `send`, which never blocks the pipeline: the MQTT sink spools them
+durably and publishes from its own task, so a slow or absent broker delays events but loses none.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
+import hashlib
 import json
 import logging
 import os
@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Protocol, TextIO
 from urllib.parse import unquote, urlsplit
 
-from streamer.event import event_topic, status_topic, to_wire
+from streamer.event import event_topic, status_topic, to_wire, topic_safe
 from streamer.frames import EmotionEvent
+from streamer.models import cache_dir
+from streamer.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,10 @@ class MqttOptions:
     tls_key: str | None = None
     tls_insecure: bool = False
     keepalive: int = 30
-    max_buffer: int = 10_000
+    # Outgoing events are written to this SQLite spool before publishing and removed once acknowledged:
+    # `auto` = <cache>/spool/<node>-<broker>.sqlite, `memory` = not durable.
+    spool: str = "auto"
+    spool_max_events: int = 100_000
     publish_transcript: bool = True
     embedded_host: str = "127.0.0.1"
     embedded_port: int = 1883
@@ -143,25 +148,33 @@ class MqttSink:
     def __init__(self, opts: MqttOptions, url: str, node: str) -> None:
         self.opts, self.node = opts, node
         self.address = parse_broker_url(url, opts)
-        self._pending: collections.deque[EmotionEvent] = collections.deque()
+        self.spool = Spool(self._spool_path(url), opts.spool_max_events)
         self._wakeup = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task | None = None
         self.connected = asyncio.Event()
         self.published = 0
-        self.dropped = 0
+        self.replayed = 0
+
+    def _spool_path(self, url: str) -> Path | None:
+        if self.opts.spool == "memory":
+            return None
+        if self.opts.spool != "auto":
+            return Path(self.opts.spool)
+        broker = hashlib.sha256(self.address.url.encode()).hexdigest()[:10]
+        return cache_dir() / "spool" / f"{topic_safe(self.node)}-{broker}.sqlite"
+
+    @property
+    def dropped(self) -> int:
+        return self.spool.dropped
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="mqtt-sink")
 
     def send(self, event: EmotionEvent) -> None:
-        if len(self._pending) >= self.opts.max_buffer:
-            self._pending.popleft()
-            self.dropped += 1
-            log.error(
-                "MQTT buffer full (%d events): dropped the oldest event (%d so far)", self.opts.max_buffer, self.dropped
-            )
-        self._pending.append(event)
+        stamp(event)
+        payload = json.dumps(to_wire(event, self.opts.publish_transcript), ensure_ascii=False)
+        self.spool.append(event_topic(event.node, event.stream), payload, event.final)
         self._wakeup.set()
 
     def _client(self):
@@ -197,50 +210,47 @@ class MqttSink:
                     await client.publish(status_topic(self.node), "online", qos=1, retain=True)
                     self.connected.set()
                     if outage_logged:
-                        log.warning(
-                            "MQTT broker %s is back: sending %d buffered events", self.address.url, len(self._pending)
-                        )
+                        waiting = self.spool.size()
+                        self.replayed += waiting
+                        log.warning("MQTT broker %s is back: sending %d spooled events", self.address.url, waiting)
                     delay, outage_logged = 0.5, False
                     await self._drain(client)
                     await client.publish(status_topic(self.node), "offline", qos=1, retain=True)
                     return
             except aiomqtt.MqttError as e:
                 self.connected.clear()
-                if self._closing and not self._pending:
+                if self._closing and not self.spool.size():
                     return
                 if not outage_logged:
-                    log.warning("MQTT broker %s unreachable (%s): buffering events and retrying", self.address.url, e)
+                    log.warning("MQTT broker %s unreachable (%s): spooling events and retrying", self.address.url, e)
                     outage_logged = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
     async def _drain(self, client) -> None:
-        """Publish pending events in order until closing; an event leaves the queue only once acknowledged."""
+        """Publish spooled events in order until closing; an event leaves the spool only once acknowledged."""
         while True:
-            while self._pending:
-                event = self._pending[0]
-                stamp(event)
-                wire = to_wire(event, self.opts.publish_transcript)
-                await client.publish(event_topic(event.node, event.stream), json.dumps(wire), qos=1)
-                self._pending.popleft()
-                self.published += 1
+            while batch := self.spool.head():
+                for message in batch:
+                    await client.publish(message.topic, message.payload, qos=1)
+                    self.spool.remove(message.rowid)
+                    self.published += 1
             if self._closing:
                 return
             self._wakeup.clear()
-            await self._wakeup.wait()
+            if not self.spool.size():
+                await self._wakeup.wait()
 
     async def close(self, timeout: float = 10.0) -> None:
         self._closing = True
         self._wakeup.set()
-        if self._task is None:
-            return
-        try:
-            await asyncio.wait_for(self._task, timeout)
-        except TimeoutError:
-            self._task.cancel()
-            log.error(
-                "MQTT broker %s unreachable at shutdown: %d events not published", self.address.url, len(self._pending)
-            )
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, timeout)
+            except TimeoutError:
+                log.error("MQTT broker %s unreachable at shutdown: %d events stay in the spool %s for the next run",
+                          self.address.url, self.spool.size(), self.spool.path or "(memory: lost)")
+        self.spool.close()
 
 
 class JsonlSink:

@@ -26,6 +26,25 @@ def silence(seconds: float) -> np.ndarray:
     return np.zeros(int(seconds * SAMPLE_RATE), np.float32)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Spools and generated files of the tests go to a private cache; Whisper's joined files are linked in."""
+    from streamer.models import WHISPER_BASE_SHA256, whisper_base_dir
+
+    shared = whisper_base_dir()
+    cache = tmp_path_factory.mktemp("cache")
+    (cache / "whisper-base").mkdir()
+    for name in WHISPER_BASE_SHA256:
+        (cache / "whisper-base" / name).symlink_to(shared / name)
+    previous = os.environ.get("EMOTION_MONITOR_CACHE")
+    os.environ["EMOTION_MONITOR_CACHE"] = str(cache)
+    yield cache
+    if previous is None:
+        del os.environ["EMOTION_MONITOR_CACHE"]
+    else:
+        os.environ["EMOTION_MONITOR_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def speak(tmp_path_factory):
     """Spanish (or other) speech from espeak-ng, 16 kHz mono float32."""

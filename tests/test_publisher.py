@@ -255,3 +255,39 @@ async def test_tls_with_username_and_password(tmp_path):
     finally:
         mosquitto.terminate()
         mosquitto.wait()
+
+
+async def test_spooled_events_survive_a_restart_of_the_monitor(broker, tmp_path):
+    """Broker unreachable until the monitor stops: the events wait on disk and the next run sends them."""
+    spool = str(tmp_path / "spool.sqlite")
+    node = f"n{uuid.uuid4().hex[:6]}"
+    first = MqttSink(MqttOptions(spool=spool), f"mqtt://127.0.0.1:{free_port()}", node)
+    await first.start()
+    for i in range(3):
+        first.send(make_event("s", i, node))
+    await first.close(timeout=0.5)
+    assert first.published == 0
+    started = asyncio.Event()
+    collector = asyncio.create_task(receive(*broker, f"emotion/v1/{node}/s/event", 3, started))
+    await started.wait()
+    second = MqttSink(MqttOptions(spool=spool), "mqtt://127.0.0.1:1883", node)
+    assert second.spool.size() == 3
+    await second.start()
+    assert [json.loads(p)["seq"] for _, p, _ in await collector] == [0, 1, 2]
+    await second.close()
+    assert second.published == 3
+    await clear_retained(*broker, status_topic(node))
+
+
+def test_full_spool_drops_interim_before_final_and_counts(tmp_path):
+    from streamer.spool import Spool
+
+    spool = Spool(tmp_path / "s.sqlite", max_events=3)
+    spool.append("t", "final-0", final=True)
+    spool.append("t", "interim-1", final=False)
+    spool.append("t", "final-2", final=True)
+    spool.append("t", "final-3", final=True)  # full: the interim one goes
+    assert [m.payload for m in spool.head()] == ["final-0", "final-2", "final-3"]
+    spool.append("t", "final-4", final=True)  # no interim left: the oldest goes, counted
+    assert [m.payload for m in spool.head()] == ["final-2", "final-3", "final-4"]
+    assert spool.dropped == 2 and spool.high_water == 3
