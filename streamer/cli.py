@@ -47,6 +47,8 @@ def _config(args: argparse.Namespace) -> MonitorConfig:
         config.node = args.node
     if getattr(args, "source", None):
         config.source = args.source
+    if getattr(args, "metrics", None):
+        config.metrics = args.metrics
     return config
 
 
@@ -67,6 +69,8 @@ def _source_spec(spec: str) -> str:
 
 async def _run(args: argparse.Namespace, config: MonitorConfig) -> int:
     from streamer.live_view import ConsoleSink
+    from streamer.metrics import HEALTH
+    from streamer.metrics import serve as serve_metrics
     from streamer.pipeline import Engine, run_stream
     from streamer.publisher import JsonlSink, MqttSink, resolve_broker
     from streamer.sources import open_source
@@ -82,6 +86,8 @@ async def _run(args: argparse.Namespace, config: MonitorConfig) -> int:
         sinks.append(ConsoleSink(show_transcript=config.mqtt.publish_transcript))
     for sink in sinks:
         await sink.start()
+    HEALTH.sink = mqtt
+    metrics = await serve_metrics(config.metrics) if config.metrics else None
     log.info(
         "stream %s from %s → %s (topic emotion/v1/%s/%s/event)",
         config.stream,
@@ -90,18 +96,29 @@ async def _run(args: argparse.Namespace, config: MonitorConfig) -> int:
         config.node,
         config.stream,
     )
-    task = asyncio.create_task(run_stream(source, engine, sinks, config.stream, config.segmenter))
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        run_stream(source, engine, sinks, config.stream, config.segmenter, config.pipeline, stop)
+    )
+
+    def on_signal() -> None:
+        if stop.is_set():  # a second Ctrl-C: stop now
+            task.cancel()
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, task.cancel)
+        loop.add_signal_handler(sig, on_signal)
     stats = None
     try:
         stats = await task
     except asyncio.CancelledError:
-        log.info("stopping")
+        log.warning("stopped without finishing the waiting utterances")
     finally:
         for sink in sinks:
             await sink.close()
+        if metrics:
+            metrics.close()
         if embedded:
             await embedded.stop()
         engine.close()
@@ -109,11 +126,13 @@ async def _run(args: argparse.Namespace, config: MonitorConfig) -> int:
         return 0
     lat = stats.latencies_ms
     log.info(
-        "%d utterances, %d events, %d failed; end of speech → publish p50 %.0f ms, p95 %.0f ms; "
-        "%d events published over MQTT",
+        "%d utterances, %d events (%d voice-only under load), %d failed, %d dropped; end of speech → "
+        "publish p50 %.0f ms, p95 %.0f ms; %d events published over MQTT",
         stats.utterances,
         stats.events,
+        stats.voice_only,
         stats.failed,
+        stats.dropped,
         _percentile(lat, 50),
         _percentile(lat, 95),
         mqtt.published,
@@ -281,6 +300,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--rate", type=int, default=16000, help="sample rate of stdin PCM (default 16000)")
     run.add_argument("--channels", type=int, default=1, help="channels of stdin PCM (default 1)")
     run.add_argument("--quiet", action="store_true", help="no live view in the terminal")
+    run.add_argument("--metrics", metavar="HOST:PORT", help="serve /metrics (Prometheus) and /healthz here")
     run.set_defaults(func=cmd_run)
 
     analyze = sub.add_parser("analyze", help="analyse audio files offline")

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from streamer.classifier import ClassifierOptions
+from streamer.pipeline import PipelineOptions
 from streamer.publisher import MqttOptions
 from streamer.recogniser import RecogniserOptions
 from streamer.segmenter import SegmenterOptions
@@ -30,7 +31,9 @@ class MonitorConfig:
     segmenter: SegmenterOptions = field(default_factory=SegmenterOptions)
     recogniser: RecogniserOptions = field(default_factory=RecogniserOptions)
     classifier: ClassifierOptions = field(default_factory=ClassifierOptions)
+    pipeline: PipelineOptions = field(default_factory=PipelineOptions)
     mqtt: MqttOptions = field(default_factory=MqttOptions)
+    metrics: str | None = None  # host:port for /metrics (Prometheus) and /healthz, e.g. 127.0.0.1:9464
 
 
 class ConfigError(ValueError):

@@ -24,7 +24,8 @@ DEMO_SENTENCES = (  # chosen so that Whisper base still understands espeak-ng's 
     "Muchas gracias, estoy muy contento con el servicio.",
     "Tengo mucho miedo de perder todo mi dinero.",
     "Estoy muy triste, hoy es un día muy malo para mí.",
-    "Es horrible, me da mucho asco.")
+    "Es horrible, me da mucho asco.",
+)
 
 
 def speak(text: str, voice: str = "es", speed: int = 130) -> np.ndarray:

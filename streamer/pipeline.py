@@ -7,6 +7,8 @@ release the GIL, so the event loop keeps reading audio while an utterance is bei
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 
 from streamer.classifier import ClassifierOptions, EmotionClassifier
 from streamer.frames import EmotionEvent, Latency, Utterance
+from streamer.metrics import HEALTH, STAGE_LATENCY, UTTERANCES
 from streamer.publisher import Sink
 from streamer.recogniser import Recogniser, RecogniserOptions
 from streamer.segmenter import Segmenter, SegmenterOptions
@@ -38,9 +41,9 @@ class Engine:
         self.models = {"asr": self.recogniser.model_id, "emotion": self.classifier.model_id}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
 
-    def process(self, utterance: Utterance, seq: int) -> EmotionEvent:
+    def process(self, utterance: Utterance, seq: int, decode: bool = True) -> EmotionEvent:
         started = time.monotonic()
-        transcript = self.recogniser.recognise(utterance)
+        transcript = self.recogniser.recognise(utterance, decode)
         emotion = self.classifier.classify(transcript)
         latency = Latency(
             vad=(utterance.emitted - utterance.speech_end_arrived) * 1000,
@@ -60,11 +63,21 @@ class Engine:
             latency=latency,
         )
 
-    async def aprocess(self, utterance: Utterance, seq: int) -> EmotionEvent:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self.process, utterance, seq)
+    async def aprocess(self, utterance: Utterance, seq: int, decode: bool = True) -> EmotionEvent:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.process, utterance, seq, decode)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+
+
+@dataclass
+class PipelineOptions:
+    """Overload policy. The audio reader never waits: when the recogniser falls behind, utterances beyond
+    `voice_only_backlog` waiting are classified from the voice alone (no decoding), and beyond `max_backlog`
+    the oldest waiting utterance is dropped; both are logged and counted."""
+
+    voice_only_backlog: int = 3
+    max_backlog: int = 32
 
 
 @dataclass
@@ -72,45 +85,110 @@ class StreamStats:
     utterances: int = 0
     events: int = 0
     failed: int = 0
+    voice_only: int = 0
+    dropped: int = 0
     error: str | None = None
     latencies_ms: list[float] = field(default_factory=list)
 
 
+def _observe(event: EmotionEvent) -> None:
+    for stage, ms in event.latency.as_dict().items():
+        STAGE_LATENCY.labels(stage).observe(ms / 1000)
+
+
 async def run_stream(
-    source: Source, engine: Engine, sinks: Sequence[Sink], stream: str, segmenter: SegmenterOptions | None = None
+    source: Source,
+    engine: Engine,
+    sinks: Sequence[Sink],
+    stream: str,
+    segmenter: SegmenterOptions | None = None,
+    options: PipelineOptions | None = None,
+    stop: asyncio.Event | None = None,
 ) -> StreamStats:
-    """Run one stream to its end. Errors of the source or of one utterance are logged, never raised:
-    the other streams and the daemon go on."""
+    """Run one stream until its source ends or `stop` is set; then finish the utterances already cut.
+
+    Errors of the source or of one utterance are logged, never raised: the other streams and the daemon go on.
+    """
+    opts = options or PipelineOptions()
     stats = StreamStats()
-    utterances: asyncio.Queue[Utterance | None] = asyncio.Queue()
+    backlog: collections.deque[Utterance] = collections.deque()
+    ready = asyncio.Event()
+    done = False
     cutter = Segmenter(stream, segmenter, source=source.name)
+    HEALTH.queues[stream] = backlog.__len__
+
+    def enqueue(utterance: Utterance) -> None:
+        if len(backlog) >= opts.max_backlog:
+            lost = backlog.popleft()
+            stats.dropped += 1
+            UTTERANCES.labels("dropped").inc()
+            log.error(
+                "stream %s: %d utterances waiting, dropped segment %d (%d dropped so far)",
+                stream,
+                len(backlog) + 1,
+                lost.segment_id,
+                stats.dropped,
+            )
+        backlog.append(utterance)
+        ready.set()
 
     async def read() -> None:
+        nonlocal done
         try:
-            async for chunk in source.chunks():
-                for utterance in cutter.push(chunk):
-                    utterances.put_nowait(utterance)
+            async with contextlib.aclosing(source.chunks()) as chunks:
+                async for chunk in chunks:
+                    for utterance in cutter.push(chunk):
+                        enqueue(utterance)
+        except asyncio.CancelledError:
+            log.info("stream %s: stopping, finishing %d waiting utterances", stream, len(backlog))
         except Exception as e:  # a broken source ends its own stream only
             stats.error = f"{type(e).__name__}: {e}"
             log.error("stream %s: source %s failed: %s", stream, source.name, e)
         finally:
             for utterance in cutter.flush():
-                utterances.put_nowait(utterance)
-            utterances.put_nowait(None)
+                enqueue(utterance)
+            done = True
+            ready.set()
 
     async def work() -> None:
-        while (utterance := await utterances.get()) is not None:
+        while backlog or not done:
+            if not backlog:
+                ready.clear()
+                await ready.wait()
+                continue
+            decode = len(backlog) <= opts.voice_only_backlog
+            utterance = backlog.popleft()
             stats.utterances += 1
             try:
-                event = await engine.aprocess(utterance, stats.events)
+                event = await engine.aprocess(utterance, stats.events, decode)
             except Exception:
                 stats.failed += 1
+                UTTERANCES.labels("failed").inc()
                 log.exception("stream %s: segment %d could not be processed", stream, utterance.segment_id)
                 continue
+            if not decode:
+                stats.voice_only += 1
+                log.warning(
+                    "stream %s: behind by %d utterances, segment %d classified from the voice only",
+                    stream,
+                    len(backlog) + 1,
+                    utterance.segment_id,
+                )
+            UTTERANCES.labels("processed" if decode else "voice_only").inc()
             stats.events += 1
             for sink in sinks:
                 sink.send(event)
             stats.latencies_ms.append(event.latency.total)
+            _observe(event)
 
-    await asyncio.gather(read(), work())
+    reader = asyncio.create_task(read())
+    stopper = asyncio.create_task(stop.wait()) if stop else None
+    if stopper:
+        stopper.add_done_callback(lambda _: reader.cancel())
+    try:
+        await asyncio.gather(reader, work())
+    finally:
+        if stopper:
+            stopper.cancel()
+        HEALTH.queues.pop(stream, None)
     return stats

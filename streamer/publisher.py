@@ -248,8 +248,12 @@ class MqttSink:
             try:
                 await asyncio.wait_for(self._task, timeout)
             except TimeoutError:
-                log.error("MQTT broker %s unreachable at shutdown: %d events stay in the spool %s for the next run",
-                          self.address.url, self.spool.size(), self.spool.path or "(memory: lost)")
+                log.error(
+                    "MQTT broker %s unreachable at shutdown: %d events stay in the spool %s for the next run",
+                    self.address.url,
+                    self.spool.size(),
+                    self.spool.path or "(memory: lost)",
+                )
         self.spool.close()
 
 

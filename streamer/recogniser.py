@@ -129,49 +129,54 @@ class Recogniser:
         token, prob = self._whisper.model.detect_language(encoded)[0][0]
         return token[2:-2], float(prob)
 
-    def recognise(self, utterance: Utterance) -> Transcript:
+    def _decode(self, encoded, language: str, n_samples: int) -> tuple[str, float, float]:
+        """Greedy decoding at temperature 0 with a length cap; returns (text, avg log-prob, no-speech prob)."""
+        tokenizer = self._tokenizer(language)
+        max_tokens = int(10 + self.opts.max_tokens_per_second * n_samples / SAMPLE_RATE)
+        result = self._whisper.model.generate(
+            encoded,
+            [[*tokenizer.sot_sequence, tokenizer.no_timestamps]],
+            beam_size=self.opts.beam_size,
+            max_length=min(max_tokens, 440),
+            return_scores=True,
+            return_no_speech_prob=True,
+            suppress_blank=True,
+            suppress_tokens=[-1],
+        )[0]
+        ids = [t for t in result.sequences_ids[0] if t < tokenizer.eot]
+        # CTranslate2 scores are length-normalised; undo that the way faster-whisper does
+        avg_logprob = result.scores[0] * len(ids) / (len(ids) + 1)
+        return tokenizer.decode(ids).strip(), avg_logprob, result.no_speech_prob
+
+    def recognise(self, utterance: Utterance, decode: bool = True) -> Transcript:
+        """Encode once; decode text unless `decode` is False (voice-only, when shedding load)."""
         audio = utterance.audio
         step = int(MAX_WINDOW_S * SAMPLE_RATE)
         pieces = [audio[i : i + step] for i in range(0, max(len(audio), 1), step)]
-        texts, frames, logprobs, no_speech = [], [], [], []
+        texts, frames, logprobs, no_speech = [], [], [0.0], [0.0]
         language, language_prob = self.opts.language or "", 1.0
         encode_s = decode_s = 0.0
-        for piece in pieces:
+        for index, piece in enumerate(pieces):
             t0 = time.perf_counter()
             encoded, covered = self._encode(piece)
-            t1 = time.perf_counter()
-            if not texts:
-                language, language_prob = self._language(encoded)
-            tokenizer = self._tokenizer(language)
-            max_tokens = int(10 + self.opts.max_tokens_per_second * len(piece) / SAMPLE_RATE)
-            result = self._whisper.model.generate(
-                encoded,
-                [[*tokenizer.sot_sequence, tokenizer.no_timestamps]],
-                beam_size=self.opts.beam_size,
-                max_length=min(max_tokens, 440),
-                return_scores=True,
-                return_no_speech_prob=True,
-                suppress_blank=True,
-                suppress_tokens=[-1],
-            )[0]
-            ids = [t for t in result.sequences_ids[0] if t < tokenizer.eot]
-            texts.append(tokenizer.decode(ids).strip())
             frames.append(covered)
-            # CTranslate2 scores are length-normalised; undo that the way faster-whisper does
-            logprobs.append(result.scores[0] * len(ids) / (len(ids) + 1))
-            no_speech.append(result.no_speech_prob)
-            decode_s += time.perf_counter() - t1
+            t1 = time.perf_counter()
             encode_s += t1 - t0
+            if not decode:
+                continue
+            if index == 0:
+                language, language_prob = self._language(encoded)
+                logprobs, no_speech = [], []
+            text, logprob, no_speech_prob = self._decode(encoded, language, len(piece))
+            texts.append(text)
+            logprobs.append(logprob)
+            no_speech.append(no_speech_prob)
+            decode_s += time.perf_counter() - t1
         text = " ".join(t for t in texts if t)
         avg_logprob, no_speech_prob = float(np.mean(logprobs)), float(np.mean(no_speech))
-        rejected = guard(text, no_speech_prob, avg_logprob, utterance.speech_s, self.opts)
+        rejected = guard(text, no_speech_prob, avg_logprob, utterance.speech_s, self.opts) if decode else "overload"
         if rejected:
-            log.debug(
-                "stream %s segment %d: transcript dropped (%s)",
-                utterance.stream,
-                utterance.segment_id,
-                rejected,
-            )
+            log.debug("stream %s segment %d: no transcript (%s)", utterance.stream, utterance.segment_id, rejected)
         return Transcript(
             text="" if rejected else text,
             language=language,

@@ -58,8 +58,11 @@ class Spool:
                 row = row or self._db.execute("SELECT id FROM outbox ORDER BY id LIMIT 1").fetchone()
                 self._db.execute("DELETE FROM outbox WHERE id = ?", row)
                 self.dropped += 1
-                log.error("spool full (%d messages): dropped the oldest to make room (%d dropped so far)",
-                          self.max_events, self.dropped)
+                log.error(
+                    "spool full (%d messages): dropped the oldest to make room (%d dropped so far)",
+                    self.max_events,
+                    self.dropped,
+                )
                 size -= 1
             self._db.execute("INSERT INTO outbox (topic, payload, final) VALUES (?, ?, ?)", (topic, payload, final))
             self.high_water = max(self.high_water, size + 1)
