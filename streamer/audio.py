@@ -41,10 +41,9 @@ def condition(samples: np.ndarray, rate: int) -> np.ndarray:
     if bad.any():
         log.warning("replaced %d non-finite samples (NaN/inf) with silence", int(bad.sum()))
         x = np.where(bad, np.float32(0.0), x)
-    x = np.clip(x, -1.0, 1.0)
     if rate != SAMPLE_RATE and len(x):
-        x = soxr.resample(x, rate, SAMPLE_RATE).astype(np.float32, copy=False)
-    return np.ascontiguousarray(x)
+        x = soxr.resample(np.clip(x, -1.0, 1.0), rate, SAMPLE_RATE)
+    return np.ascontiguousarray(np.clip(x, -1.0, 1.0), dtype=np.float32)  # again: resampling rings past ±1
 
 
 class StreamConditioner:
@@ -60,7 +59,7 @@ class StreamConditioner:
         mono = condition(pcm.reshape(-1, self.channels), SAMPLE_RATE)
         if self._resampler is None:
             return mono
-        return self._resampler.resample_chunk(mono, last=last)
+        return np.clip(self._resampler.resample_chunk(mono, last=last), -1.0, 1.0)
 
 
 def pcm16_to_float(data: bytes) -> np.ndarray:
