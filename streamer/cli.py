@@ -92,7 +92,7 @@ async def _run(args: argparse.Namespace, config: MonitorConfig) -> int:
         "stream %s from %s → %s (topic emotion/v1/%s/%s/event)",
         config.stream,
         source.name,
-        url,
+        mqtt.address.url,  # host and port only: credentials are never logged
         config.node,
         config.stream,
     )
