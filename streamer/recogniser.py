@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from streamer.frames import SAMPLE_RATE, Transcript, Utterance
-from streamer.models import WHISPER_BASE_ID, whisper_base_dir
+from streamer.models import WHISPER_BASE_ID, ModelFileError, whisper_base_dir
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +89,15 @@ class Recogniser:
         else:
             path = self.model_id = self.opts.model
         self.device, self.compute_type = device, compute_type
-        self._whisper = WhisperModel(
-            path,
-            device=device,
-            compute_type=compute_type,
-            cpu_threads=self.opts.cpu_threads,
-            local_files_only=True,
-        )
+        try:
+            self._whisper = WhisperModel(
+                path, device=device, compute_type=compute_type, cpu_threads=self.opts.cpu_threads, local_files_only=True
+            )
+        except (OSError, ValueError) as e:  # nothing is ever downloaded: say what to do instead
+            raise ModelFileError(
+                f"Whisper model {path!r} is neither a CTranslate2 model directory nor in the local cache "
+                f"(nothing is downloaded at run time; use `base` or a local path): {e}"
+            ) from e
         self._storage = ctranslate2.StorageView
         self._tokenizer_cls = Tokenizer
         self._tokenizers: dict[str, Tokenizer] = {}

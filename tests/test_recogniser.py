@@ -85,3 +85,12 @@ def test_model_files_are_verified(tmp_path, monkeypatch):
     with pytest.raises(ModelFileError, match="SHA-256"):
         whisper_base_dir()
     shutil.rmtree(target)
+
+
+def test_any_local_model_directory_can_be_configured(speak):
+    custom = Recogniser(RecogniserOptions(model=str(whisper_base_dir())))
+    assert custom.model_id == str(whisper_base_dir())
+    assert "gracias" in custom.recognise(utterance(speak("Muchas gracias por todo."))).text.lower()
+    for missing in ("large-v3", "/no/such/model"):
+        with pytest.raises(ModelFileError, match="nothing is downloaded"):
+            Recogniser(RecogniserOptions(model=missing))
