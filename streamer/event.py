@@ -28,6 +28,10 @@ def status_topic(node: str) -> str:
     return f"{TOPIC_ROOT}/{topic_safe(node)}/status"
 
 
+def health_topic(node: str) -> str:
+    return f"{TOPIC_ROOT}/{topic_safe(node)}/health"
+
+
 def iso_utc(epoch_s: float) -> str:
     return datetime.fromtimestamp(epoch_s, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 

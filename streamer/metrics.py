@@ -41,6 +41,12 @@ class Health:
         self.started = time.monotonic()
         self.sink = None  # an MqttSink, when publishing over MQTT
         self.queues: dict[str, Callable[[], int]] = {}
+        self.utterances: dict[str, int] = {}
+
+    def count(self, outcome: str) -> None:
+        """One utterance's outcome: processed, voice_only, dropped or failed."""
+        UTTERANCES.labels(outcome).inc()
+        self.utterances[outcome] = self.utterances.get(outcome, 0) + 1
 
     def snapshot(self) -> dict:
         sink = self.sink
@@ -51,6 +57,11 @@ class Health:
             "streams": len(self.queues),
             "queued_utterances": sum(depth() for depth in self.queues.values()),
             "spool": sink.spool.size() if sink else 0,
+            "spool_high_water": sink.spool.high_water if sink else 0,
+            "events": {"published": sink.published, "replayed": sink.replayed, "dropped": sink.dropped}
+            if sink
+            else {},
+            "utterances": dict(self.utterances),
             "uptime_s": round(time.monotonic() - self.started, 1),
         }
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from streamer.classifier import ClassifierOptions, EmotionClassifier
 from streamer.frames import EmotionEvent, Latency, Utterance
-from streamer.metrics import HEALTH, STAGE_LATENCY, UTTERANCES
+from streamer.metrics import HEALTH, STAGE_LATENCY
 from streamer.publisher import Sink
 from streamer.recogniser import Recogniser, RecogniserOptions
 from streamer.segmenter import Segmenter, SegmenterOptions
@@ -121,7 +121,7 @@ async def run_stream(
         if len(backlog) >= opts.max_backlog:
             lost = backlog.popleft()
             stats.dropped += 1
-            UTTERANCES.labels("dropped").inc()
+            HEALTH.count("dropped")
             log.error(
                 "stream %s: %d utterances waiting, dropped segment %d (%d dropped so far)",
                 stream,
@@ -163,7 +163,7 @@ async def run_stream(
                 event = await engine.aprocess(utterance, stats.events, decode)
             except Exception:
                 stats.failed += 1
-                UTTERANCES.labels("failed").inc()
+                HEALTH.count("failed")
                 log.exception("stream %s: segment %d could not be processed", stream, utterance.segment_id)
                 continue
             if not decode:
@@ -174,7 +174,7 @@ async def run_stream(
                     len(backlog) + 1,
                     utterance.segment_id,
                 )
-            UTTERANCES.labels("processed" if decode else "voice_only").inc()
+            HEALTH.count("processed" if decode else "voice_only")
             stats.events += 1
             for sink in sinks:
                 sink.send(event)

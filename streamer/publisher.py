@@ -7,6 +7,7 @@ durably and publishes from its own task, so a slow or absent broker delays event
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -20,8 +21,9 @@ from pathlib import Path
 from typing import Protocol, TextIO
 from urllib.parse import unquote, urlsplit
 
-from streamer.event import event_topic, status_topic, to_wire, topic_safe
+from streamer.event import event_topic, health_topic, status_topic, to_wire, topic_safe
 from streamer.frames import EmotionEvent
+from streamer.metrics import HEALTH
 from streamer.models import cache_dir
 from streamer.spool import Spool
 
@@ -47,6 +49,7 @@ class MqttOptions:
     # `auto` = <cache>/spool/<node>-<broker>.sqlite, `memory` = not durable.
     spool: str = "auto"
     spool_max_events: int = 100_000
+    health_interval_s: float = 30.0  # retained health and counts on emotion/v1/<node>/health; 0 = off
     publish_transcript: bool = True
     embedded_host: str = "127.0.0.1"
     embedded_port: int = 1883
@@ -155,6 +158,7 @@ class MqttSink:
         self.connected = asyncio.Event()
         self.published = 0
         self.replayed = 0
+        self._next_health = 0.0  # the first health message goes out right after connecting
 
     def _spool_path(self, url: str) -> Path | None:
         if self.opts.spool == "memory":
@@ -215,6 +219,8 @@ class MqttSink:
                         log.warning("MQTT broker %s is back: sending %d spooled events", self.address.url, waiting)
                     delay, outage_logged = 0.5, False
                     await self._drain(client)
+                    if self.opts.health_interval_s:
+                        await self._publish_health(client)
                     await client.publish(status_topic(self.node), "offline", qos=1, retain=True)
                     return
             except aiomqtt.MqttError as e:
@@ -239,7 +245,15 @@ class MqttSink:
                 return
             self._wakeup.clear()
             if not self.spool.size():
-                await self._wakeup.wait()
+                wait = max(0.0, self._next_health - time.monotonic()) if self.opts.health_interval_s else None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), wait)
+            if self.opts.health_interval_s and time.monotonic() >= self._next_health:
+                await self._publish_health(client)
+
+    async def _publish_health(self, client) -> None:
+        await client.publish(health_topic(self.node), json.dumps(HEALTH.snapshot()), qos=1, retain=True)
+        self._next_health = time.monotonic() + self.opts.health_interval_s
 
     async def close(self, timeout: float = 10.0) -> None:
         self._closing = True

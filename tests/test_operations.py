@@ -92,9 +92,11 @@ def get(url: str) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
-def test_metrics_and_healthz(many_utterances, broker):
+def test_metrics_and_healthz(many_utterances, broker, tmp_path):
     port = free_port()
-    proc = start_monitor(many_utterances, "--metrics", f"127.0.0.1:{port}", "--jsonl", "-")
+    config = tmp_path / "c.yaml"
+    config.write_text("mqtt:\n  health_interval_s: 0.5\n")
+    proc = start_monitor(many_utterances, "--metrics", f"127.0.0.1:{port}", "--jsonl", "-", "--config", str(config))
     try:
         assert len(wait_for_lines(proc, 2)) == 2
         status, body = get(f"http://127.0.0.1:{port}/healthz")
@@ -106,6 +108,11 @@ def test_metrics_and_healthz(many_utterances, broker):
         assert 'emotion_monitor_stage_latency_seconds_count{stage="asr"}' in metrics
         assert "emotion_monitor_events_published_total" in metrics and "emotion_monitor_spool_size" in metrics
         assert get(f"http://127.0.0.1:{port}/nope")[0] == 404
+        time.sleep(1.0)
+        retained = subprocess.run(["mosquitto_sub", "-t", "emotion/v1/ops-test/health", "-C", "1", "-W", "10"],
+                                  capture_output=True, timeout=20)
+        published = json.loads(retained.stdout)  # the counts are also published, retained, over MQTT
+        assert published["utterances"]["processed"] >= 1 and published["mqtt_connected"] is True
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
