@@ -30,8 +30,13 @@ from streamer.pipeline import Engine, run_stream
 from streamer.publisher import MqttOptions, MqttSink
 from streamer.sources import FileSource
 
-SENTENCES = (*DEMO_SENTENCES, "Mañana tengo una reunión a las nueve.", "¿Puede repetirme el número, por favor?",
-             "No entiendo por qué me cobran dos veces el mismo recibo.", "Muchas gracias por su ayuda, adiós.")
+SENTENCES = (
+    *DEMO_SENTENCES,
+    "Mañana tengo una reunión a las nueve.",
+    "¿Puede repetirme el número, por favor?",
+    "No entiendo por qué me cobran dos veces el mismo recibo.",
+    "Muchas gracias por su ayuda, adiós.",
+)
 
 
 def speech_ends(clip: np.ndarray, min_gap_s: float = 0.3) -> list[float]:

@@ -1,0 +1,98 @@
+"""CPU per utterance: our single-encoder-pass chain vs. ASR alone vs. a naive pipeline, in the same run.
+
+naive = faster-whisper `transcribe` (its own Silero VAD, default beam search and temperature fallback),
+then a separate emotion pass that encodes the audio again (padded to 30 s, as Whisper expects) for the voice
+head, then the text head. Ours = one encoder pass (10 s window) shared by transcript and voice emotion.
+Clips: UEM held-out speakers (or espeak-ng sentences when the data is absent).
+
+    .venv/bin/python -m pipelines.bench_naive [--clips 30] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.bench_live import SENTENCES, uem_clips
+from streamer.classifier import voice_features
+from streamer.demo import speak
+from streamer.frames import SAMPLE_RATE, Utterance
+from streamer.pipeline import Engine
+from streamer.recogniser import Recogniser, RecogniserOptions
+from streamer.segmenter import speech_seconds
+
+
+def utterance(audio: np.ndarray) -> Utterance:
+    now = time.monotonic()
+    return Utterance(
+        stream="bench",
+        segment_id=0,
+        audio=audio,
+        start_s=0.0,
+        end_s=len(audio) / SAMPLE_RATE,
+        speech_end_arrived=now,
+        emitted=now,
+        wall_end=time.time(),
+        speech_s=speech_seconds(audio),
+    )
+
+
+def cpu_per_utterance(fn, utterances: list[Utterance]) -> float:
+    fn(utterances[0])  # warm-up
+    t0 = time.process_time()
+    for u in utterances:
+        fn(u)
+    return (time.process_time() - t0) / len(utterances)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clips", type=int, default=30)
+    parser.add_argument("--json", help="write the figures here")
+    args = parser.parse_args()
+    try:
+        clips = uem_clips(args.clips)
+        corpus = "UEM test1+test2"
+    except FileNotFoundError:
+        clips, corpus = [speak(s) for s in SENTENCES], "espeak-ng"
+    engine = Engine()
+    whisper = engine.recogniser._whisper
+    padded = Recogniser(RecogniserOptions(encoder_window_s=30.0))
+    utterances = [utterance(c) for c in clips]
+
+    def ours(u: Utterance) -> None:
+        engine.process(u, 0)
+
+    def asr_only(u: Utterance) -> None:
+        engine.recogniser.recognise(u)
+
+    def naive(u: Utterance) -> None:
+        segments, _ = whisper.transcribe(u.audio, language="es", vad_filter=True)
+        text = " ".join(s.text for s in segments).strip()
+        frames = padded._encode(u.audio)[1]  # the second, separate encoder pass
+        engine.classifier.voice.predict_proba(voice_features(frames))
+        if text:
+            engine.classifier.classify_text([text])
+
+    result = {
+        "corpus": corpus,
+        "clips": len(clips),
+        "mean_clip_s": round(float(np.mean([len(c) for c in clips])) / SAMPLE_RATE, 2),
+    }
+    for name, fn in (("ours", ours), ("asr_only", asr_only), ("naive", naive)):
+        result[f"cpu_s_per_utterance_{name}"] = round(cpu_per_utterance(fn, utterances), 4)
+    result["emotion_cpu_over_asr"] = round(
+        result["cpu_s_per_utterance_ours"] / result["cpu_s_per_utterance_asr_only"] - 1, 3
+    )
+    result["naive_over_ours"] = round(result["cpu_s_per_utterance_naive"] / result["cpu_s_per_utterance_ours"], 2)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
