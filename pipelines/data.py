@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,9 +29,15 @@ T = TypeVar("T")
 UEM = "speech_es_uem"
 EMODB = "speech_de_emodb"
 EMOSPEECH = "text_es_emospeech2024"
+EMOEVENT = "text_es_en_emoevent"
 
 # Labels outside the six EmoSPeech labels that a dataset is known to carry; they are dropped on purpose.
-DROPPED = {UEM: {"surprise"}, EMODB: {"boredom"}, EMOSPEECH: set()}
+DROPPED = {UEM: {"surprise"}, EMODB: {"boredom"}, EMOSPEECH: set(), EMOEVENT: {"surprise"}}
+# EmoEvent's "others" means "neutral or another emotion"; it is mapped to neutral (an approximation).
+EMOEVENT_LABELS = {"others": "neutral"}
+# EmoEvent's anonymisation placeholders, removed so tweets look a little more like speech transcripts.
+EMOEVENT_PLACEHOLDERS = ("USER", "HASHTAG", "URL")
+_PLACEHOLDER_RE = re.compile(r"\b(?:" + "|".join(EMOEVENT_PLACEHOLDERS) + r")\b")
 
 # UEM file-name prefixes (column label_es) and EmoDB file-name codes (6th character, column code).
 UEM_LABELS_ES = {
@@ -195,6 +202,32 @@ def read_emospeech(root: str | Path | None = None, include_extra: bool = True) -
                 loaded.skipped[reason] += 1
                 continue
             loaded.records.append(TextRow(EMOSPEECH, row["id"], row["label"], text, row["youtube_key"].strip(), source))
+    return _warn_skips(loaded)
+
+
+def read_emoevent(root: str | Path | None = None, language: str = "es") -> Loaded[TextRow]:
+    """EmoEvent tweets (full anonymised csv), others → neutral, surprise dropped. Training-side material only:
+    tweets are not speech transcripts. `youtube_key` is `emoevent:<id>` (each tweet its own group)."""
+    folder = dataset_dir(EMOEVENT, root)
+    path = folder / f"emoevent_{language}.csv"
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    loaded: Loaded[TextRow] = Loaded(EMOEVENT, [])
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        missing = [c for c in ("id", "tweet", "emotion") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"{path}: missing columns {missing} (has {reader.fieldnames})")
+        for row in reader:
+            label = EMOEVENT_LABELS.get(row["emotion"], row["emotion"])
+            reason = _label_skip(EMOEVENT, label)
+            text = " ".join(_PLACEHOLDER_RE.sub(" ", row["tweet"] or "").split())
+            if reason is None and not text:
+                reason = "empty text"
+            if reason:
+                loaded.skipped[reason] += 1
+                continue
+            loaded.records.append(TextRow(EMOEVENT, row["id"], label, text, f"emoevent:{row['id']}", "emoevent"))
     return _warn_skips(loaded)
 
 

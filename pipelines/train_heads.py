@@ -13,6 +13,7 @@ The saved meta holds no dates or timings, so a rerun on the same data and enviro
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -24,7 +25,7 @@ import numpy as np
 import yaml
 
 from pipelines import data as D
-from streamer.classifier import LinearHead
+from streamer.classifier import TEXT_ENCODERS, LinearHead
 from streamer.frames import LABELS
 
 log = logging.getLogger("pipelines.train_heads")
@@ -34,7 +35,9 @@ VOICE_LICENCES = {
     D.UEM: "UEM speech: no licence stated, research use only",
     D.EMODB: "EmoDB: free for research (TU Berlin)",
 }
-ESTIMATE_NAMES = {"cv": "grouped CV", "heldout": "held-out speakers"}
+ESTIMATE_NAMES = {"cv": "grouped CV", "heldout": "held-out speakers", "cv_bias": "grouped CV + bias"}
+ENCODER_TAGS = {"e5": "e5small", "use": "usem3"}
+TEXT_FEATURE_SPECS = {"e5": "e5-query-prefix-384", "use": "usem3-512"}
 
 
 @dataclass
@@ -250,67 +253,194 @@ def train_voice(cfg: dict, seed: int, root, limit, cache_dir) -> tuple[LinearHea
     return final_head(X, y, best["C"], cfg, seed, meta), results, best
 
 
+# --------------------------------------------------------------------------- per-class bias (macro-F1)
+
+
+def tune_bias(p: np.ndarray, y: np.ndarray, grid: np.ndarray | None = None, sweeps: int = 3) -> np.ndarray:
+    """Per-class offsets b on log p maximising macro-F1 of argmax(log p + b) on (p, y): coordinate ascent."""
+    from sklearn.metrics import f1_score
+
+    grid = np.round(np.arange(-1.5, 1.51, 0.1), 2) if grid is None else grid
+    logp = np.log(np.clip(p, 1e-9, 1))
+    labels = np.array(LABELS)
+    b = np.zeros(len(LABELS))
+
+    def f1(bias):
+        pred = labels[np.argmax(logp + bias, axis=1)]
+        return f1_score(y, pred, labels=list(LABELS), average="macro", zero_division=0)
+
+    best = f1(b)
+    for _ in range(sweeps):
+        changed = False
+        for k in range(len(LABELS)):
+            for v in grid:
+                trial = b.copy()
+                trial[k] = v
+                s = f1(trial)
+                if s > best + 1e-9:
+                    best, b, changed = s, trial, True
+        if not changed:
+            break
+    return b - b.mean()
+
+
+def apply_bias(p: np.ndarray, b: np.ndarray) -> np.ndarray:
+    z = np.log(np.clip(p, 1e-9, 1)) + b
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def proba_in_label_order(model, X) -> np.ndarray:
+    """predict_proba with columns in LABELS order; a class the model never saw (tiny runs) gets probability 0."""
+    raw = model.predict_proba(X)
+    out = np.zeros((raw.shape[0], len(LABELS)))
+    for j, c in enumerate(model.classes_):
+        out[:, LABELS.index(c)] = raw[:, j]
+    return out
+
+
+def inner_bias(X: np.ndarray, y: np.ndarray, groups: np.ndarray, C: float, cfg: dict, seed: int) -> np.ndarray:
+    """Offsets tuned on out-of-fold probabilities of 3 grouped folds of (X, y): uses nothing outside (X, y)."""
+    p = np.zeros((len(y), len(LABELS)))
+    for train, test in D.grouped_folds(y, groups, 3, seed + 1):
+        p[test] = proba_in_label_order(fit_quiet(make_model(C, cfg, seed), X[train], y[train]), X[test])
+    return tune_bias(p, y)
+
+
+def score_with_bias(splits, X, y, groups, C, cfg, seed) -> Estimate:
+    """Nested estimate of (model + bias): offsets tuned inside each training side, applied to its test fold."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    f1s, accs, y_true, y_pred = [], [], [], []
+    labels = np.array(LABELS)
+    for train, test in splits:
+        model = fit_quiet(make_model(C, cfg, seed), X[train], y[train])
+        offsets = inner_bias(X[train], y[train], groups[train], C, cfg, seed)
+        p = apply_bias(proba_in_label_order(model, X[test]), offsets)
+        pred = labels[p.argmax(axis=1)]
+        f1s.append(float(f1_score(y[test], pred, average="macro")))
+        accs.append(float(accuracy_score(y[test], pred)))
+        y_true.extend(y[test])
+        y_pred.extend(pred)
+    return Estimate(
+        name="cv_bias",
+        folds=len(splits),
+        n_test=len(y_true),
+        macro_f1=f1s,
+        accuracy=accs,
+        pooled_macro_f1=float(f1_score(y_true, y_pred, average="macro")),
+        pooled_accuracy=float(accuracy_score(y_true, y_pred)),
+        pooled_per_class_f1={
+            label: round(float(f), 4)
+            for label, f in zip(
+                LABELS, f1_score(y_true, y_pred, labels=list(LABELS), average=None, zero_division=0), strict=True
+            )
+        },
+    )
+
+
 # --------------------------------------------------------------------------- text
 
 
+def text_folds(rows, n_splits: int, seed: int):
+    """The text head's folds: one set over all EmoSPeech rows (train + extra), grouped by YouTube video."""
+    return D.grouped_folds([r.label for r in rows], [r.youtube_key for r in rows], n_splits, seed)
+
+
 def train_text(cfg: dict, seed: int, root, limit, cache_dir) -> tuple[LinearHead, list[dict], dict]:
-    from pipelines.features import TEXT_FEATURE_SPEC, TextFeaturizer
+    from pipelines.features import text_features
 
     loaded = D.read_emospeech(root, include_extra=True)
     rows = D.limit_records(loaded.records, limit, seed)
-    featurizer = TextFeaturizer(cache_dir)
+    feature_sets = cfg.get("features") or {"e5": ["e5"]}
     t0 = time.perf_counter()
-    X_all = featurizer.many([r.text for r in rows], "text features emospeech")
+    X_sets = {
+        name: text_features([r.text for r in rows], encoders, cache_dir, "emospeech")
+        for name, encoders in feature_sets.items()
+    }
     log.info("text features: %.1f s", time.perf_counter() - t0)
     y_all = np.array([r.label for r in rows])
     source = np.array([r.source for r in rows])
-    videos = np.array([r.youtube_key for r in rows])
     # one set of folds over all rows, grouped by video; each variant trains on its sources, all score the same rows
-    splits_all = D.grouped_folds(y_all, videos, int(cfg["cv_folds"]), seed)
+    splits_all = text_folds(rows, int(cfg["cv_folds"]), seed)
 
     results = []
-    for variant, sources in cfg["variants"].items():
-        unknown = set(sources) - {"train", "extra"}
-        if unknown:
-            raise ValueError(f"text variant {variant}: unknown sources {sorted(unknown)}")
-        use = np.isin(source, sources)
-        splits = [(train[use[train]], test) for train, test in splits_all]
-        for C in cfg["C"]:
-            est = score(splits, X_all, y_all, np.zeros((0, X_all.shape[1])), np.array([]), C, cfg, seed, "cv")
-            results.append(
-                {
-                    "head": "text",
-                    "variant": variant,
-                    "datasets": [f"{D.EMOSPEECH}/{s}.csv" for s in sources],
-                    "sources": list(sources),
-                    "C": C,
-                    "estimates": {"cv": est.summary()},
-                }
-            )
-            log.info("text  %-12s C=%-5g %s", variant, C, _short(results[-1]))
+    for feat_name, X_all in X_sets.items():
+        for variant, sources in cfg["variants"].items():
+            unknown = set(sources) - {"train", "extra"}
+            if unknown:
+                raise ValueError(f"text variant {variant}: unknown sources {sorted(unknown)}")
+            use = np.isin(source, sources)
+            splits = [(train[use[train]], test) for train, test in splits_all]
+            for C in cfg["C"]:
+                est = score(splits, X_all, y_all, np.zeros((0, X_all.shape[1])), np.array([]), C, cfg, seed, "cv")
+                results.append(
+                    {
+                        "head": "text",
+                        "variant": f"{variant} {feat_name}",
+                        "sources_variant": variant,
+                        "features": feat_name,
+                        "datasets": [f"{D.EMOSPEECH}/{s}.csv" for s in sources],
+                        "sources": list(sources),
+                        "C": C,
+                        "estimates": {"cv": est.summary()},
+                    }
+                )
+                log.info("text  %-20s C=%-5g %s", results[-1]["variant"], C, _short(results[-1]))
 
-    best = choose(results, cfg.get("select_by", "cv"))
+    select_by = cfg.get("select_by", "cv")
+    best = choose(results, select_by)
+    videos = np.array([r.youtube_key for r in rows])
+    if cfg.get("bias_tuning"):
+        # per-class log-probability offsets for macro-F1, tuned on inner grouped folds of each training side only.
+        # The best (variant, C) of every feature set gets a nested estimate on the same outer folds; the shipped
+        # head is the best of those by that estimate.
+        finalists = [choose([r for r in results if r["features"] == f], select_by) for f in X_sets]
+        for r in finalists:
+            use = np.isin(source, r["sources"])
+            splits = [(train[use[train]], test) for train, test in splits_all]
+            est = score_with_bias(splits, X_sets[r["features"]], y_all, videos, r["C"], cfg, seed)
+            r["estimates"]["cv_bias"] = est.summary()
+            log.info("text  %-20s C=%-5g + bias (nested): %s", r["variant"], r["C"], _short(
+                {"estimates": {"cv_bias": r["estimates"]["cv_bias"]}}))
+        select_by = "cv_bias"
+        best = choose(finalists, select_by)
     use = np.isin(source, best["sources"])
-    X, y = X_all[use], y_all[use]
+    X, y = X_sets[best["features"]][use], y_all[use]
+    offsets = inner_bias(X, y, videos[use], best["C"], cfg, seed) if cfg.get("bias_tuning") else None
+    encoders = list(feature_sets[best["features"]])
     meta = {
-        "id": f"text-emospeech-{best['variant']}-e5small-logreg-v{cfg['version']}",
+        "id": f"text-emospeech-{best['sources_variant']}-{'+'.join(ENCODER_TAGS[e] for e in encoders)}"
+        f"-logreg-v{cfg['version']}",
         "head": "text",
         "labels": list(LABELS),
-        "feature": TEXT_FEATURE_SPEC,
+        "feature": " ⊕ ".join(TEXT_FEATURE_SPECS[e] for e in encoders),
+        "encoders": encoders,
         "input_dim": int(X.shape[1]),
-        "encoder": featurizer.model_id,
+        "encoder": " + ".join(TEXT_ENCODERS[e].model_id for e in encoders),
         "datasets": best["datasets"],
         "n_train": len(y),
         "train_label_counts": label_counts(y),
         "classifier": _classifier_meta(best["C"], cfg, seed),
         "cv": best["estimates"],
         "cv_grouping": "youtube_key, folds over train+extra; every variant scored on the same rows",
-        "selected_by": f"{cfg.get('select_by', 'cv')} macro_f1_mean",
+        "selected_by": f"{select_by} macro_f1_mean",
         "variants_tried": [_tried(r_) for r_ in results],
         "limit": limit,
         "licence": "CC BY-NC 4.0 (inherited from the EmoSPeech 2024 / MEACorpus 2023 text): non-commercial use only",
     }
-    return final_head(X, y, best["C"], cfg, seed, meta), results, best
+    if offsets is not None:
+        meta["bias_offsets"] = [round(float(v), 4) for v in offsets]
+        meta["bias_tuning"] = (
+            "per-class offsets added to the intercept (= to the log-probabilities), tuned for macro-F1 by coordinate"
+            " ascent on out-of-fold probabilities of 3 video-grouped folds of the training rows; estimate cv_bias is"
+            " nested (offsets tuned inside each outer training side)"
+        )
+    head = final_head(X, y, best["C"], cfg, seed, meta)
+    if offsets is not None:
+        head = dataclasses.replace(head, intercept=(head.intercept + offsets).astype(np.float32))
+    return head, results, best
 
 
 # --------------------------------------------------------------------------- report
@@ -342,7 +472,7 @@ def _short(r: dict) -> str:
 
 def table(results: list[dict], chosen: dict[str, dict]) -> str:
     head = (
-        f"{'head':<6}{'variant':<13}{'C':>6}  {'estimate':<18}{'folds':>5}{'n_test':>7}"
+        f"{'head':<6}{'variant':<21}{'C':>6}  {'estimate':<18}{'folds':>5}{'n_test':>7}"
         f"  {'macro-F1 mean±sd':<17}{'pooled F1':>9}{'accuracy':>9}  sel"
     )
     lines = [head, "-" * len(head)]
@@ -350,7 +480,7 @@ def table(results: list[dict], chosen: dict[str, dict]) -> str:
         for name, e in r["estimates"].items():
             mark = "*" if chosen.get(r["head"]) is r else ""
             lines.append(
-                f"{r['head']:<6}{r['variant']:<13}{r['C']:>6g}  {ESTIMATE_NAMES.get(name, name):<18}{e['folds']:>5}"
+                f"{r['head']:<6}{r['variant']:<21}{r['C']:>6g}  {ESTIMATE_NAMES.get(name, name):<18}{e['folds']:>5}"
                 f"{e['n_test']:>7}  {e['macro_f1_mean']:.3f} ± {e['macro_f1_sd']:.3f}    {e['pooled_macro_f1']:>9.3f}"
                 f"{e['accuracy_mean']:>9.3f}  {mark}"
             )

@@ -67,8 +67,15 @@ def test_engine_fuses_voice_and_words(engine, speak):
     event = engine.process(make_utterance(angry, len(angry) / SAMPLE_RATE), 0)
     e = event.emotion
     assert e.text_scores is not None
-    for label in LABELS:  # late fusion: the mean of the two modalities
-        assert e.scores[label] == pytest.approx((e.audio_scores[label] + e.text_scores[label]) / 2, abs=2e-4)
+    # late fusion, default rule `gated`: each modality weighted by its certainty, the words also by their gate
+    from streamer.classifier import certainty, text_gate
+
+    pv = np.array([e.audio_scores[label] for label in LABELS])
+    pt = np.array([e.text_scores[label] for label in LABELS])
+    wv, wt = 0.5 * certainty(pv), 0.5 * certainty(pt) * text_gate(pt)
+    expected = (wv * pv + wt * pt) / (wv + wt) if wv + wt > 0 else pv
+    for label, value in zip(LABELS, expected, strict=True):
+        assert e.scores[label] == pytest.approx(value, abs=2e-4)
     assert e.label == max(e.scores, key=e.scores.get) and e.confidence == e.scores[e.label]
     assert e.text_scores["anger"] + e.text_scores["disgust"] > e.text_scores["joy"]
     happy = speak(HAPPY_ES)

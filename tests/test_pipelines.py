@@ -227,13 +227,17 @@ def test_tiny_training_run_writes_loadable_heads(tmp_path: Path, capsys) -> None
     assert "grouped CV" in table and "held-out speakers" in table
 
     rng = np.random.default_rng(0)
-    for filename, dim, kind in (("voice_head.npz", 1024, "voice"), ("text_head.npz", 384, "text")):
+    text_dim = sum({"e5": 384, "use": 512}[e] for e in LinearHead.load(out / "text_head.npz").meta["encoders"])
+    for filename, dim, kind in (("voice_head.npz", 1024, "voice"), ("text_head.npz", text_dim, "text")):
         head = LinearHead.load(out / filename)
         assert head.labels == LABELS and head.coef.shape == (6, dim) and head.mean.shape == (dim,)
         p = head.predict_proba(rng.normal(size=(5, dim)).astype(np.float32))
         assert p.shape == (5, 6) and np.allclose(p.sum(axis=1), 1.0, atol=1e-5) and (p >= 0).all()
         assert head.meta["head"] == kind and head.meta["limit"] == 24 and "cv" in head.meta
         assert head.meta["train_label_counts"] and min(head.meta["train_label_counts"].values()) > 0
+    text = LinearHead.load(out / "text_head.npz")
+    assert "cv_bias" in text.meta["cv"] and len(text.meta["bias_offsets"]) == 6  # bias_tuning in the recipe
+    assert {t["variant"].split()[-1] for t in text.meta["variants_tried"]} == {"e5", "e5+use"}
     voice = LinearHead.load(out / "voice_head.npz")
     assert voice.meta["encoder_window_s"] == 10.0 and voice.meta["id"].startswith("voice-uem")
     assert set(voice.meta["cv"]) == {"cv", "heldout"}
@@ -248,13 +252,66 @@ def test_tiny_training_run_writes_loadable_heads(tmp_path: Path, capsys) -> None
     assert np.array_equal(again.coef, voice.coef) and again.meta == voice.meta
 
 
+@pytest.mark.slow
+def test_tiny_text_recipes_run_writes_the_table(tmp_path: Path) -> None:
+    """Every recipe of `pipelines.text_recipes` (embeddings, TF-IDF, averages, EmoEvent, nested bias) on 60 rows."""
+    for name in (D.EMOSPEECH, D.EMOEVENT):
+        require(name)
+    from pipelines.text_recipes import main
+
+    out = tmp_path / "recipes.md"
+    args = ["--limit", "60", "--quick", "--folds", "3", "--out", str(out), "--cache-dir", str(tmp_path / "c")]
+    assert main(args) == 0
+    md = out.read_text()
+    for recipe in ("e5", "use", "e5+use", "tfidf", "avg(e5,use,tfidf)", "e5+emoevent", "tfidf+emoevent", "e5+bias",
+                   "avg(e5,use)+bias"):
+        assert f"| `{recipe}` |" in md
+    assert "--limit 60" in md
+
+
+def test_bias_tuning_raises_macro_f1_on_a_skewed_model() -> None:
+    from pipelines.train_heads import apply_bias, tune_bias
+
+    rng = np.random.default_rng(0)
+    y = np.array(LABELS)[rng.integers(0, 6, 600)]
+    logits = np.eye(6)[[LABELS.index(v) for v in y]] * 1.5 + rng.normal(size=(600, 6))
+    logits[:, LABELS.index("neutral")] += 2.0  # a model that over-predicts neutral
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    b = tune_bias(p, y)
+    assert b.shape == (6,) and abs(b.sum()) < 1e-9 and b[LABELS.index("neutral")] < 0
+    before = macro_f1(y, np.array(LABELS)[p.argmax(axis=1)])
+    after = macro_f1(y, np.array(LABELS)[apply_bias(p, b).argmax(axis=1)])
+    assert after > before + 0.1
+    np.testing.assert_allclose(apply_bias(p, b).sum(axis=1), 1.0)
+
+
+def test_emoevent_reader_maps_others_and_drops_surprise(tmp_path: Path) -> None:
+    folder = tmp_path / D.EMOEVENT
+    folder.mkdir()
+    (folder / "emoevent_es.csv").write_text(
+        "id\ttweet\temotion\toffensive\n"
+        "1\tUSER qué \"alegría\" HASHTAG... URL\tjoy\t0\n"
+        "2\tNo me lo esperaba\tsurprise\t0\n"
+        "3\tHoy hay partido\tothers\t0\n"
+        "4\tUSER URL\tanger\t0\n",
+        encoding="utf-8",
+    )
+    loaded = D.read_emoevent(tmp_path)
+    assert [(r.label, r.text, r.source) for r in loaded.records] == [
+        ("joy", 'qué "alegría" ...', "emoevent"),
+        ("neutral", "Hoy hay partido", "emoevent"),
+    ]
+    assert loaded.skipped == Counter({"label surprise": 1, "empty text": 1})
+
+
 # --------------------------------------------------------------------------- shipped heads
 
 
 def test_shipped_heads_load_with_the_right_shapes() -> None:
     from streamer.recogniser import RecogniserOptions
 
-    for path, dim in ((VOICE_HEAD, 1024), (TEXT_HEAD, 384)):
+    text_dim = sum({"e5": 384, "use": 512}[e] for e in LinearHead.load(TEXT_HEAD).meta.get("encoders", ["e5"]))
+    for path, dim in ((VOICE_HEAD, 1024), (TEXT_HEAD, text_dim)):
         assert path.is_file(), f"{path} missing: run python -m pipelines.train_heads --config {CONFIG}"
         assert path.stat().st_size < 500_000
         head = LinearHead.load(path)
