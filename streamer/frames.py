@@ -39,6 +39,11 @@ class Utterance:
     wall_end: float  # UTC epoch seconds of the utterance end
     speech_s: float  # seconds the VAD judged speech (for the hallucination guard)
     source: str = ""
+    tentative: bool = False  # sent before the hangover ended: may be superseded by a longer utterance
+
+    def same_cut(self, other: Utterance) -> bool:
+        """Whether `other` covers exactly the same audio (a tentative utterance confirmed by the final one)."""
+        return (self.segment_id, self.end_s, len(self.audio)) == (other.segment_id, other.end_s, len(other.audio))
 
     @property
     def duration_s(self) -> float:

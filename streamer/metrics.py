@@ -58,9 +58,7 @@ class Health:
             "queued_utterances": sum(depth() for depth in self.queues.values()),
             "spool": sink.spool.size() if sink else 0,
             "spool_high_water": sink.spool.high_water if sink else 0,
-            "events": {"published": sink.published, "replayed": sink.replayed, "dropped": sink.dropped}
-            if sink
-            else {},
+            "events": {"published": sink.published, "replayed": sink.replayed, "dropped": sink.dropped} if sink else {},
             "utterances": dict(self.utterances),
             "uptime_s": round(time.monotonic() - self.started, 1),
         }

@@ -40,6 +40,7 @@ class Engine:
         self.classifier = EmotionClassifier(classifier)
         self.models = {"asr": self.recogniser.model_id, "emotion": self.classifier.model_id}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self.in_flight = 0
 
     def process(self, utterance: Utterance, seq: int, decode: bool = True) -> EmotionEvent:
         started = time.monotonic()
@@ -64,7 +65,13 @@ class Engine:
         )
 
     async def aprocess(self, utterance: Utterance, seq: int, decode: bool = True) -> EmotionEvent:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self.process, utterance, seq, decode)
+        self.in_flight += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._executor, self.process, utterance, seq, decode
+            )
+        finally:
+            self.in_flight -= 1
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
@@ -132,13 +139,39 @@ async def run_stream(
         backlog.append(utterance)
         ready.set()
 
+    speculation: tuple[Utterance, asyncio.Future[EmotionEvent]] | None = None
+
+    def speculate(utterance: Utterance) -> None:
+        """Recognise a tentative utterance while the hangover runs, but only when the engine is idle."""
+        nonlocal speculation
+        if backlog or engine.in_flight:
+            return
+        future = asyncio.ensure_future(engine.aprocess(utterance, 0))
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # a superseded guess may fail quietly
+        speculation = (utterance, future)
+
+    async def confirmed(utterance: Utterance, seq: int) -> EmotionEvent | None:
+        """The speculative event for exactly this utterance, renumbered; None when there is none."""
+        nonlocal speculation
+        guess, speculation = speculation, None
+        if guess is None or not guess[0].same_cut(utterance):
+            return None
+        try:
+            event = await guess[1]
+        except Exception:
+            return None
+        event.seq, event.utterance, event.ready = seq, utterance, time.monotonic()
+        event.latency.vad = (utterance.emitted - utterance.speech_end_arrived) * 1000
+        event.latency.queue = 0.0  # asr and emotion ran during the hangover
+        return event
+
     async def read() -> None:
         nonlocal done
         try:
             async with contextlib.aclosing(source.chunks()) as chunks:
                 async for chunk in chunks:
                     for utterance in cutter.push(chunk):
-                        enqueue(utterance)
+                        (speculate if utterance.tentative else enqueue)(utterance)
         except asyncio.CancelledError:
             log.info("stream %s: stopping, finishing %d waiting utterances", stream, len(backlog))
         except Exception as e:  # a broken source ends its own stream only
@@ -160,7 +193,9 @@ async def run_stream(
             utterance = backlog.popleft()
             stats.utterances += 1
             try:
-                event = await engine.aprocess(utterance, stats.events, decode)
+                event = await confirmed(utterance, stats.events) or await engine.aprocess(
+                    utterance, stats.events, decode
+                )
             except Exception:
                 stats.failed += 1
                 HEALTH.count("failed")

@@ -29,6 +29,9 @@ class SegmenterOptions:
     start_windows: int = 3
     start_window_span: int = 5
     hangover_ms: int = 320
+    # After this much silence a tentative utterance is handed on, so recognition overlaps the rest of the
+    # hangover; it is used if the silence lasts and thrown away if speech resumes. 0 = off.
+    speculate_ms: int = 128
     pre_roll_ms: int = 250
     tail_ms: int = 100
     min_speech_ms: int = 250
@@ -172,6 +175,8 @@ class Segmenter:
             return None
         self._open.add(window, prob, speech, arrived)
         self._silence = 0 if speech else self._silence + 1
+        if opts.speculate_ms and self._silence == self._speculate_windows() < self._windows_ms(opts.hangover_ms):
+            return self._close(self._open.last_speech(), tentative=True)
         if self._silence >= self._windows_ms(opts.hangover_ms):
             utterance = self._close(self._open.last_speech())
             self._open = None
@@ -191,8 +196,15 @@ class Segmenter:
         self._open = rest if rest.windows else None
         return utterance
 
-    def _close(self, end_window: int, tail: bool = True) -> Utterance | None:
-        """Emit windows [0, end_window) plus the tail; None when too short to be speech."""
+    def _speculate_windows(self) -> int:
+        """Silence after which a tentative utterance goes out: at least the tail, so its audio is final."""
+        return max(self._windows_ms(self.opts.speculate_ms), self._windows_ms(self.opts.tail_ms))
+
+    def _close(self, end_window: int, tail: bool = True, tentative: bool = False) -> Utterance | None:
+        """Emit windows [0, end_window) plus the tail; None when too short to be speech.
+
+        A tentative utterance keeps the utterance open and its id unused: if the silence lasts, the final one
+        that follows is identical; if speech resumes, it is superseded."""
         assert self._open is not None
         opened = self._open
         speech_ms = sum(opened.speech[:end_window]) * WINDOW * 1000 / SAMPLE_RATE
@@ -216,8 +228,9 @@ class Segmenter:
             wall_end=self.wall_start + end_s,
             speech_s=speech_ms / 1000,
             source=self.source,
+            tentative=tentative,
         )
-        self._next_id += 1
+        self._next_id += not tentative
         return utterance
 
 

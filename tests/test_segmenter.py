@@ -9,13 +9,15 @@ from streamer.segmenter import Segmenter, SegmenterOptions, speech_seconds
 from tests.conftest import silence
 
 
-def segment(audio: np.ndarray, chunk_s: float = 0.1, opts: SegmenterOptions | None = None):
+def segment(audio: np.ndarray, chunk_s: float = 0.1, opts: SegmenterOptions | None = None, tentative=False):
+    """The final utterances (and the tentative ones too, with `tentative=True`), in order."""
     cutter = Segmenter("t", opts)
     step = int(chunk_s * SAMPLE_RATE)
     out = []
     for i in range(0, len(audio), step):
         out += cutter.push(AudioChunk(audio[i : i + step], time.monotonic()))
-    return out + cutter.flush()
+    out += cutter.flush()
+    return out if tentative else [u for u in out if not u.tentative]
 
 
 def test_silence_and_noise_give_no_utterance(pink_noise):
@@ -56,3 +58,32 @@ def test_speech_seconds(speak, pink_noise):
     assert speech_seconds(np.concatenate([silence(1), speech, silence(1)])) > 0.5 * len(speech) / SAMPLE_RATE
     assert speech_seconds(pink_noise) < 0.1
     assert speech_seconds(np.zeros(10, np.float32)) == 0.0
+
+
+def test_a_tentative_utterance_precedes_each_final_one_with_the_same_audio(conversation):
+    audio, _ = conversation
+    out = segment(audio, tentative=True)
+    finals = [u for u in out if not u.tentative]
+    assert len(finals) == 2
+    for final in finals:
+        position = next(i for i, u in enumerate(out) if u is final)
+        guess = [u for u in out[:position] if u.tentative and u.segment_id == final.segment_id][-1]
+        assert guess.same_cut(final) and np.array_equal(guess.audio, final.audio)
+    off = SegmenterOptions(speculate_ms=0)
+    assert not any(u.tentative for u in segment(audio, opts=off, tentative=True))
+    assert [(u.start_s, u.end_s) for u in segment(audio, opts=off)] == [(u.start_s, u.end_s) for u in finals]
+
+
+def test_speech_that_resumes_supersedes_the_tentative_cut(speak):
+    """A pause longer than speculate_ms but shorter than the hangover: a guess, then one longer utterance."""
+    def trim(x):  # espeak-ng pads its clips with silence of its own
+        active = np.flatnonzero(np.abs(x) > 1e-3)
+        return x[active[0] : active[-1] + 1]
+
+    first, second = trim(speak("Buenos días")), trim(speak("quiero consultar mi pedido"))
+    audio = np.concatenate([silence(0.5), first, silence(0.2), second, silence(1.0)])
+    out = segment(audio, chunk_s=0.032, tentative=True)
+    finals = [u for u in out if not u.tentative]
+    assert len(finals) == 1
+    guesses = [u for u in out if u.tentative]
+    assert len(guesses) >= 2 and not guesses[0].same_cut(finals[0]) and guesses[-1].same_cut(finals[0])
