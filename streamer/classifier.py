@@ -175,6 +175,33 @@ def fuse(
     raise ValueError(f"unknown fusion rule {rule!r} (known: {', '.join(FUSION_RULES)})")
 
 
+# Where each label sits on Russell's circumplex (valence, arousal in [-1, 1]), rounded from the NRC VAD lexicon
+# means of the label words. An event's valence/arousal is the probability-weighted mean: derived, not regressed.
+CIRCUMPLEX = np.array(
+    [
+        [-0.6, 0.7],  # anger
+        [-0.6, 0.3],  # disgust
+        [-0.6, 0.6],  # fear
+        [0.8, 0.5],  # joy
+        [0.0, 0.0],  # neutral
+        [-0.6, -0.4],  # sadness
+    ]
+)
+
+
+def valence_arousal(p: np.ndarray) -> tuple[float, float]:
+    valence, arousal = np.asarray(p, dtype=np.float64) @ CIRCUMPLEX
+    return round(float(valence), 4), round(float(arousal), 4)
+
+
+def incongruent(audio_p: np.ndarray, text_p: np.ndarray | None, gate: float, min_gap: float) -> bool:
+    """Voice and words disagree strongly ("happy voice, sad words"): the words clearly name an emotion, the voice
+    is more sure than not, and their valences are at least `min_gap` apart."""
+    if text_p is None or text_gate(text_p, gate) <= 0 or float(np.max(audio_p)) < 0.5:
+        return False
+    return abs(valence_arousal(audio_p)[0] - valence_arousal(text_p)[0]) >= min_gap
+
+
 def as_scores(p: np.ndarray) -> dict[str, float]:
     return {label: round(float(v), 4) for label, v in zip(LABELS, p, strict=True)}
 
@@ -220,6 +247,7 @@ class ClassifierOptions:
     text_threads: int = 1
     fusion: str = "gated"
     text_gate: float = 0.6
+    incongruence_gap: float = 0.8  # valence gap between voice and clear words that flags `incongruent`
 
 
 class EmotionClassifier:
@@ -248,11 +276,15 @@ class EmotionClassifier:
         text_p = self.classify_text([transcript.text])[0] if transcript.text else None
         fused = fuse(audio_p, text_p, self.opts.fusion, self.opts.text_weight, self.opts.text_gate)
         best = int(np.argmax(fused))
+        valence, arousal = valence_arousal(fused)
         return Emotion(
             scores=as_scores(fused),
             audio_scores=as_scores(audio_p),
             text_scores=None if text_p is None else as_scores(text_p),
             label=LABELS[best],
             confidence=round(float(fused[best]), 4),
+            valence=valence,
+            arousal=arousal,
+            incongruent=incongruent(audio_p, text_p, self.opts.text_gate, self.opts.incongruence_gap),
             ms=(time.perf_counter() - t0) * 1000,
         )

@@ -55,6 +55,9 @@ def to_wire(event: EmotionEvent, publish_transcript: bool = True) -> dict:
         "scores": e.scores,
         "audio_scores": e.audio_scores,
         "text_scores": e.text_scores,
+        "valence": e.valence,
+        "arousal": e.arousal,
+        "incongruent": e.incongruent,
         "final": event.final,
         "model": event.models,
         "asr": {

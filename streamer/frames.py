@@ -78,6 +78,9 @@ class Emotion:
     text_scores: dict[str, float] | None
     label: str
     confidence: float
+    valence: float  # [-1, 1], derived from the fused probabilities (classifier.CIRCUMPLEX)
+    arousal: float  # [-1, 1], likewise
+    incongruent: bool  # voice and words disagree strongly
     ms: float
 
 

@@ -48,6 +48,8 @@ class ConsoleSink:
         words = max(e.text_scores, key=e.text_scores.get) if e.text_scores else "—"
         line.append(f"voice:{voice:8s} words:{words:8s} ", style="dim")
         line.append(f"{event.latency.total:5.0f} ms ", style="dim")
+        if e.incongruent:
+            line.append("≠ voice/words ", style="bold magenta")
         if self.show_transcript and t.text:
             line.append(f"“{t.text}”", style="italic")
         elif t.rejected:

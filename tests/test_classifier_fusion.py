@@ -175,3 +175,29 @@ def test_shipped_text_model_reads_emotion_from_words() -> None:
     assert p.shape == (2, K) and np.allclose(p.sum(axis=1), 1, atol=1e-5)
     assert p[0, LABELS.index("anger")] + p[0, LABELS.index("disgust")] > p[0, LABELS.index("joy")]
     assert LABELS[int(np.argmax(p[1]))] == "joy"
+
+
+def test_valence_and_arousal_follow_the_circumplex():
+    from streamer.classifier import valence_arousal
+
+    one_hot = np.eye(6)
+    joy, sadness, anger, neutral = (one_hot[LABELS.index(x)] for x in ("joy", "sadness", "anger", "neutral"))
+    assert valence_arousal(joy)[0] > 0.5 and valence_arousal(sadness)[0] < -0.5
+    assert valence_arousal(anger)[1] > 0.5 > valence_arousal(sadness)[1]
+    assert valence_arousal(neutral) == (0.0, 0.0)
+    assert valence_arousal(np.full(6, 1 / 6))[0] == pytest.approx(np.mean([-0.6, -0.6, -0.6, 0.8, 0.0, -0.6]), abs=1e-3)
+
+
+def test_incongruent_flags_happy_voice_with_sad_words_only():
+    from streamer.classifier import incongruent
+
+    def dist(label, p):
+        out = np.full(6, (1 - p) / 5)
+        out[LABELS.index(label)] = p
+        return out
+
+    assert incongruent(dist("joy", 0.7), dist("sadness", 0.9), gate=0.6, min_gap=0.8)
+    assert not incongruent(dist("joy", 0.7), dist("joy", 0.9), gate=0.6, min_gap=0.8)  # they agree
+    assert not incongruent(dist("joy", 0.7), dist("neutral", 0.9), gate=0.6, min_gap=0.8)  # words abstain
+    assert not incongruent(dist("joy", 0.3), dist("sadness", 0.9), gate=0.6, min_gap=0.8)  # voice unsure
+    assert not incongruent(dist("joy", 0.7), None, gate=0.6, min_gap=0.8)

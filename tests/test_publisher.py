@@ -28,7 +28,7 @@ def make_event(stream: str, seq: int, node: str = "test") -> EmotionEvent:
                             avg_logprob=-0.2, compression_ratio=1.0, rejected=None,
                             encoder_frames=np.zeros((50, 512), np.float32), encode_ms=1.0, decode_ms=1.0)
     emotion = Emotion(scores=scores, audio_scores=scores, text_scores=scores, label="anger", confidence=0.1667,
-                      ms=0.1)
+                      valence=-0.2, arousal=0.28, incongruent=False, ms=0.1)
     return EmotionEvent(node=node, stream=stream, seq=seq, utterance=utterance, transcript=transcript,
                         emotion=emotion, models={"asr": "a", "emotion": "b"}, ready=now)
 
