@@ -1,10 +1,10 @@
-"""One live stream, end to end: end of speech → event received by a real MQTT subscriber.
+"""Live streams, end to end: end of speech → event received by a real MQTT subscriber.
 
 The stream is Spanish speech (espeak-ng sentences, or UEM clips with `--uem`) separated by pauses, played in
 real time through the real pipeline. Ground-truth speech ends come from the samples, not from the VAD.
 Prints p50/p95/max latency, the stage breakdown and CPU seconds per second of audio; `--json` saves them.
 
-    .venv/bin/python -m pipelines.bench_live [--broker mqtt://127.0.0.1:1883] [--uem N] [--json OUT]
+    .venv/bin/python -m pipelines.bench_live [--broker mqtt://127.0.0.1:1883] [--uem N] [--streams N] [--json OUT]
 """
 
 from __future__ import annotations
@@ -79,21 +79,29 @@ def uem_clips(n: int) -> list[np.ndarray]:
 
 
 async def bench(args: argparse.Namespace) -> dict:
+    """`args.streams` live streams at once, sharing one engine; stream i plays the clips rotated by i and
+    starts 0.37·i s later, so the ends of speech of different streams rarely coincide."""
     import soundfile as sf
 
     clips = uem_clips(args.uem) if args.uem else [speak(s) for s in SENTENCES]
-    audio, true_ends = build_stream(clips, args.pause)
-    wav = Path(args.workdir) / "bench_live.wav"
-    sf.write(wav, audio, SAMPLE_RATE, subtype="PCM_16")
-    engine = Engine(node="bench")
-    node, stream = f"bench{uuid.uuid4().hex[:6]}", "live"
-    engine.node = node
+    sources, truths = {}, {}
+    for i in range(args.streams):
+        order = clips[i % len(clips) :] + clips[: i % len(clips)]
+        audio, ends = build_stream(order, args.pause)
+        lead = np.zeros(int(0.37 * (i % 8) * SAMPLE_RATE), np.float32)
+        wav = Path(args.workdir) / f"bench_live_{i}.wav"
+        sf.write(wav, np.concatenate([lead, audio]), SAMPLE_RATE, subtype="PCM_16")
+        sources[f"s{i}"] = FileSource(wav, realtime=True)
+        truths[f"s{i}"] = [len(lead) / SAMPLE_RATE + e for e in ends]
+    audio_s = args.streams * len(audio) / SAMPLE_RATE
+    node = f"bench{uuid.uuid4().hex[:6]}"
+    engine = Engine(node=node)
     host, port = args.broker.removeprefix("mqtt://").split(":")
     received: list[tuple[float, dict]] = []
 
     async def subscribe(ready: asyncio.Event) -> None:
         async with aiomqtt.Client(host, int(port)) as client:
-            await client.subscribe(f"emotion/v1/{node}/{stream}/event", qos=1)
+            await client.subscribe(f"emotion/v1/{node}/+/event", qos=1)
             ready.set()
             async for message in client.messages:
                 received.append((time.monotonic(), json.loads(message.payload)))
@@ -101,12 +109,11 @@ async def bench(args: argparse.Namespace) -> dict:
     ready = asyncio.Event()
     subscriber = asyncio.create_task(subscribe(ready))
     await ready.wait()
-    sink = MqttSink(MqttOptions(), args.broker, node)
+    sink = MqttSink(MqttOptions(spool="memory"), args.broker, node)
     await sink.start()
     await sink.connected.wait()
-    source = FileSource(wav, realtime=True)
     cpu0, wall0 = time.process_time(), time.monotonic()
-    stats = await run_stream(source, engine, [sink], stream)
+    all_stats = await asyncio.gather(*(run_stream(src, engine, [sink], name) for name, src in sources.items()))
     cpu = time.process_time() - cpu0
     await sink.close()
     await asyncio.sleep(0.5)
@@ -115,26 +122,30 @@ async def bench(args: argparse.Namespace) -> dict:
 
     latencies, stages, unmatched = [], [], 0
     for arrived, event in received:
-        truth = min(true_ends, key=lambda e: abs(e - event["end_s"]))
+        truth = min(truths[event["stream"]], key=lambda e: abs(e - event["end_s"]))
         if abs(truth - event["end_s"]) > 0.25:  # the VAD cut where the samples show no pause ≥ 0.3 s
             unmatched += 1
             continue
-        latencies.append((arrived - (source.started + truth)) * 1000)
+        latencies.append((arrived - (sources[event["stream"]].started + truth)) * 1000)
         stages.append(event["latency_ms"])
     lat = np.array(latencies)
     stage_p50 = {k: round(float(np.median([s[k] for s in stages])), 1) for k in stages[0]} if stages else {}
     return {
         "machine": f"{platform.node()} {platform.processor() or platform.machine()} {os.cpu_count()} cores",
-        "audio_s": round(len(audio) / SAMPLE_RATE, 1),
-        "utterances_true": len(true_ends),
+        "streams": args.streams,
+        "audio_s": round(audio_s, 1),
+        "utterances_true": sum(len(t) for t in truths.values()),
         "events": len(received),
         "events_without_a_true_end_nearby": unmatched,
-        "failed": stats.failed,
+        "voice_only": sum(s.voice_only for s in all_stats),
+        "dropped": sum(s.dropped for s in all_stats),
+        "failed": sum(s.failed for s in all_stats),
         "latency_ms_p50": round(float(np.percentile(lat, 50)), 1) if len(lat) else None,
         "latency_ms_p95": round(float(np.percentile(lat, 95)), 1) if len(lat) else None,
         "latency_ms_max": round(float(lat.max()), 1) if len(lat) else None,
         "stage_ms_p50": stage_p50,
-        "cpu_s_per_audio_s": round(cpu / (len(audio) / SAMPLE_RATE), 3),
+        "cpu_s_per_audio_s": round(cpu / audio_s, 3),
+        "cpu_cores_busy": round(cpu / (time.monotonic() - wall0), 2),
         "wall_s": round(time.monotonic() - wall0, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
@@ -145,6 +156,7 @@ def main() -> None:
     parser.add_argument("--broker", default="mqtt://127.0.0.1:1883")
     parser.add_argument("--uem", type=int, default=0, help="use N clips of UEM's held-out speakers instead of espeak")
     parser.add_argument("--pause", type=float, default=1.5, help="seconds of silence between utterances")
+    parser.add_argument("--streams", type=int, default=1, help="live streams at once, sharing one engine")
     parser.add_argument("--workdir", default="/tmp")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()

@@ -151,7 +151,7 @@ class MqttSink:
     def __init__(self, opts: MqttOptions, url: str, node: str) -> None:
         self.opts, self.node = opts, node
         self.address = parse_broker_url(url, opts)
-        self.spool = Spool(self._spool_path(url), opts.spool_max_events)
+        self.spool = Spool(self._spool_path(), opts.spool_max_events)
         self._wakeup = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task | None = None
@@ -160,7 +160,7 @@ class MqttSink:
         self.replayed = 0
         self._next_health = 0.0  # the first health message goes out right after connecting
 
-    def _spool_path(self, url: str) -> Path | None:
+    def _spool_path(self) -> Path | None:
         if self.opts.spool == "memory":
             return None
         if self.opts.spool != "auto":
