@@ -151,6 +151,14 @@ async def bench(args: argparse.Namespace) -> dict:
     }
 
 
+def report(result: dict, path: str | None) -> None:
+    """Print a benchmark's figures and, with `--json PATH`, keep them."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if path:
+        Path(path).write_text(text + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--broker", default="mqtt://127.0.0.1:1883")
@@ -161,9 +169,7 @@ def main() -> None:
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
     result = asyncio.run(bench(args))
-    print(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    report(result, args.json)
 
 
 if __name__ == "__main__":

@@ -11,34 +11,17 @@ Clips: UEM held-out speakers (or espeak-ng sentences when the data is absent).
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 
-from pipelines.bench_live import SENTENCES, uem_clips
+from pipelines.bench_live import SENTENCES, report, uem_clips
 from streamer.classifier import voice_features
 from streamer.demo import speak
 from streamer.frames import SAMPLE_RATE, Utterance
 from streamer.pipeline import Engine
 from streamer.recogniser import Recogniser, RecogniserOptions
 from streamer.segmenter import speech_seconds
-
-
-def utterance(audio: np.ndarray) -> Utterance:
-    now = time.monotonic()
-    return Utterance(
-        stream="bench",
-        segment_id=0,
-        audio=audio,
-        start_s=0.0,
-        end_s=len(audio) / SAMPLE_RATE,
-        speech_end_arrived=now,
-        emitted=now,
-        wall_end=time.time(),
-        speech_s=speech_seconds(audio),
-    )
 
 
 def cpu_per_utterance(fn, utterances: list[Utterance]) -> float:
@@ -62,7 +45,7 @@ def main() -> None:
     engine = Engine()
     whisper = engine.recogniser._whisper
     padded = Recogniser(RecogniserOptions(encoder_window_s=30.0))
-    utterances = [utterance(c) for c in clips]
+    utterances = [Utterance.whole(c, "bench", speech_seconds(c)) for c in clips]
 
     def ours(u: Utterance) -> None:
         engine.process(u, 0)
@@ -89,9 +72,7 @@ def main() -> None:
         result["cpu_s_per_utterance_ours"] / result["cpu_s_per_utterance_asr_only"] - 1, 3
     )
     result["naive_over_ours"] = round(result["cpu_s_per_utterance_naive"] / result["cpu_s_per_utterance_ours"], 2)
-    print(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    report(result, args.json)
 
 
 if __name__ == "__main__":

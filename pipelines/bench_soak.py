@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.bench_live import SENTENCES, build_stream
+from pipelines.bench_live import SENTENCES, build_stream, report
 from streamer.demo import speak
 from streamer.frames import SAMPLE_RATE, AudioChunk
 from streamer.pipeline import Engine, PipelineOptions, run_stream
@@ -97,9 +96,7 @@ def main() -> None:
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
     result = asyncio.run(soak(args))
-    print(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    report(result, args.json)
 
 
 if __name__ == "__main__":

@@ -142,9 +142,8 @@ class Transcriber:
 
     def one(self, path: Path) -> dict:
         import json
-        import time as _time
 
-        from streamer.frames import SAMPLE_RATE, Utterance
+        from streamer.frames import Utterance
 
         digest = hashlib.sha256(path.read_bytes())
         digest.update(repr(self.opts).encode())
@@ -156,10 +155,7 @@ class Transcriber:
         if self._recogniser is None:
             self._recogniser = self._make()
         audio = load_audio(path)
-        dur = len(audio) / SAMPLE_RATE
-        now = _time.monotonic()
-        u = Utterance("train", 0, audio, 0.0, dur, now, now, _time.time(), dur)
-        t = self._recogniser.recognise(u)
+        t = self._recogniser.recognise(Utterance.whole(audio, "train"))
         out = {"text": t.text, "rejected": t.rejected, "avg_logprob": t.avg_logprob}
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)

@@ -136,8 +136,13 @@ def main(argv: list[str] | None = None) -> int:
             src = np.flatnonzero(y_es == label)
             paired[dst] = pt_es[rng.choice(src, size=len(dst), replace=len(src) < len(dst))]
         sims.append(score_rules(pv, paired, y, splits))
-    sim = {k: ([np.mean([s[k][0][i] for s in sims]) for i in range(len(splits))],
-               [np.mean([s[k][1][i] for s in sims]) for i in range(len(splits))]) for k in sims[0]}
+    sim = {
+        k: (
+            [np.mean([s[k][0][i] for s in sims]) for i in range(len(splits))],
+            [np.mean([s[k][1][i] for s in sims]) for i in range(len(splits))],
+        )
+        for k in sims[0]
+    }
 
     md = render(uem, sim, text_model, has_text, len(y), len(splits), args, time.perf_counter() - started)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -185,7 +190,7 @@ def render(uem, sim, text_model, has_text, n, folds, args, total) -> str:
         " in-sample result, not an independent test. No certainty-only rule passes: on UEM transcripts the text"
         " head is often fairly sure (neutral, and sadness for some sentences), so weighting by certainty alone still"
         " drags the voice down; even `mean` with w = 0.1 loses a little. The gate encodes a prior rather than a fit:"
-        " words that say \"neutral\" are absence of evidence, which is also the failure seen on the Spanish film"
+        ' words that say "neutral" are absence of evidence, which is also the failure seen on the Spanish film'
         " corpus (GUIDE §4: the words head said neutral to film dialogue and mean fusion lost to voice alone). The"
         " price is visible in the simulation: when both modalities are informative and independent, `gated` gains"
         " less over the better single modality than `mean` (+0.045 vs +0.094 here), because it ignores the words'"

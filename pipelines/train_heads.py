@@ -400,8 +400,12 @@ def train_text(cfg: dict, seed: int, root, limit, cache_dir) -> tuple[LinearHead
             splits = [(train[use[train]], test) for train, test in splits_all]
             est = score_with_bias(splits, X_sets[r["features"]], y_all, videos, r["C"], cfg, seed)
             r["estimates"]["cv_bias"] = est.summary()
-            log.info("text  %-20s C=%-5g + bias (nested): %s", r["variant"], r["C"], _short(
-                {"estimates": {"cv_bias": r["estimates"]["cv_bias"]}}))
+            log.info(
+                "text  %-20s C=%-5g + bias (nested): %s",
+                r["variant"],
+                r["C"],
+                _short({"estimates": {"cv_bias": r["estimates"]["cv_bias"]}}),
+            )
         select_by = "cv_bias"
         best = choose(finalists, select_by)
     use = np.isin(source, best["sources"])

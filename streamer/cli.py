@@ -10,7 +10,6 @@ import json
 import logging
 import signal
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -149,7 +148,7 @@ async def _analyze(args: argparse.Namespace, config: MonitorConfig) -> int:
     from rich.progress import Progress
 
     from streamer.audio import AudioError, load_audio
-    from streamer.frames import SAMPLE_RATE, Utterance
+    from streamer.frames import Utterance
     from streamer.pipeline import Engine, run_stream
     from streamer.publisher import JsonlSink
     from streamer.segmenter import speech_seconds
@@ -174,19 +173,9 @@ async def _analyze(args: argparse.Namespace, config: MonitorConfig) -> int:
                         failed += 1
                         progress.advance(job)
                         continue
-                    now = time.monotonic()  # offline: latency counts from now
-                    utterance = Utterance(
-                        stream=stream,
-                        segment_id=0,
-                        audio=audio,
-                        start_s=0.0,
-                        end_s=round(len(audio) / SAMPLE_RATE, 3),
-                        speech_end_arrived=now,
-                        emitted=now,
-                        wall_end=Path(path).stat().st_mtime,
-                        speech_s=speech_seconds(audio, config.segmenter),
-                        source=f"file:{path}",
-                    )
+                    speech_s = speech_seconds(audio, config.segmenter)
+                    mtime = Path(path).stat().st_mtime
+                    utterance = Utterance.whole(audio, stream, speech_s, f"file:{path}", mtime)
                     sink.send(await engine.aprocess(utterance, 0))
                 else:
                     stats = await run_stream(FileSource(path, realtime=False), engine, [sink], stream, config.segmenter)

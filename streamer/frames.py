@@ -5,6 +5,7 @@ Each stage takes one of these and returns the next, so a stage can be tested alo
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,6 +45,31 @@ class Utterance:
     def same_cut(self, other: Utterance) -> bool:
         """Whether `other` covers exactly the same audio (a tentative utterance confirmed by the final one)."""
         return (self.segment_id, self.end_s, len(self.audio)) == (other.segment_id, other.end_s, len(other.audio))
+
+    @classmethod
+    def whole(
+        cls,
+        audio: np.ndarray,
+        stream: str,
+        speech_s: float | None = None,
+        source: str = "",
+        wall_end: float | None = None,
+    ) -> Utterance:
+        """A whole clip as one utterance that ends now (offline analysis, training, benchmarks).
+        `speech_s` defaults to the clip's length (as if the VAD heard speech throughout)."""
+        now, duration = time.monotonic(), len(audio) / SAMPLE_RATE
+        return cls(
+            stream=stream,
+            segment_id=0,
+            audio=audio,
+            start_s=0.0,
+            end_s=round(duration, 3),
+            speech_end_arrived=now,
+            emitted=now,
+            wall_end=time.time() if wall_end is None else wall_end,
+            speech_s=duration if speech_s is None else speech_s,
+            source=source,
+        )
 
     @property
     def duration_s(self) -> float:

@@ -201,6 +201,7 @@ async def run_stream(
                 HEALTH.count("failed")
                 log.exception("stream %s: segment %d could not be processed", stream, utterance.segment_id)
                 continue
+            decode = event.transcript.rejected != "overload"  # a reused speculation was decoded
             if not decode:
                 stats.voice_only += 1
                 log.warning(

@@ -155,7 +155,7 @@ class Recogniser:
         audio = utterance.audio
         step = int(MAX_WINDOW_S * SAMPLE_RATE)
         pieces = [audio[i : i + step] for i in range(0, max(len(audio), 1), step)]
-        texts, frames, logprobs, no_speech = [], [], [0.0], [0.0]
+        texts, frames, logprobs, no_speech = [], [], [], []
         language, language_prob = self.opts.language or "", 1.0
         encode_s = decode_s = 0.0
         for index, piece in enumerate(pieces):
@@ -168,14 +168,14 @@ class Recogniser:
                 continue
             if index == 0:
                 language, language_prob = self._language(encoded)
-                logprobs, no_speech = [], []
             text, logprob, no_speech_prob = self._decode(encoded, language, len(piece))
             texts.append(text)
             logprobs.append(logprob)
             no_speech.append(no_speech_prob)
             decode_s += time.perf_counter() - t1
         text = " ".join(t for t in texts if t)
-        avg_logprob, no_speech_prob = float(np.mean(logprobs)), float(np.mean(no_speech))
+        avg_logprob = float(np.mean(logprobs)) if decode else 0.0
+        no_speech_prob = float(np.mean(no_speech)) if decode else 0.0
         rejected = guard(text, no_speech_prob, avg_logprob, utterance.speech_s, self.opts) if decode else "overload"
         if rejected:
             log.debug("stream %s segment %d: no transcript (%s)", utterance.stream, utterance.segment_id, rejected)

@@ -9,6 +9,7 @@ first speech window, and is split at the quietest point when it reaches `max_utt
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -234,10 +235,24 @@ class Segmenter:
         return utterance
 
 
+_JUDGES: dict[tuple, Segmenter] = {}
+
+
+def _judge(opts: SegmenterOptions | None) -> Segmenter:
+    """One VAD per option set, reused across clips (loading Silero per clip would dominate short clips)."""
+    opts = opts or SegmenterOptions()
+    key = dataclasses.astuple(opts)
+    if key not in _JUDGES:
+        _JUDGES[key] = Segmenter("measure", opts)
+    return _JUDGES[key]
+
+
 def speech_seconds(audio: np.ndarray, opts: SegmenterOptions | None = None) -> float:
     """How much of `audio` the VAD judges speech (used when a whole file is one utterance)."""
     n = len(audio) // WINDOW
     if n == 0:
         return 0.0
-    _, speech = Segmenter("measure", opts).judge(audio[: n * WINDOW].reshape(n, WINDOW))
+    judge = _judge(opts)
+    judge._silero.reset()  # each clip on its own
+    _, speech = judge.judge(audio[: n * WINDOW].reshape(n, WINDOW))
     return sum(speech) * WINDOW / SAMPLE_RATE

@@ -40,20 +40,19 @@ class Spool:
                 "CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL,"
                 " payload TEXT NOT NULL, final INTEGER NOT NULL)"
             )
+            self._size = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
         self.dropped = 0
-        self.high_water = self.size()
+        self.high_water = self._size
         if self.high_water:
             log.warning("spool %s holds %d events from an earlier run: they are sent first", path, self.high_water)
 
     def size(self) -> int:
-        with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+        return self._size
 
     def append(self, topic: str, payload: str, final: bool = True) -> None:
         """Add a message; when full, drop the oldest interim message, else the oldest one, and say so."""
         with self._lock:
-            size = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
-            if size >= self.max_events:
+            if self._size >= self.max_events:
                 row = self._db.execute("SELECT id FROM outbox WHERE final = 0 ORDER BY id LIMIT 1").fetchone()
                 row = row or self._db.execute("SELECT id FROM outbox ORDER BY id LIMIT 1").fetchone()
                 self._db.execute("DELETE FROM outbox WHERE id = ?", row)
@@ -63,9 +62,10 @@ class Spool:
                     self.max_events,
                     self.dropped,
                 )
-                size -= 1
+                self._size -= 1
             self._db.execute("INSERT INTO outbox (topic, payload, final) VALUES (?, ?, ?)", (topic, payload, final))
-            self.high_water = max(self.high_water, size + 1)
+            self._size += 1
+            self.high_water = max(self.high_water, self._size)
 
     def head(self, limit: int = 64) -> list[Spooled]:
         with self._lock:
@@ -74,7 +74,7 @@ class Spool:
 
     def remove(self, rowid: int) -> None:
         with self._lock:
-            self._db.execute("DELETE FROM outbox WHERE id = ?", (rowid,))
+            self._size -= self._db.execute("DELETE FROM outbox WHERE id = ?", (rowid,)).rowcount
 
     def close(self) -> None:
         with self._lock:

@@ -1,7 +1,6 @@
 """Classifier and the asyncio wiring in-process, on real speech and the shipped heads."""
 
 import asyncio
-import time
 
 import numpy as np
 import pytest
@@ -57,9 +56,7 @@ def test_voice_features_pool_mean_and_std():
 
 
 def make_utterance(audio: np.ndarray, speech_s: float) -> Utterance:
-    now = time.monotonic()
-    return Utterance(stream="t", segment_id=0, audio=audio, start_s=0.0, end_s=len(audio) / SAMPLE_RATE,
-                     speech_end_arrived=now, emitted=now, wall_end=time.time(), speech_s=speech_s)
+    return Utterance.whole(audio, "t", speech_s)
 
 
 def test_engine_fuses_voice_and_words(engine, speak):

@@ -342,8 +342,7 @@ def test_shipped_voice_head_on_real_clips(recogniser) -> None:
     feats = []
     for clip in clips:
         a = load_audio(clip.path)
-        u = Utterance("test", 0, a, 0.0, len(a) / SAMPLE_RATE, 0.0, 0.0, 0.0, len(a) / SAMPLE_RATE)
-        feats.append(voice_features(recogniser.recognise(u).encoder_frames))
+        feats.append(voice_features(recogniser.recognise(Utterance.whole(a, "test")).encoder_frames))
     pred = [LABELS[i] for i in head.predict_proba(np.stack(feats)).argmax(axis=1)]
     assert macro_f1([c.label for c in clips], pred) > 0.7
 

@@ -1,5 +1,4 @@
 import shutil
-import time
 
 import numpy as np
 import pytest
@@ -11,10 +10,7 @@ from tests.conftest import silence
 
 
 def utterance(audio: np.ndarray, speech_s: float | None = None) -> Utterance:
-    now = time.monotonic()
-    duration = len(audio) / SAMPLE_RATE
-    return Utterance(stream="t", segment_id=0, audio=audio, start_s=0.0, end_s=duration, speech_end_arrived=now,
-                     emitted=now, wall_end=time.time(), speech_s=duration if speech_s is None else speech_s)
+    return Utterance.whole(audio, "t", speech_s)
 
 
 @pytest.fixture(scope="module")
