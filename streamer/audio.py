@@ -69,6 +69,21 @@ def pcm16_to_float(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
 
 
+def _ulaw_table() -> np.ndarray:
+    """G.711 μ-law byte → linear PCM16 (ITU-T G.711; the decoder `audioop.ulaw2lin` had before Python 3.13)."""
+    u = ~np.arange(256, dtype=np.int32) & 0xFF
+    magnitude = (((u & 0x0F) << 3) + 0x84) << ((u & 0x70) >> 4)
+    return np.where(u & 0x80, 0x84 - magnitude, magnitude - 0x84).astype(np.int16)
+
+
+ULAW_TO_PCM16 = _ulaw_table()
+
+
+def ulaw_to_pcm16(data: bytes) -> np.ndarray:
+    """μ-law bytes (8-bit G.711, as telephony sends them) → int16 samples."""
+    return ULAW_TO_PCM16[np.frombuffer(data, dtype=np.uint8)]
+
+
 def load_audio(path: str | Path) -> np.ndarray:
     """Decode a file (wav/flac/ogg/mp3 via libsndfile, anything else via PyAV) to 16 kHz mono float32."""
     path = Path(path)

@@ -2,7 +2,7 @@
 
 The dataclass defaults are the defaults; `configs/monitor.yaml` spells them out (a test keeps the two equal).
 Secrets come from env or files only: EMOTION_MONITOR_BROKER, EMOTION_MONITOR_MQTT_USERNAME,
-EMOTION_MONITOR_MQTT_PASSWORD, EMOTION_MONITOR_MQTT_PASSWORD_FILE.
+EMOTION_MONITOR_MQTT_PASSWORD, EMOTION_MONITOR_MQTT_PASSWORD_FILE, EMOTION_MONITOR_INGEST_TOKEN.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from streamer.classifier import ClassifierOptions
+from streamer.ingest.calls import IngestOptions
 from streamer.pipeline import PipelineOptions
 from streamer.publisher import MqttOptions
 from streamer.recogniser import RecogniserOptions
@@ -33,6 +34,7 @@ class MonitorConfig:
     classifier: ClassifierOptions = field(default_factory=ClassifierOptions)
     pipeline: PipelineOptions = field(default_factory=PipelineOptions)
     mqtt: MqttOptions = field(default_factory=MqttOptions)
+    ingest: IngestOptions = field(default_factory=IngestOptions)  # `serve`: telephony listeners and call limits
     metrics: str | None = None  # host:port for /metrics (Prometheus) and /healthz, e.g. 127.0.0.1:9464
 
 
@@ -68,6 +70,13 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
     mqtt.username = env.get("EMOTION_MONITOR_MQTT_USERNAME", mqtt.username)
     mqtt.password = env.get("EMOTION_MONITOR_MQTT_PASSWORD", mqtt.password)
     mqtt.password_file = env.get("EMOTION_MONITOR_MQTT_PASSWORD_FILE", mqtt.password_file)
+    ingest = config.ingest
+    ingest.token = env.get("EMOTION_MONITOR_INGEST_TOKEN", ingest.token)
+    if ingest.token_file:
+        try:
+            ingest.token = Path(ingest.token_file).read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"cannot read ingest.token_file: {e}") from e
     return config
 
 

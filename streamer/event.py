@@ -20,8 +20,16 @@ def topic_safe(name: str) -> str:
     return _UNSAFE.sub("_", name)[:128] or "_"
 
 
-def event_topic(node: str, stream: str) -> str:
+def event_topic(node: str, stream: str, call_id: str | None = None, role: str | None = None) -> str:
+    """`emotion/v1/<node>/<stream>/event`, or `emotion/v1/<node>/call/<call_id>/<role>/event` for a call track."""
+    if call_id is not None:
+        return f"{call_topic(node, call_id)}/{topic_safe(role or 'mixed')}/event"
     return f"{TOPIC_ROOT}/{topic_safe(node)}/{topic_safe(stream)}/event"
+
+
+def call_topic(node: str, call_id: str) -> str:
+    """The prefix of one call's topics: `…/<role>/event`, `…/lifecycle` and `…/alert` sit under it."""
+    return f"{TOPIC_ROOT}/{topic_safe(node)}/call/{topic_safe(call_id)}"
 
 
 def status_topic(node: str) -> str:
@@ -70,6 +78,8 @@ def to_wire(event: EmotionEvent, publish_transcript: bool = True) -> dict:
     }
     if u.source:
         wire["source"] = u.source
+    if event.call_id is not None:
+        wire["call_id"], wire["role"] = event.call_id, event.role
     return wire
 
 

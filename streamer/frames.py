@@ -139,3 +139,5 @@ class EmotionEvent:
     ready: float  # monotonic time at which the event was complete, before any sink
     latency: Latency = field(default_factory=Latency)
     final: bool = True
+    call_id: str | None = None  # set for the tracks of a phone call (streamer.ingest)
+    role: str | None = None  # the call track's speaker: customer, agent, mixed

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from streamer.classifier import ClassifierOptions, EmotionClassifier
-from streamer.frames import EmotionEvent, Latency, Utterance
+from streamer.frames import EmotionEvent, Latency, Transcript, Utterance
 from streamer.metrics import HEALTH, STAGE_LATENCY
 from streamer.publisher import Sink
 from streamer.recogniser import Recogniser, RecogniserOptions
@@ -26,25 +26,67 @@ from streamer.sources import Source
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class _Job:
+    utterance: Utterance
+    seq: int
+    decode: bool
+    future: asyncio.Future[EmotionEvent]
+
+
 class Engine:
-    """Whisper + emotion heads, loaded once and shared by every stream."""
+    """Whisper + emotion heads, loaded once and shared by every stream.
+
+    Utterances from all streams wait in one queue; whenever the worker thread is free it takes every waiting
+    utterance, at most one per stream and `max_batch` in all, oldest first, and recognises them in one batch.
+    A stream has at most one utterance waiting here (its own backlog stays in its `run_stream`), so a
+    talkative stream cannot starve the others, and each stream's events stay in order.
+    """
 
     def __init__(
         self,
         recogniser: RecogniserOptions | None = None,
         classifier: ClassifierOptions | None = None,
         node: str = "local",
+        max_batch: int = 8,
     ) -> None:
         self.node = node
         self.recogniser = Recogniser(recogniser)
         self.classifier = EmotionClassifier(classifier)
         self.models = {"asr": self.recogniser.model_id, "emotion": self.classifier.model_id}
+        self.max_batch = max(1, max_batch)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._waiting: list[_Job] = []
+        self._batcher: asyncio.Task | None = None
         self.in_flight = 0
+        self.batches = 0
+        self.batched = 0  # utterances processed in batches; batched / batches = mean batch size
 
     def process(self, utterance: Utterance, seq: int, decode: bool = True) -> EmotionEvent:
+        """One utterance, synchronously (offline analysis and benchmarks)."""
+        outcome = self.process_batch([(utterance, seq, decode)])[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def process_batch(self, items: list[tuple[Utterance, int, bool]]) -> list[EmotionEvent | Exception]:
+        """Events for a batch; an utterance that breaks the batch is retried alone so only it fails."""
         started = time.monotonic()
-        transcript = self.recogniser.recognise(utterance, decode)
+        try:
+            transcripts = self.recogniser.recognise_batch([(u, decode) for u, _, decode in items])
+        except Exception as e:
+            if len(items) == 1:
+                return [e]
+            return [outcome for item in items for outcome in self.process_batch([item])]
+        outcomes: list[EmotionEvent | Exception] = []
+        for (utterance, seq, _), transcript in zip(items, transcripts, strict=True):
+            try:
+                outcomes.append(self._event(utterance, seq, transcript, started))
+            except Exception as e:
+                outcomes.append(e)
+        return outcomes
+
+    def _event(self, utterance: Utterance, seq: int, transcript: Transcript, started: float) -> EmotionEvent:
         emotion = self.classifier.classify(transcript)
         latency = Latency(
             vad=(utterance.emitted - utterance.speech_end_arrived) * 1000,
@@ -65,13 +107,43 @@ class Engine:
         )
 
     async def aprocess(self, utterance: Utterance, seq: int, decode: bool = True) -> EmotionEvent:
+        loop = asyncio.get_running_loop()
+        job = _Job(utterance, seq, decode, loop.create_future())
+        self._waiting.append(job)
+        if self._batcher is None or self._batcher.done() or self._batcher.get_loop() is not loop:
+            self._batcher = loop.create_task(self._run_batches(), name="engine-batches")
         self.in_flight += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(
-                self._executor, self.process, utterance, seq, decode
-            )
+            return await job.future
         finally:
             self.in_flight -= 1
+
+    def _take_batch(self) -> list[_Job]:
+        batch: list[_Job] = []
+        streams: set[str] = set()
+        for job in list(self._waiting):
+            if job.future.done():  # its stream stopped waiting (cancelled)
+                self._waiting.remove(job)
+            elif job.utterance.stream not in streams and len(batch) < self.max_batch:
+                streams.add(job.utterance.stream)
+                batch.append(job)
+                self._waiting.remove(job)
+        return batch
+
+    async def _run_batches(self) -> None:
+        loop = asyncio.get_running_loop()
+        while batch := self._take_batch():
+            items = [(job.utterance, job.seq, job.decode) for job in batch]
+            outcomes = await loop.run_in_executor(self._executor, self.process_batch, items)
+            self.batches += 1
+            self.batched += len(batch)
+            for job, outcome in zip(batch, outcomes, strict=True):
+                if job.future.done():
+                    continue
+                if isinstance(outcome, Exception):
+                    job.future.set_exception(outcome)
+                else:
+                    job.future.set_result(outcome)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
@@ -79,12 +151,13 @@ class Engine:
 
 @dataclass
 class PipelineOptions:
-    """Overload policy. The audio reader never waits: when the recogniser falls behind, utterances beyond
-    `voice_only_backlog` waiting are classified from the voice alone (no decoding), and beyond `max_backlog`
-    the oldest waiting utterance is dropped; both are logged and counted."""
+    """Batching and the overload policy. The audio reader never waits: when the recogniser falls behind,
+    utterances beyond `voice_only_backlog` waiting are classified from the voice alone (no decoding), and beyond
+    `max_backlog` the oldest waiting utterance is dropped; both are logged and counted."""
 
     voice_only_backlog: int = 3
     max_backlog: int = 32
+    max_batch: int = 8  # utterances of different streams recognised together (see `Engine`)
 
 
 @dataclass
@@ -111,8 +184,12 @@ async def run_stream(
     segmenter: SegmenterOptions | None = None,
     options: PipelineOptions | None = None,
     stop: asyncio.Event | None = None,
+    call_id: str | None = None,
+    role: str | None = None,
 ) -> StreamStats:
     """Run one stream until its source ends or `stop` is set; then finish the utterances already cut.
+
+    `call_id` and `role` mark the stream as one speaker of a phone call (its events carry them).
 
     Errors of the source or of one utterance are logged, never raised: the other streams and the daemon go on.
     """
@@ -211,6 +288,7 @@ async def run_stream(
                     utterance.segment_id,
                 )
             HEALTH.count("processed" if decode else "voice_only")
+            event.call_id, event.role = call_id, role
             stats.events += 1
             for sink in sinks:
                 sink.send(event)

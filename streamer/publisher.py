@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TextIO
+from typing import Protocol, TextIO, runtime_checkable
 from urllib.parse import unquote, urlsplit
 
 from streamer.event import event_topic, health_topic, status_topic, to_wire, topic_safe
@@ -138,6 +138,13 @@ class Sink(Protocol):
     async def close(self) -> None: ...
 
 
+@runtime_checkable
+class MessageSink(Protocol):
+    """A sink that also carries messages other than utterance events (call lifecycle, alerts)."""
+
+    def send_message(self, topic: str, message: dict) -> None: ...
+
+
 def stamp(event: EmotionEvent) -> None:
     """Fill the publish and total latencies at the moment the event leaves us."""
     now = time.monotonic()
@@ -178,7 +185,12 @@ class MqttSink:
     def send(self, event: EmotionEvent) -> None:
         stamp(event)
         payload = json.dumps(to_wire(event, self.opts.publish_transcript), ensure_ascii=False)
-        self.spool.append(event_topic(event.node, event.stream), payload, event.final)
+        self.spool.append(event_topic(event.node, event.stream, event.call_id, event.role), payload, event.final)
+        self._wakeup.set()
+
+    def send_message(self, topic: str, message: dict) -> None:
+        """Spooled and published in order with the events (QoS 1, not retained), so `ended` follows them."""
+        self.spool.append(topic, json.dumps(message, ensure_ascii=False), True)
         self._wakeup.set()
 
     def _client(self):
@@ -282,9 +294,15 @@ class JsonlSink:
         self._file = sys.stdout if self.target == "-" else open(self.target, "a", encoding="utf-8")  # noqa: SIM115
 
     def send(self, event: EmotionEvent) -> None:
-        assert self._file is not None
         stamp(event)
-        self._file.write(json.dumps(to_wire(event, self.publish_transcript), ensure_ascii=False) + "\n")
+        self._write(to_wire(event, self.publish_transcript))
+
+    def send_message(self, topic: str, message: dict) -> None:
+        self._write(message)
+
+    def _write(self, line: dict) -> None:
+        assert self._file is not None
+        self._file.write(json.dumps(line, ensure_ascii=False) + "\n")
         self._file.flush()
 
     async def close(self) -> None:

@@ -113,76 +113,136 @@ class Recogniser:
             )
         return self._tokenizers[language]
 
+    def _window(self, n_samples: int) -> int:
+        """Samples the encoder sees for a ≤30 s piece: padded to the configured window, whole frames."""
+        n = max(round(self.opts.encoder_window_s * SAMPLE_RATE), n_samples)
+        return min(int(MAX_WINDOW_S * SAMPLE_RATE), math.ceil(n / SAMPLES_PER_FRAME) * SAMPLES_PER_FRAME)
+
     def _encode(self, audio: np.ndarray):
-        """Encode one ≤30 s piece padded to the configured window; returns (storage, frames covering audio)."""
-        n = max(round(self.opts.encoder_window_s * SAMPLE_RATE), len(audio))
-        n = min(int(MAX_WINDOW_S * SAMPLE_RATE), math.ceil(n / SAMPLES_PER_FRAME) * SAMPLES_PER_FRAME)
-        padded = np.zeros(n, dtype=np.float32)
-        padded[: len(audio)] = audio[:n]
-        mel = self._whisper.feature_extractor(padded)[:, : n // 160]
-        encoded = self._whisper.model.encode(self._storage.from_array(np.ascontiguousarray(mel[None])), to_cpu=True)
-        frames = np.array(encoded)[0]
-        covered = max(1, math.ceil(len(audio) / SAMPLES_PER_FRAME))
-        return encoded, frames[:covered]
+        """Encode one ≤30 s piece as `recognise` does; returns (storage, frames covering the audio)."""
+        encoded, frames = self._encode_batch([audio])
+        return encoded, frames[0, : max(1, math.ceil(len(audio) / SAMPLES_PER_FRAME))]
 
-    def _language(self, encoded) -> tuple[str, float]:
+    def _encode_batch(self, pieces: list[np.ndarray]):
+        """One encoder call for pieces of the same window; returns (storage [B, T, 512], frames as numpy)."""
+        n = self._window(len(pieces[0]))
+        mels = []
+        for audio in pieces:
+            padded = np.zeros(n, dtype=np.float32)
+            padded[: len(audio)] = audio[:n]
+            mels.append(self._whisper.feature_extractor(padded)[:, : n // 160])
+        encoded = self._whisper.model.encode(
+            self._storage.from_array(np.ascontiguousarray(np.stack(mels))), to_cpu=True
+        )
+        return encoded, np.array(encoded)
+
+    def _languages(self, encoded, count: int) -> list[tuple[str, float]]:
         if self.opts.language:
-            return self.opts.language, 1.0
-        token, prob = self._whisper.model.detect_language(encoded)[0][0]
-        return token[2:-2], float(prob)
+            return [(self.opts.language, 1.0)] * count
+        return [(best[0][0][2:-2], float(best[0][1])) for best in self._whisper.model.detect_language(encoded)]
 
-    def _decode(self, encoded, language: str, n_samples: int) -> tuple[str, float, float]:
-        """Greedy decoding at temperature 0 with a length cap; returns (text, avg log-prob, no-speech prob)."""
-        tokenizer = self._tokenizer(language)
-        max_tokens = int(10 + self.opts.max_tokens_per_second * n_samples / SAMPLE_RATE)
-        result = self._whisper.model.generate(
+    def _decode(self, encoded, languages: list[str], n_samples: list[int]) -> list[tuple[str, float, float]]:
+        """Greedy decoding at temperature 0 with a length cap, one batch; (text, avg log-prob, no-speech prob) each."""
+        tokenizers = [self._tokenizer(language) for language in languages]
+        longest = max(n_samples) / SAMPLE_RATE
+        results = self._whisper.model.generate(
             encoded,
-            [[*tokenizer.sot_sequence, tokenizer.no_timestamps]],
+            [[*t.sot_sequence, t.no_timestamps] for t in tokenizers],
             beam_size=self.opts.beam_size,
-            max_length=min(max_tokens, 440),
+            max_length=min(int(10 + self.opts.max_tokens_per_second * longest), 440),
             return_scores=True,
             return_no_speech_prob=True,
             suppress_blank=True,
             suppress_tokens=[-1],
-        )[0]
-        ids = [t for t in result.sequences_ids[0] if t < tokenizer.eot]
-        # CTranslate2 scores are length-normalised; undo that the way faster-whisper does
-        avg_logprob = result.scores[0] * len(ids) / (len(ids) + 1)
-        return tokenizer.decode(ids).strip(), avg_logprob, result.no_speech_prob
+        )
+        decoded = []
+        for tokenizer, result in zip(tokenizers, results, strict=True):
+            ids = [t for t in result.sequences_ids[0] if t < tokenizer.eot]
+            # CTranslate2 scores are length-normalised; undo that the way faster-whisper does
+            avg_logprob = result.scores[0] * len(ids) / (len(ids) + 1)
+            decoded.append((tokenizer.decode(ids).strip(), avg_logprob, result.no_speech_prob))
+        return decoded
 
     def recognise(self, utterance: Utterance, decode: bool = True) -> Transcript:
         """Encode once; decode text unless `decode` is False (voice-only, when shedding load)."""
-        audio = utterance.audio
+        return self.recognise_batch([(utterance, decode)])[0]
+
+    def recognise_batch(self, items: list[tuple[Utterance, bool]]) -> list[Transcript]:
+        """Recognise several utterances (of any streams) with one encoder and one decoder call per window size.
+
+        CTranslate2 runs a batch in about the time of its longest member on a GPU, and faster than one by one
+        on a CPU; the times in each `Transcript` are those of the batch its utterance was part of.
+        """
         step = int(MAX_WINDOW_S * SAMPLE_RATE)
-        pieces = [audio[i : i + step] for i in range(0, max(len(audio), 1), step)]
-        texts, frames, logprobs, no_speech = [], [], [], []
-        language, language_prob = self.opts.language or "", 1.0
-        encode_s = decode_s = 0.0
-        for index, piece in enumerate(pieces):
+        pieces = [  # (item, piece index, audio): utterances over 30 s are cut into 30 s pieces
+            (i, k, u.audio[o : o + step])
+            for i, (u, _) in enumerate(items)
+            for k, o in enumerate(range(0, max(len(u.audio), 1), step))
+        ]
+        groups: dict[int, list[tuple[int, int, np.ndarray]]] = {}
+        for piece in pieces:
+            groups.setdefault(self._window(len(piece[2])), []).append(piece)
+        frames: dict[tuple[int, int], np.ndarray] = {}
+        decoded: dict[tuple[int, int], tuple[str, float, float]] = {}
+        language = [(self.opts.language or "", 1.0)] * len(items)
+        encode_s, decode_s = [0.0] * len(items), [0.0] * len(items)
+        for _, group in sorted(groups.items(), reverse=True):  # longest window first: a long utterance's first
+            # piece (30 s) detects the language its shorter tail is decoded in
             t0 = time.perf_counter()
-            encoded, covered = self._encode(piece)
-            frames.append(covered)
+            encoded, encoded_np = self._encode_batch([audio for _, _, audio in group])
             t1 = time.perf_counter()
-            encode_s += t1 - t0
-            if not decode:
+            for row, (i, k, audio) in enumerate(group):
+                frames[i, k] = encoded_np[row, : max(1, math.ceil(len(audio) / SAMPLES_PER_FRAME))]
+                encode_s[i] += t1 - t0
+            rows = [row for row, (i, _, _) in enumerate(group) if items[i][1]]
+            if not rows:
                 continue
-            if index == 0:
-                language, language_prob = self._language(encoded)
-            text, logprob, no_speech_prob = self._decode(encoded, language, len(piece))
-            texts.append(text)
-            logprobs.append(logprob)
-            no_speech.append(no_speech_prob)
-            decode_s += time.perf_counter() - t1
-        text = " ".join(t for t in texts if t)
-        avg_logprob = float(np.mean(logprobs)) if decode else 0.0
-        no_speech_prob = float(np.mean(no_speech)) if decode else 0.0
+            wanted = encoded if len(rows) == len(group) else self._storage.from_array(encoded_np[rows])
+            found = self._languages(wanted, len(rows))
+            for row, guess in zip(rows, found, strict=True):
+                i, k, _ = group[row]
+                if k == 0:
+                    language[i] = guess
+            texts = self._decode(wanted, [language[group[r][0]][0] for r in rows], [len(group[r][2]) for r in rows])
+            t2 = time.perf_counter()
+            for row, text in zip(rows, texts, strict=True):
+                i, k, _ = group[row]
+                decoded[i, k] = text
+                decode_s[i] += t2 - t1
+        return [
+            self._transcript(
+                utterance,
+                decode,
+                [frames[key] for key in sorted(frames) if key[0] == i],
+                [decoded[key] for key in sorted(decoded) if key[0] == i],
+                language[i],
+                encode_s[i],
+                decode_s[i],
+            )
+            for i, (utterance, decode) in enumerate(items)
+        ]
+
+    def _transcript(
+        self,
+        utterance: Utterance,
+        decode: bool,
+        frames: list[np.ndarray],
+        pieces: list[tuple[str, float, float]],
+        language: tuple[str, float],
+        encode_s: float,
+        decode_s: float,
+    ) -> Transcript:
+        """Join an utterance's pieces and apply the hallucination guard."""
+        text = " ".join(t for t, _, _ in pieces if t)
+        avg_logprob = float(np.mean([p[1] for p in pieces])) if decode else 0.0
+        no_speech_prob = float(np.mean([p[2] for p in pieces])) if decode else 0.0
         rejected = guard(text, no_speech_prob, avg_logprob, utterance.speech_s, self.opts) if decode else "overload"
         if rejected:
             log.debug("stream %s segment %d: no transcript (%s)", utterance.stream, utterance.segment_id, rejected)
         return Transcript(
             text="" if rejected else text,
-            language=language,
-            language_probability=language_prob,
+            language=language[0],
+            language_probability=language[1],
             no_speech_prob=no_speech_prob,
             avg_logprob=avg_logprob,
             compression_ratio=compression_ratio(text),

@@ -1,0 +1,45 @@
+"""Call-center ingest: telephony protocols in, one call per connection, one stream per speaker.
+
+- `calls.py`: what all protocols share (the hub, calls and their tracks, limits, summary, escalation).
+- `audiosocket.py` (Asterisk, TCP), `twilio.py` and `freeswitch.py` (WebSocket, helpers in `websocket.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from streamer.ingest import audiosocket, freeswitch, twilio
+from streamer.ingest.calls import CallHub
+from streamer.ingest.websocket import listen
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("audiosocket", "twilio", "freeswitch")
+
+
+def parse_listen(spec: str) -> tuple[str, int]:
+    """`HOST:PORT`, `:PORT` or `PORT` (then 127.0.0.1: nothing is exposed unless asked)."""
+    host, _, port = spec.rpartition(":")
+    try:
+        return host.strip("[]") or "127.0.0.1", int(port)
+    except ValueError:
+        raise ValueError(f"listen address {spec!r} must be HOST:PORT or PORT") from None
+
+
+async def start_listeners(hub: CallHub) -> list:
+    """Start the servers named in `hub.opts` (audiosocket, twilio, freeswitch); returns them for closing."""
+    servers = []
+    for protocol in PROTOCOLS:
+        spec = getattr(hub.opts, protocol)
+        if not spec:
+            continue
+        host, port = parse_listen(spec)
+        if protocol == "audiosocket":
+            server = await audiosocket.serve(hub, host, port)
+        elif protocol == "twilio":
+            server = await listen(hub, host, port, twilio.handle)
+        else:
+            server = await listen(hub, host, port, freeswitch.handle, [freeswitch.SUBPROTOCOL])
+        servers.append(server)
+        log.info("%s ingest listening on %s:%d", protocol, host, port)
+    return servers
