@@ -81,7 +81,7 @@ class ConsoleSink:
     def send(self, event: EmotionEvent) -> None:
         if not event.latency.total:
             stamp(event)
-        self.console.print(self.line(event))
+        self.console.print(self.line(event), soft_wrap=True)  # one line per utterance, however long
         row = self.rows.setdefault(event.stream, _Row(event))
         row.event = event  # an interim event shows as the current label; only final ones are counted
         if event.final:

@@ -280,6 +280,34 @@ def test_http_serves_page_and_refuses_other_paths(dashboard: Dashboard):
         assert err.value.code == 404, bad
 
 
+def test_works_with_the_embedded_broker(background: Background, node: str):
+    """The embedded amqtt broker (no WebSockets listener) feeds the dashboard like Mosquitto does."""
+    from streamer.publisher import EmbeddedBroker
+
+    port = free_port()
+
+    async def go() -> dict:
+        broker = EmbeddedBroker("127.0.0.1", port)
+        await broker.start()
+        dash = Dashboard(f"mqtt://127.0.0.1:{port}", f"127.0.0.1:{free_port()}", node=node)
+        try:
+            await dash.start()
+            await asyncio.wait_for(dash.subscribed.wait(), 10)
+            async with aiomqtt.Client("127.0.0.1", port) as client:
+                await client.publish(event_topic(node, "emb"), json.dumps(event(node, "emb", 0, "fear", 0.8)), qos=1)
+            for _ in range(100):
+                if dash.state.streams:
+                    break
+                await asyncio.sleep(0.05)
+            return dict(dash.state.streams)
+        finally:
+            await dash.stop()
+            await broker.stop()
+
+    streams = background.run(go())
+    assert [envelope["data"]["label"] for _, envelope in streams[f"{node}/emb"].values()] == ["fear"]
+
+
 # ---- in the browser ----------------------------------------------------------------------------------------
 
 

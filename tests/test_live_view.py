@@ -68,7 +68,7 @@ def make_event(
 
 async def test_plain_lines_when_not_a_terminal():
     out = io.StringIO()
-    sink = ConsoleSink(Console(file=out, width=200))
+    sink = ConsoleSink(Console(file=out, width=60))  # narrower than a line: still one line per utterance
     await sink.start()
     sink.send(make_event("desk", 0, "anger", 0.81, "¡Estoy harto de esperar!"))
     sink.send(make_event("desk", 1, "joy", 0.64, "Qué tristeza todo", incongruent=True))
