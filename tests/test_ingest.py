@@ -5,8 +5,10 @@ import asyncio
 import base64
 import contextlib
 import json
+import signal
 import struct
 import subprocess
+import sys
 import uuid
 
 import aiomqtt
@@ -19,8 +21,8 @@ from websockets.exceptions import ConnectionClosed
 from streamer.event import validate
 from streamer.frames import LABELS, SAMPLE_RATE
 from streamer.ingest import start_listeners
-from streamer.ingest.calls import CallHub, CallMonitor, EscalationRule, IngestOptions
-from streamer.publisher import MqttOptions, MqttSink
+from streamer.ingest.calls import CallHub, EscalationRule, IngestOptions
+from streamer.publisher import JsonlSink, MqttOptions, MqttSink
 from tests.conftest import ANGRY_ES, HAPPY_ES, free_port, silence
 from tests.test_publisher import clear_retained, make_event
 
@@ -173,7 +175,7 @@ def check_call(watcher: Watcher, call_id: str, roles: set[str], reason: str = "h
 
 
 async def test_audiosocket_call_gives_customer_events_and_a_summary(engine, broker, speak):
-    async with serving(engine) as (hub, ports, watcher):
+    async with serving(engine) as (_hub, ports, watcher):
         call_id = str(uuid.uuid4())
         await audiosocket_call(ports["audiosocket"], pcm16(utterance(speak, ANGRY_ES), 8000), call_id)
         (ended,) = await watcher.until_ended(call_id)
@@ -186,7 +188,7 @@ async def test_audiosocket_call_gives_customer_events_and_a_summary(engine, brok
 
 
 async def test_twilio_tracks_become_customer_and_agent(engine, broker, speak, tmp_path):
-    async with serving(engine) as (hub, ports, watcher):
+    async with serving(engine) as (_hub, ports, watcher):
         call_sid = f"CA{uuid.uuid4().hex}"
         tracks = {"inbound": ulaw(utterance(speak, ANGRY_ES), tmp_path),
                   "outbound": ulaw(utterance(speak, HAPPY_ES), tmp_path)}
@@ -201,7 +203,7 @@ async def test_twilio_tracks_become_customer_and_agent(engine, broker, speak, tm
 
 
 async def test_freeswitch_stereo_splits_caller_and_callee(engine, broker, speak):
-    async with serving(engine) as (hub, ports, watcher):
+    async with serving(engine) as (_hub, ports, watcher):
         call_id = str(uuid.uuid4())
         left, right = utterance(speak, ANGRY_ES), utterance(speak, HAPPY_ES)
         n = max(len(left), len(right))
@@ -216,7 +218,7 @@ async def test_freeswitch_stereo_splits_caller_and_callee(engine, broker, speak)
 async def test_twenty_concurrent_calls_each_get_their_events(engine, broker, speak, tmp_path):
     speech = utterance(speak, "Quiero hablar con un responsable ahora mismo")
     slin, mulaw = pcm16(speech, 8000), ulaw(speech, tmp_path)
-    async with serving(engine) as (hub, ports, watcher):
+    async with serving(engine) as (_hub, ports, watcher):
         ids = [str(uuid.uuid4()) for _ in range(20)]
         calls = []
         for i, call_id in enumerate(ids):
@@ -240,7 +242,7 @@ async def test_audiosocket_errors_end_that_call_only(engine, broker, speak, case
     speech = pcm16(utterance(speak, HAPPY_ES), 8000)
     raw = {"unknown type": struct.pack(">BH", 0x42, 1) + b"x", "short frame": struct.pack(">BH", 0x10, 320) + b"ab",
            "odd audio": struct.pack(">BH", 0x10, 3) + b"abc", "abrupt close": b""}[case]
-    async with serving(engine) as (hub, ports, watcher):
+    async with serving(engine) as (_hub, ports, watcher):
         bad, good = str(uuid.uuid4()), str(uuid.uuid4())
         healthy = asyncio.create_task(audiosocket_call(ports["audiosocket"], speech, good))
         back = await audiosocket_call(ports["audiosocket"], speech[:8000], bad, hangup=False, raw=raw)
@@ -270,7 +272,7 @@ async def test_audiosocket_without_uuid_opens_no_call(engine, broker):
 @pytest.mark.parametrize("case", ["bad base64", "media before start", "unknown event", "oversized", "abrupt"])
 async def test_twilio_errors(engine, broker, speak, tmp_path, case):
     mulaw = ulaw(utterance(speak, HAPPY_ES), tmp_path)
-    async with serving(engine, max_frame_bytes=4096) as (hub, ports, watcher):
+    async with serving(engine, max_frame_bytes=4096) as (_hub, ports, watcher):
         call_sid = f"CA{uuid.uuid4().hex}"
         messages = twilio_messages(call_sid, {"inbound": mulaw})
         stop = json.dumps({"event": "stop"})
@@ -289,7 +291,7 @@ async def test_twilio_errors(engine, broker, speak, tmp_path, case):
                 ws.transport.abort()  # no close frame, no stop
             code = None
         else:
-            code, reason = await websocket_call(ports["twilio"], messages, stop=stop)
+            code, _reason = await websocket_call(ports["twilio"], messages, stop=stop)
         if case != "media before start":
             (ended,) = await watcher.until_ended(call_sid)
     if case == "media before start":
@@ -305,7 +307,7 @@ async def test_twilio_errors(engine, broker, speak, tmp_path, case):
 
 
 async def test_freeswitch_errors(engine, broker):
-    async with serving(engine) as (hub, ports, watcher):
+    async with serving(engine) as (_hub, ports, watcher):
         call_id = str(uuid.uuid4())
         meta = json.dumps({"callId": call_id, "mixType": "stereo"})
         code, reason = await websocket_call(ports["freeswitch"], [meta, bytes(640), bytes(6)], wait=True)
@@ -321,7 +323,7 @@ async def test_freeswitch_errors(engine, broker):
 async def test_token_limits_idle_and_alerts(engine, broker, speak, tmp_path):
     rule = EscalationRule(role="customer", label="anger", min_confidence=0.0, hits=1, window=1)
     speech = utterance(speak, ANGRY_ES)
-    async with serving(engine, token="s3cret", max_calls=1, idle_s=1.0, escalation=rule) as (hub, ports, watcher):
+    async with serving(engine, token="s3cret", max_calls=1, idle_s=1.0, escalation=rule) as (_hub, ports, watcher):
         messages = twilio_messages(f"CA{uuid.uuid4().hex}", {"inbound": ulaw(speech, tmp_path)})
         code, reason = await websocket_call(ports["twilio"], messages, wait=True)
         assert code == 1008 and "missing token" in reason
@@ -345,22 +347,72 @@ async def test_token_limits_idle_and_alerts(engine, broker, speak, tmp_path):
         assert ended["reason"] == "idle"
 
 
-def test_escalation_rule_needs_hits_within_the_window_and_rearms():
-    class Hub:
-        engine = type("E", (), {"node": "n"})
-        published = []
-
-        def publish(self, topic, message):
-            self.published.append(message)
-
-    call = type("C", (), {"hub": Hub(), "call_id": "c1"})
-    monitor = CallMonitor(call, EscalationRule(min_confidence=0.7, hits=2, window=3))
+async def test_escalation_rule_needs_hits_within_the_window_and_rearms(engine, tmp_path):
+    out = tmp_path / "calls.jsonl"
+    sink = JsonlSink(str(out))
+    await sink.start()
+    hub = CallHub(engine, [sink], IngestOptions(escalation=EscalationRule(min_confidence=0.7, hits=2, window=3)))
+    call = hub.open("c1", "test", ["inbound", "outbound"])
     for seq, (role, anger) in enumerate([("customer", 0.9), ("agent", 0.95), ("customer", 0.1), ("customer", 0.1),
                                          ("customer", 0.8), ("customer", 0.75), ("customer", 0.9)]):
-        event = make_event(f"c1/{role}", seq)
-        event.role = role
+        event = make_event(f"c1/{role}", seq, engine.node)
+        event.call_id, event.role = "c1", role
         event.emotion.scores.update(dict.fromkeys(LABELS, 0.0) | {"anger": anger, "neutral": 1 - anger})
-        monitor.send(event)
-    assert [a["segment_ids"] for a in call.hub.published] == [[4, 5]]  # 0 fell out of the window; 6 re-arms
-    summary = monitor.summary(30.0)
+        call.monitor.send(event)
+    ended = await call.end("hangup")
+    await sink.close()
+    alerts = [m for m in map(json.loads, out.read_text().splitlines()) if m["schema"] == "emotion-monitor/alert/v1"]
+    assert [a["segment_ids"] for a in alerts] == [[4, 5]]  # 0 fell out of the window; 6 alone re-arms
+    summary = ended["summary"]
     assert summary["utterances"] == {"customer": 6, "agent": 1} and len(summary["timeline"]) == 7
+    assert summary["alerts"] == alerts and ended["reason"] == "hangup" and not hub.calls
+
+
+async def test_serve_command_takes_calls_and_ends_them_on_sigterm(broker, speak, tmp_path):
+    """`emotion-monitor serve` as a user starts it; a call still open at SIGTERM ends with reason shutdown."""
+    node, ports = f"serve{uuid.uuid4().hex[:6]}", [free_port() for _ in range(3)]
+    out = tmp_path / "calls.jsonl"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "streamer", "serve", "--audiosocket", f"127.0.0.1:{ports[0]}",
+        "--twilio", f"127.0.0.1:{ports[1]}", "--freeswitch", str(ports[2]), "--broker", "mqtt://127.0.0.1:1883",
+        "--node", node, "--jsonl", str(out), stderr=asyncio.subprocess.PIPE)
+    watcher = Watcher(node)
+    watching = asyncio.create_task(watcher.run())
+    try:
+        async with asyncio.timeout(120):
+            while True:  # all three listeners up
+                try:
+                    for port in ports:
+                        (await asyncio.open_connection("127.0.0.1", port))[1].close()
+                    break
+                except OSError:
+                    await asyncio.sleep(0.3)
+        done, open_call = str(uuid.uuid4()), str(uuid.uuid4())
+        await audiosocket_call(ports[0], pcm16(utterance(speak, HAPPY_ES), 8000), done)
+        await watcher.until_ended(done)
+        reader, writer = await asyncio.open_connection("127.0.0.1", ports[0])
+        writer.write(struct.pack(">BH", 0x01, 16) + uuid.UUID(open_call).bytes)
+        writer.write(b"".join(struct.pack(">BH", 0x10, 320) + c for c in frames(pcm16(utterance(speak, ANGRY_ES),
+                                                                                         8000), 320)))
+        await writer.drain()
+        async with asyncio.timeout(60):
+            while not [m for m in watcher.of(open_call, "lifecycle") if m["type"] == "started"]:
+                await asyncio.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(reader.read(), 60) == struct.pack(">BH", 0x00, 0)  # told to hang up
+        assert await asyncio.wait_for(proc.wait(), 60) == 0
+        (ended,) = await watcher.until_ended(open_call, timeout=30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        watching.cancel()
+        await clear_retained("127.0.0.1", 1883, f"emotion/v1/{node}/status")
+    assert ended["reason"] == "shutdown" and ended["summary"]["utterances"].get("customer", 0) >= 1
+    check_call(watcher, done, {"customer"})
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {line["schema"] for line in lines} == {"emotion-monitor/call/v1", "emotion-monitor/event/v1"}
+
+
+def test_serve_without_listeners_is_a_usage_error():
+    result = subprocess.run([sys.executable, "-m", "streamer", "serve"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--audiosocket" in result.stderr

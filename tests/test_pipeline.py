@@ -98,3 +98,26 @@ async def test_a_broken_stream_does_not_stop_the_others(engine, speak, tmp_path)
     assert isinstance(bad_stats, StreamStats) and bad_stats.error and bad_stats.events == 0
     assert good_stats.error is None and good_stats.events >= 1
     assert {e.stream for e in sink.events} == {"good"}
+
+
+async def test_engine_batches_fairly_across_streams(engine, speak):
+    """A stream with many utterances waiting gets one place per batch: the other stream is not starved."""
+    speech = speak(HAPPY_ES)
+    done: list[str] = []
+
+    def job(stream: str, segment: int):
+        u = Utterance.whole(speech, stream)
+        u = Utterance(**{**u.__dict__, "segment_id": segment})
+        task = asyncio.ensure_future(engine.aprocess(u, segment))
+        task.add_done_callback(lambda _: done.append(f"{stream}{segment}"))
+        return task
+
+    engine.max_batch, batches = 2, engine.batches
+    try:
+        tasks = [job("a", 1), job("a", 2), job("a", 3), job("b", 1)]
+        events = await asyncio.gather(*tasks)
+    finally:
+        engine.max_batch = 8
+    assert engine.batches - batches == 3  # (a1, b1), (a2), (a3)
+    assert done.index("b1") < done.index("a2")
+    assert [(e.stream, e.seq) for e in events] == [("a", 1), ("a", 2), ("a", 3), ("b", 1)]

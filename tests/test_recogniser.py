@@ -90,3 +90,21 @@ def test_any_local_model_directory_can_be_configured(speak):
     for missing in ("large-v3", "/no/such/model"):
         with pytest.raises(ModelFileError, match="nothing is downloaded"):
             Recogniser(RecogniserOptions(model=missing))
+
+
+def test_a_batch_of_streams_gives_what_each_utterance_gives_alone(recogniser, speak, pink_noise):
+    """Batched recognition (one encoder and one decoder call for several streams) changes no result."""
+    long = np.concatenate([speak("El tren de las ocho llega siempre con retraso."), silence(29.0),
+                           speak("Hoy hace mucho calor en la ciudad.")])
+    items = [(utterance(speak("Buenos días, quiero consultar el estado de mi pedido")), True),
+             (utterance(speak("Estoy harto de esperar")), False),  # voice only: encoded, not decoded
+             (utterance(pink_noise, 0.0), True),
+             (utterance(long), True)]  # two pieces, one in the 30 s group and one in the 10 s group
+    batched = recogniser.recognise_batch(items)
+    for (u, decode), together in zip(items, batched, strict=True):
+        alone = recogniser.recognise(u, decode)
+        assert (together.text, together.rejected) == (alone.text, alone.rejected)
+        assert together.encoder_frames.shape == alone.encoder_frames.shape
+        assert np.allclose(together.encoder_frames, alone.encoder_frames, atol=0.05)
+    assert batched[1].rejected == "overload" and batched[1].decode_ms == 0
+    assert "consultar" in batched[0].text and "calor" in batched[3].text

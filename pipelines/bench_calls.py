@@ -1,0 +1,190 @@
+"""Concurrent live calls through the real `emotion-monitor serve`: end of speech → event at an MQTT subscriber.
+
+Starts `emotion-monitor serve --audiosocket` as its own process, then N AudioSocket clients (this process)
+each play a call in real time: 20 ms frames of 8 kHz slin, Spanish sentences separated by pauses as long as
+the speech (≈ 50 % speech), calls starting 0.37 s apart. Ground-truth ends of speech come from the samples.
+Reports latency p50/p95/p99, the server's CPU (cores busy, CPU s per audio s), peak memory and batch sizes.
+
+    .venv/bin/python -m pipelines.bench_calls --calls 1 8 16 24 [--seconds 60] [--uem N] [--json-dir docs/bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import aiomqtt
+import numpy as np
+import soxr
+
+from pipelines.bench_live import SENTENCES, build_stream, report, uem_clips
+from streamer.demo import speak
+from streamer.frames import SAMPLE_RATE
+
+FRAME_S = 0.02
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _proc_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _proc_peak_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def _play(port: int, call_id: str, audio: np.ndarray, delay: float, starts: dict[str, float]) -> None:
+    """One AudioSocket call in real time: each 20 ms frame is sent when its last sample would exist."""
+    await asyncio.sleep(delay)
+    slin = (np.clip(soxr.resample(audio, SAMPLE_RATE, 8000), -1, 1) * 32767).astype("<i2").tobytes()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(struct.pack(">BH", 0x01, 16) + uuid.UUID(call_id).bytes)
+    step = int(8000 * FRAME_S) * 2
+    t0 = starts[call_id] = time.monotonic()
+    for k, offset in enumerate(range(0, len(slin), step)):
+        await asyncio.sleep(max(0.0, t0 + (k + 1) * FRAME_S - time.monotonic()))
+        chunk = slin[offset : offset + step]
+        writer.write(struct.pack(">BH", 0x10, len(chunk)) + chunk)
+    writer.write(struct.pack(">BH", 0x00, 0))
+    await writer.drain()
+    await reader.read()
+    writer.close()
+
+
+async def _wait_port(port: int, server: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"emotion-monitor serve exited with {server.returncode}")
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.2)
+    raise TimeoutError("emotion-monitor serve did not listen in time")
+
+
+async def bench(calls: int, args: argparse.Namespace, clips: list[np.ndarray]) -> dict:
+    node, port = f"benchcalls{uuid.uuid4().hex[:6]}", _free_port()
+    pause = float(np.mean([len(c) for c in clips])) / SAMPLE_RATE  # as much silence as speech
+    streams = {}
+    for i in range(calls):
+        order, audio, ends = clips[i % len(clips) :] + clips[: i % len(clips)], np.zeros(0, np.float32), []
+        while len(audio) < args.seconds * SAMPLE_RATE:
+            more, more_ends = build_stream(order, pause)
+            ends += [len(audio) / SAMPLE_RATE + e for e in more_ends]
+            audio = np.concatenate([audio, more])
+        streams[str(uuid.uuid4())] = (audio, ends)
+    command = [sys.executable, "-m", "streamer", "serve", "--audiosocket", f"127.0.0.1:{port}", "--node", node]
+    command += ["--broker", args.broker] + (["--config", args.config] if args.config else [])
+    with tempfile.TemporaryFile("w+") as log:
+        server = subprocess.Popen(command, stderr=log, text=True)
+        received: list[tuple[float, str, dict]] = []
+        try:
+            await _wait_port(port, server)
+            host, mqtt_port = args.broker.removeprefix("mqtt://").split(":")
+
+            async def subscribe(ready: asyncio.Event) -> None:
+                async with aiomqtt.Client(host, int(mqtt_port)) as client:
+                    await client.subscribe(f"emotion/v1/{node}/call/#", qos=1)
+                    ready.set()
+                    async for message in client.messages:
+                        received.append((time.monotonic(), str(message.topic), json.loads(message.payload)))
+
+            ready = asyncio.Event()
+            subscriber = asyncio.create_task(subscribe(ready))
+            await ready.wait()
+            starts: dict[str, float] = {}
+            cpu0, wall0 = _proc_cpu_s(server.pid), time.monotonic()
+            await asyncio.gather(
+                *(_play(port, cid, a, 0.37 * i, starts) for i, (cid, (a, _)) in enumerate(streams.items()))
+            )
+            deadline = time.monotonic() + 60
+            while sum(t.endswith("/lifecycle") and m["type"] == "ended" for _, t, m in received) < calls:
+                if time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.2)
+            cpu, wall = _proc_cpu_s(server.pid) - cpu0, time.monotonic() - wall0
+            peak_mb = _proc_peak_mb(server.pid)
+            subscriber.cancel()
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+            log.seek(0)
+            log_tail = log.read().strip().splitlines()[-3:]
+    latencies, stages, unmatched = [], [], 0
+    events = [(a, m) for a, t, m in received if t.endswith("/event")]
+    for arrived, event in events:
+        truths = streams[event["call_id"]][1]
+        truth = min(truths, key=lambda e: abs(e - event["end_s"]))
+        if abs(truth - event["end_s"]) > 0.25:
+            unmatched += 1
+            continue
+        latencies.append((arrived - (starts[event["call_id"]] + truth)) * 1000)
+        stages.append(event["latency_ms"])
+    lat = np.array(latencies)
+    audio_s = sum(len(a) for a, _ in streams.values()) / SAMPLE_RATE
+
+    def pct(q: float) -> float | None:
+        return round(float(np.percentile(lat, q)), 1) if len(lat) else None
+
+    return {
+        "machine": f"{platform.node()} {platform.processor() or platform.machine()} {os.cpu_count()} cores",
+        "calls": calls,
+        "audio_s": round(audio_s, 1),
+        "speech_share": 0.5,
+        "utterances_true": sum(len(e) for _, e in streams.values()),
+        "events": len(events),
+        "events_without_a_true_end_nearby": unmatched,
+        "voice_only": sum(e["asr"]["rejected"] == "overload" for _, e in events),
+        "calls_ended": sum(t.endswith("/lifecycle") and m["type"] == "ended" for _, t, m in received),
+        "latency_ms_p50": pct(50),
+        "latency_ms_p95": pct(95),
+        "latency_ms_p99": pct(99),
+        "latency_ms_max": round(float(lat.max()), 1) if len(lat) else None,
+        "stage_ms_p50": {k: round(float(np.median([s[k] for s in stages])), 1) for k in stages[0]} if stages else {},
+        "server_cpu_cores_busy": round(cpu / wall, 2),
+        "server_cpu_s_per_audio_s": round(cpu / audio_s, 3),
+        "server_peak_rss_mb": round(peak_mb, 1),
+        "server_log_tail": log_tail,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--broker", default="mqtt://127.0.0.1:1883")
+    parser.add_argument("--calls", type=int, nargs="+", default=[1, 8, 16])
+    parser.add_argument("--seconds", type=float, default=60, help="audio per call")
+    parser.add_argument("--uem", type=int, default=0, help="use N clips of UEM's held-out speakers instead of espeak")
+    parser.add_argument("--config", help="YAML config for the server (e.g. another max_batch)")
+    parser.add_argument("--json-dir", help="write calls_<N>.json here")
+    args = parser.parse_args()
+    clips = uem_clips(args.uem) if args.uem else [speak(s) for s in SENTENCES]
+    for calls in args.calls:
+        result = asyncio.run(bench(calls, args, clips))
+        report(result, f"{args.json_dir}/calls_{calls}.json" if args.json_dir else None)
+
+
+if __name__ == "__main__":
+    main()
