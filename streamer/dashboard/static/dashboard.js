@@ -13,6 +13,7 @@ const MAX_CAPTIONS = 3;
 const MAX_ALERTS = 30;
 const MAX_ENDED_CALLS = 30; // older ended calls leave the page, so it stays light through a day of calls
 const FRAME_BUDGET_MS = 8; // a burst is applied over several frames rather than freezing the page
+const REDRAW_MS = 250; // a card's captions and plot change at most 4 times a second, however busy its stream
 const PLOT_W = 600, PLOT_H = 150, BAND_H = 10, MARK_H = 12;
 
 const model = {
@@ -28,6 +29,7 @@ const model = {
 };
 const dirty = { groups: new Set(), streams: new Set(), header: true, alerts: false };
 const pending = []; // envelopes received, applied in the next frames within FRAME_BUDGET_MS
+const laterStreams = []; // cards drawn less than REDRAW_MS ago: drawn again in a later frame
 let pendingAt = 0;
 let frameRequested = false;
 
@@ -89,7 +91,7 @@ function getStream(env, role) {
     const name = group.isCall ? text(role || env.role) : env.key.slice(text(env.node).length + 1);
     stream = {
       key: env.key, group, name, points: [], alerts: [], incongruent: 0,
-      el: null, visible: true, canvasDirty: true,
+      el: null, visible: !observer, viewDirty: true, drawnAt: -Infinity, // drawn once the observer reports it on screen
     };
     model.streams.set(env.key, stream);
     group.streams.push(stream);
@@ -100,7 +102,8 @@ function getStream(env, role) {
 
 function touch(stream) {
   dirty.streams.add(stream);
-  stream.canvasDirty = true;
+  stream.viewDirty = true;
+  stream.headDirty = true;
 }
 
 function widen(group, t0, t1) {
@@ -233,7 +236,7 @@ const observer = "IntersectionObserver" in window
     for (const entry of entries) {
       const stream = entry.target._stream;
       stream.visible = entry.isIntersecting;
-      if (stream.visible && stream.canvasDirty) {
+      if (stream.visible && stream.viewDirty) {
         touch(stream);
         schedule();
       }
@@ -279,6 +282,7 @@ function buildCard(stream) {
   canvas.height = PLOT_H * dpr;
   stream.ctx = canvas.getContext("2d");
   stream.ctx.scale(dpr, dpr);
+  stream.ctx.font = "10px system-ui, sans-serif"; // set once: assigning a font is parsed every time
   stream.captionsEl = el("ol", "captions");
   card.append(header, bar, canvas, stream.captionsEl);
   card._stream = stream;
@@ -295,8 +299,13 @@ function render() {
   while (pendingAt < pending.length && performance.now() - t0 < FRAME_BUDGET_MS) apply(pending[pendingAt++]);
   if (pendingAt === pending.length) pending.length = pendingAt = 0;
   else schedule();
+  laterStreams.length = 0;
   for (const stream of dirty.streams) renderStream(stream);
   dirty.streams.clear();
+  if (laterStreams.length) {
+    for (const stream of laterStreams) dirty.streams.add(stream);
+    schedule();
+  }
   for (const group of dirty.groups) renderGroup(group);
   dirty.groups.clear();
   if (dirty.alerts) renderAlerts();
@@ -311,6 +320,23 @@ function renderStream(stream) {
   const card = stream.el;
   const pts = stream.points;
   const last = pts[pts.length - 1];
+  if (stream.headDirty) renderHead(stream, card, pts, last);
+  // captions and plot of off-screen cards wait until they scroll in
+  if (stream.visible && stream.viewDirty) {
+    const now = performance.now();
+    if (now - stream.drawnAt < REDRAW_MS) {
+      laterStreams.push(stream);
+      return;
+    }
+    renderCaptions(stream);
+    drawPlot(stream);
+    stream.viewDirty = false;
+    stream.drawnAt = now;
+  }
+}
+
+function renderHead(stream, card, pts, last) {
+  stream.headDirty = false;
   card.dataset.points = String(pts.length);
   card.dataset.incongruent = String(stream.incongruent);
   card.dataset.alerts = String(stream.alerts.length);
@@ -322,11 +348,6 @@ function renderStream(stream) {
     const latency = Number.isFinite(last.latency) ? ` · ${Math.round(last.latency)} ms` : "";
     stream.infoEl.textContent = `${pts.length} utt. · v ${last.valence.toFixed(2)} a ${last.arousal.toFixed(2)}${latency}`;
     card.classList.toggle("interim", !last.final);
-  }
-  renderCaptions(stream);
-  if (stream.visible && stream.canvasDirty) {
-    drawPlot(stream);
-    stream.canvasDirty = false;
   }
 }
 
@@ -368,7 +389,6 @@ function drawPlot(stream) {
   if (tmax - tmin < 10000) tmin = tmax - 10000;
   const x = (t) => 4 + ((t - tmin) / (tmax - tmin)) * (PLOT_W - 8);
   ctx.fillStyle = "#6b7080";
-  ctx.font = "10px system-ui, sans-serif";
   ctx.textAlign = "left";
   ctx.fillText(clock(tmin), 4, 9);
   ctx.textAlign = "right";
@@ -415,7 +435,6 @@ function drawPlot(stream) {
     ctx.stroke();
     ctx.setLineDash([]);
     ctx.fillStyle = "#ff3b3b";
-    ctx.font = "bold 11px system-ui, sans-serif";
     ctx.fillText("!", px + 3, 10);
   }
 }
