@@ -11,6 +11,9 @@ import json
 import os
 import random
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -314,6 +317,36 @@ def test_works_with_the_embedded_broker(background: Background, node: str):
 
     streams = background.run(go())
     assert [envelope["data"]["label"] for _, envelope in streams[f"{node}/emb"].values()] == ["fear"]
+
+
+def test_cli_dashboard_serves_until_interrupted(broker, background: Background, node: str):
+    """`emotion-monitor dashboard` as a user runs it: the page, the messages of its node, a clean Ctrl-C."""
+    port = free_port()
+    command = [sys.executable, "-m", "streamer", "dashboard", "--http", f"127.0.0.1:{port}", "--node", node]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url + "snapshot.json", timeout=2) as r:
+                    if json.load(r) is not None:
+                        break
+            except OSError:
+                time.sleep(0.2)
+        background.publish([(event_topic(node, "cli"), event(node, "cli", 0, "joy", 0.9, "hola"))])
+        for _ in range(100):
+            with urllib.request.urlopen(url + "snapshot.json", timeout=2) as r:
+                labels = [e["data"]["label"] for e in json.load(r) if e["kind"] == "event"]
+            if labels:
+                break
+            time.sleep(0.1)
+        assert labels == ["joy"]
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=15)
+    assert process.returncode == 0, stderr
+    assert f"dashboard on {url}" in stderr
 
 
 # ---- in the browser ----------------------------------------------------------------------------------------
