@@ -1,6 +1,7 @@
 // emotion-monitor live dashboard. Messages arrive over Server-Sent Events from `emotion-monitor dashboard`;
 // each only updates the in-memory model and marks what changed as dirty. One requestAnimationFrame pass then
-// redraws the dirty cards (their canvas only while on screen), so 50 busy streams cost a few canvases a frame.
+// updates the dirty cards (captions and canvas only while on screen, at most 4 times a second each), so 50 busy
+// streams cost a few canvases a frame.
 "use strict";
 
 const LABELS = ["anger", "disgust", "fear", "joy", "neutral", "sadness"];
@@ -106,11 +107,17 @@ function touch(stream) {
   stream.headDirty = true;
 }
 
-function widen(group, t0, t1) {
-  if (t0 >= group.tmin && t1 <= group.tmax) return;
-  group.tmin = Math.min(group.tmin, t0);
-  group.tmax = Math.max(group.tmax, t1);
-  if (group.isCall) group.streams.forEach(touch); // the roles of a call share one time axis
+function refreshDomain(group) { // the roles of a call share one time axis: the span of their kept points
+  let tmin = Infinity, tmax = -Infinity;
+  for (const s of group.streams) {
+    if (!s.points.length) continue;
+    tmin = Math.min(tmin, s.points[0].t0);
+    tmax = Math.max(tmax, s.points[s.points.length - 1].t1);
+  }
+  if (tmin === group.tmin && tmax === group.tmax) return;
+  group.tmin = tmin;
+  group.tmax = tmax;
+  group.streams.forEach(touch);
 }
 
 function applyEvent(env) {
@@ -143,7 +150,7 @@ function applyEvent(env) {
   model.eventTimes.push(performance.now());
   touch(stream);
   const group = stream.group;
-  if (group.isCall) widen(group, point.t0, point.t1);
+  if (group.isCall) refreshDomain(group);
   dirty.groups.add(group);
 }
 
@@ -194,6 +201,11 @@ function applyAlert(env) {
   dirty.alerts = true;
 }
 
+function nodeOf(env) {
+  if (!model.nodes.has(env.node)) model.nodes.set(env.node, {});
+  return model.nodes.get(env.node);
+}
+
 function apply(env) {
   try {
     if (!env || typeof env !== "object" || !env.data) throw new Error("not an envelope");
@@ -201,8 +213,8 @@ function apply(env) {
       case "event": applyEvent(env); break;
       case "call": applyCall(env); break;
       case "alert": applyAlert(env); break;
-      case "status": (model.nodes.get(env.node) || model.nodes.set(env.node, {}).get(env.node)).status = text(env.data); break;
-      case "health": (model.nodes.get(env.node) || model.nodes.set(env.node, {}).get(env.node)).health = env.data; break;
+      case "status": nodeOf(env).status = text(env.data); break;
+      case "health": nodeOf(env).health = env.data; break;
       case "broker": model.broker = env.data; break;
       default: return;
     }
@@ -219,6 +231,7 @@ function receive(envelopes) {
 }
 
 function reset() {
+  if (observer) observer.disconnect();
   for (const group of model.groups.values()) group.el.remove();
   model.groups.clear();
   model.streams.clear();
@@ -414,7 +427,7 @@ function drawPlot(stream) {
     ctx.stroke();
     if (pts.length === 1) ctx.fillRect(x(pts[0].t1) - 2, bottom - pts[0].scores[i] * h - 2, 4, 4);
   });
-  // ≠ marks: voice and words disagree
+  // ◆ marks: an incongruent utterance (voice and words disagree)
   ctx.fillStyle = COLOURS.fear;
   for (const p of pts) {
     if (!p.incongruent) continue;
@@ -659,7 +672,7 @@ function init() {
     dirty.header = true;
     schedule();
   }, 1000);
-  window.dashboard = { model, render };
+  window.dashboard = { model }; // for tests and for a look from the browser console
   connect();
 }
 
