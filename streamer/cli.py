@@ -51,6 +51,13 @@ def _config(args: argparse.Namespace) -> MonitorConfig:
     return config
 
 
+async def _engine(config: MonitorConfig):
+    """Load the models off the event loop (seconds), so signals and the broker connection stay responsive."""
+    from streamer.pipeline import Engine
+
+    return await asyncio.to_thread(Engine, config.recogniser, config.classifier, config.node, config.pipeline.max_batch)
+
+
 def _source_spec(spec: str) -> str:
     """`auto`: the first microphone if one exists, else the generated Spanish demo."""
     if spec != "auto":
@@ -70,12 +77,12 @@ async def _run(args: argparse.Namespace, config: MonitorConfig) -> int:
     from streamer.live_view import ConsoleSink
     from streamer.metrics import HEALTH
     from streamer.metrics import serve as serve_metrics
-    from streamer.pipeline import Engine, run_stream
+    from streamer.pipeline import run_stream
     from streamer.publisher import JsonlSink, MqttSink, resolve_broker
     from streamer.sources import open_source
 
     source = open_source(_source_spec(config.source), realtime=not args.fast, rate=args.rate, channels=args.channels)
-    engine = await asyncio.to_thread(Engine, config.recogniser, config.classifier, config.node)
+    engine = await _engine(config)
     url, embedded = await resolve_broker(config.mqtt)
     mqtt = MqttSink(config.mqtt, url, config.node)
     sinks = [mqtt]
@@ -87,6 +94,7 @@ async def _run(args: argparse.Namespace, config: MonitorConfig) -> int:
         await sink.start()
     HEALTH.sink = mqtt
     metrics = await serve_metrics(config.metrics) if config.metrics else None
+    dashboard = await _start_dashboard(url, args.dashboard, config.node, config) if args.dashboard else None
     log.info(
         "stream %s from %s → %s (topic emotion/v1/%s/%s/event)",
         config.stream,
@@ -118,6 +126,8 @@ async def _run(args: argparse.Namespace, config: MonitorConfig) -> int:
             await sink.close()
         if metrics:
             metrics.close()
+        if dashboard:
+            await dashboard.stop()
         if embedded:
             await embedded.stop()
         engine.close()
@@ -139,6 +149,59 @@ async def _run(args: argparse.Namespace, config: MonitorConfig) -> int:
     return 1 if stats.error else 0
 
 
+async def _serve(args: argparse.Namespace, config: MonitorConfig) -> int:
+    from streamer.ingest import PROTOCOLS, start_listeners
+    from streamer.ingest.calls import CallHub
+    from streamer.metrics import HEALTH
+    from streamer.metrics import serve as serve_metrics
+    from streamer.publisher import JsonlSink, MqttSink, resolve_broker
+
+    for protocol in PROTOCOLS:
+        if getattr(args, protocol, None):
+            setattr(config.ingest, protocol, getattr(args, protocol))
+    if not any(getattr(config.ingest, p) for p in PROTOCOLS):
+        log.error("nothing to serve: give --audiosocket, --twilio or --freeswitch HOST:PORT (or ingest: in --config)")
+        return 2
+    engine = await _engine(config)
+    url, embedded = await resolve_broker(config.mqtt)
+    mqtt = MqttSink(config.mqtt, url, config.node)
+    sinks = [mqtt]
+    if args.jsonl:
+        sinks.append(JsonlSink(args.jsonl, config.mqtt.publish_transcript))
+    for sink in sinks:
+        await sink.start()
+    HEALTH.sink = mqtt
+    metrics = await serve_metrics(config.metrics) if config.metrics else None
+    hub = CallHub(engine, sinks, config.ingest, config.segmenter, config.pipeline)
+    servers = []
+    try:
+        servers = await start_listeners(hub)
+        log.info("serving calls → %s (topics emotion/v1/%s/call/<call_id>/…)", mqtt.address.url, config.node)
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("stopping: ending %d active calls", len(hub.calls))
+    finally:
+        await hub.close()
+        for server in servers:
+            server.close()
+        for server in servers:
+            await server.wait_closed()
+        for sink in sinks:
+            await sink.close()
+        if metrics:
+            metrics.close()
+        if embedded:
+            await embedded.stop()
+        engine.close()
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    return asyncio.run(_serve(args, _config(args)))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     return asyncio.run(_run(args, _config(args)))
 
@@ -149,12 +212,12 @@ async def _analyze(args: argparse.Namespace, config: MonitorConfig) -> int:
 
     from streamer.audio import AudioError, load_audio
     from streamer.frames import Utterance
-    from streamer.pipeline import Engine, run_stream
+    from streamer.pipeline import run_stream
     from streamer.publisher import JsonlSink
     from streamer.segmenter import speech_seconds
     from streamer.sources import FileSource
 
-    engine = await asyncio.to_thread(Engine, config.recogniser, config.classifier, config.node)
+    engine = await _engine(config)
     sink = JsonlSink(args.jsonl, config.mqtt.publish_transcript)
     await sink.start()
     failed = 0
@@ -256,6 +319,31 @@ def cmd_devices(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _start_dashboard(broker: str, listen: str, node: str | None, config: MonitorConfig):
+    from streamer.dashboard import Dashboard
+
+    dashboard = Dashboard(broker, listen, node, config.mqtt)
+    await dashboard.start()
+    return dashboard
+
+
+async def _dashboard(args: argparse.Namespace, config: MonitorConfig) -> int:
+    broker = "mqtt://127.0.0.1:1883" if config.mqtt.url == "auto" else config.mqtt.url
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    dashboard = await _start_dashboard(broker, args.http, args.node, config)
+    try:
+        await stop.wait()
+    finally:
+        await dashboard.stop()
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    return asyncio.run(_dashboard(args, _config(args)))
+
+
 def cmd_install_service(args: argparse.Namespace) -> int:
     from streamer.service import install, unit_text
 
@@ -290,7 +378,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--channels", type=int, default=1, help="channels of stdin PCM (default 1)")
     run.add_argument("--quiet", action="store_true", help="no live view in the terminal")
     run.add_argument("--metrics", metavar="HOST:PORT", help="serve /metrics (Prometheus) and /healthz here")
+    run.add_argument("--dashboard", metavar="HOST:PORT", help="also serve the live web dashboard here")
     run.set_defaults(func=cmd_run)
+
+    serve = sub.add_parser("serve", help="take live phone calls (AudioSocket, Twilio, FreeSWITCH) and publish events")
+    common(serve)
+    serve.add_argument("--audiosocket", metavar="HOST:PORT", help="Asterisk AudioSocket (TCP) listener")
+    serve.add_argument("--twilio", metavar="HOST:PORT", help="Twilio Media Streams (WebSocket) listener")
+    serve.add_argument("--freeswitch", metavar="HOST:PORT", help="FreeSWITCH mod_audio_fork (WebSocket) listener")
+    serve.add_argument("--broker", help="auto | mqtt://[user:pass@]host:port | mqtts://…")
+    serve.add_argument("--node", help="node id used in topics (default: host name)")
+    serve.add_argument("--jsonl", help="also write events and call messages as JSON lines (- for stdout)")
+    serve.add_argument("--metrics", metavar="HOST:PORT", help="serve /metrics (Prometheus) and /healthz here")
+    serve.set_defaults(func=cmd_serve)
 
     analyze = sub.add_parser("analyze", help="analyse audio files offline")
     common(analyze)
@@ -308,6 +408,13 @@ def _parser() -> argparse.ArgumentParser:
 
     devices = sub.add_parser("devices", help="list audio input devices")
     devices.set_defaults(func=cmd_devices)
+
+    dash = sub.add_parser("dashboard", help="live web dashboard of the events and calls on the broker")
+    dash.add_argument("--config", help="YAML config (its mqtt: section: credentials, TLS)")
+    dash.add_argument("--broker", help="mqtt://[user:pass@]host:port | mqtts://… (default mqtt://127.0.0.1:1883)")
+    dash.add_argument("--http", metavar="HOST:PORT", default="127.0.0.1:8765", help="serve the page here")
+    dash.add_argument("--node", help="show only this node (default: all)")
+    dash.set_defaults(func=cmd_dashboard)
 
     service = sub.add_parser("install-service", help="install a systemd user unit running `run`")
     service.add_argument("--enable", action="store_true", help="also daemon-reload and enable --now")

@@ -27,6 +27,16 @@ def event_topic(node: str, stream: str, call_id: str | None = None, role: str | 
     return f"{TOPIC_ROOT}/{topic_safe(node)}/{topic_safe(stream)}/event"
 
 
+def state_topic(node: str, stream: str, call_id: str | None = None, role: str | None = None) -> str:
+    """The retained last state of a stream: the sibling of its event topic."""
+    return event_topic(node, stream, call_id, role).removesuffix("/event") + "/state"
+
+
+def request_topic(node: str) -> str:
+    """Ask the daemon for its streams and health (answer on the MQTT v5 response topic, else `…/response`)."""
+    return f"{TOPIC_ROOT}/{topic_safe(node)}/request"
+
+
 def call_topic(node: str, call_id: str) -> str:
     """The prefix of one call's topics: `…/<role>/event`, `…/lifecycle` and `…/alert` sit under it."""
     return f"{TOPIC_ROOT}/{topic_safe(node)}/call/{topic_safe(call_id)}"

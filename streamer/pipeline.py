@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from streamer.classifier import ClassifierOptions, EmotionClassifier
 from streamer.frames import EmotionEvent, Latency, Transcript, Utterance
 from streamer.metrics import HEALTH, STAGE_LATENCY
-from streamer.publisher import Sink
+from streamer.publisher import Sink, StreamSink
 from streamer.recogniser import Recogniser, RecogniserOptions
 from streamer.segmenter import Segmenter, SegmenterOptions
 from streamer.sources import Source
@@ -295,6 +295,9 @@ async def run_stream(
             stats.latencies_ms.append(event.latency.total)
             _observe(event)
 
+    announced = [sink for sink in sinks if isinstance(sink, StreamSink)]
+    for sink in announced:
+        sink.stream_started(stream, call_id, role)
     reader = asyncio.create_task(read())
     stopper = asyncio.create_task(stop.wait()) if stop else None
     if stopper:
@@ -305,4 +308,6 @@ async def run_stream(
         if stopper:
             stopper.cancel()
         HEALTH.queues.pop(stream, None)
+        for sink in announced:
+            sink.stream_ended(stream, call_id, role)
     return stats

@@ -21,8 +21,19 @@ from pathlib import Path
 from typing import Protocol, TextIO, runtime_checkable
 from urllib.parse import unquote, urlsplit
 
-from streamer.event import event_topic, health_topic, status_topic, to_wire, topic_safe
+from streamer.event import (
+    SCHEMA_ID,
+    event_topic,
+    health_topic,
+    iso_utc,
+    request_topic,
+    state_topic,
+    status_topic,
+    to_wire,
+    topic_safe,
+)
 from streamer.frames import EmotionEvent
+from streamer.homeassistant import discovery_config, discovery_topic, last_state
 from streamer.metrics import HEALTH
 from streamer.models import cache_dir
 from streamer.spool import Spool
@@ -51,6 +62,10 @@ class MqttOptions:
     spool_max_events: int = 100_000
     health_interval_s: float = 30.0  # retained health and counts on emotion/v1/<node>/health; 0 = off
     publish_transcript: bool = True
+    protocol: str = "auto"  # auto: MQTT v5 (content type, expiry, user properties) where the broker speaks it; 5; 3.1.1
+    event_expiry_s: int = 3600  # MQTT v5 message expiry of events (a subscriber that returns later skips stale ones)
+    homeassistant: bool = True  # retained Home Assistant discovery per stream (not per call track)
+    homeassistant_prefix: str = "homeassistant"
     embedded_host: str = "127.0.0.1"
     embedded_port: int = 1883
 
@@ -127,6 +142,8 @@ async def resolve_broker(opts: MqttOptions) -> tuple[str, EmbeddedBroker | None]
         return url, None
     broker = EmbeddedBroker(opts.embedded_host, opts.embedded_port)
     await broker.start()
+    if opts.protocol == "auto":
+        opts.protocol = "3.1.1"  # amqtt speaks no MQTT v5
     return url, broker
 
 
@@ -136,6 +153,15 @@ class Sink(Protocol):
     def send(self, event: EmotionEvent) -> None: ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class StreamSink(Protocol):
+    """A sink told when a stream starts and ends (for announcements and retained state)."""
+
+    def stream_started(self, stream: str, call_id: str | None, role: str | None) -> None: ...
+
+    def stream_ended(self, stream: str, call_id: str | None, role: str | None) -> None: ...
 
 
 @runtime_checkable
@@ -153,7 +179,9 @@ def stamp(event: EmotionEvent) -> None:
 
 
 class MqttSink:
-    """Publishes events (QoS 1) and a retained online/offline status with a Last Will; reconnects forever."""
+    """Publishes events (QoS 1) from a durable spool; keeps retained what dashboards read first (per-stream last
+    state, Home Assistant discovery, online/offline status with a Last Will, health); answers requests on
+    `…/request`; speaks MQTT v5 where the broker does; reconnects forever."""
 
     def __init__(self, opts: MqttOptions, url: str, node: str) -> None:
         self.opts, self.node = opts, node
@@ -166,6 +194,12 @@ class MqttSink:
         self.published = 0
         self.replayed = 0
         self._next_health = 0.0  # the first health message goes out right after connecting
+        self._v5 = opts.protocol != "3.1.1"
+        self.connected_once = False  # until then, `auto` alternates between MQTT v5 and 3.1.1
+        self._models: dict[str, str] = {}
+        # Retained messages are state, not a log: the latest payload per topic ("" deletes it), re-sent on connect.
+        self._retained: dict[str, str] = {}
+        self._dirty: set[str] = set()
 
     def _spool_path(self) -> Path | None:
         if self.opts.spool == "memory":
@@ -184,8 +218,33 @@ class MqttSink:
 
     def send(self, event: EmotionEvent) -> None:
         stamp(event)
-        payload = json.dumps(to_wire(event, self.opts.publish_transcript), ensure_ascii=False)
-        self.spool.append(event_topic(event.node, event.stream, event.call_id, event.role), payload, event.final)
+        wire = to_wire(event, self.opts.publish_transcript)
+        self.spool.append(
+            event_topic(event.node, event.stream, event.call_id, event.role),
+            json.dumps(wire, ensure_ascii=False),
+            event.final,
+        )
+        self._models = event.models
+        if event.final:
+            self._retain(state_topic(event.node, event.stream, event.call_id, event.role), last_state(wire))
+        self._wakeup.set()
+
+    def stream_started(self, stream: str, call_id: str | None, role: str | None) -> None:
+        if self.opts.homeassistant and call_id is None:
+            self._retain(
+                discovery_topic(self.opts.homeassistant_prefix, self.node, stream), discovery_config(self.node, stream)
+            )
+
+    def stream_ended(self, stream: str, call_id: str | None, role: str | None) -> None:
+        """Remove the stream's Home Assistant sensor; a call track's last state goes too (calls do not return)."""
+        if call_id is not None:
+            self._retain(state_topic(self.node, stream, call_id, role), "")
+        elif self.opts.homeassistant:
+            self._retain(discovery_topic(self.opts.homeassistant_prefix, self.node, stream), "")
+
+    def _retain(self, topic: str, payload: str) -> None:
+        self._retained[topic] = payload
+        self._dirty.add(topic)
         self._wakeup.set()
 
     def send_message(self, topic: str, message: dict) -> None:
@@ -211,6 +270,7 @@ class MqttSink:
             password=self.address.password,
             identifier=self.opts.client_id or f"emotion-monitor-{self.node}-{os.getpid()}",
             will=aiomqtt.Will(status_topic(self.node), "offline", qos=1, retain=True),
+            protocol=aiomqtt.ProtocolVersion.V5 if self._v5 else aiomqtt.ProtocolVersion.V311,
             keepalive=self.opts.keepalive,
             tls_context=tls_context,
             timeout=10,
@@ -225,34 +285,75 @@ class MqttSink:
                 async with self._client() as client:
                     await client.publish(status_topic(self.node), "online", qos=1, retain=True)
                     self.connected.set()
+                    self.connected_once = True
                     if outage_logged:
                         waiting = self.spool.size()
                         self.replayed += waiting
                         log.warning("MQTT broker %s is back: sending %d spooled events", self.address.url, waiting)
                     delay, outage_logged = 0.5, False
-                    await self._drain(client)
+                    self._dirty |= set(self._retained)  # a broker restarted without persistence lost them
+                    listener = asyncio.create_task(self._listen(client))
+                    try:
+                        await self._drain(client)
+                    finally:
+                        listener.cancel()
                     if self.opts.health_interval_s:
                         await self._publish_health(client)
                     await client.publish(status_topic(self.node), "offline", qos=1, retain=True)
                     return
             except aiomqtt.MqttError as e:
-                self.connected.clear()
-                if self._closing and not self.spool.size():
-                    return
-                if not outage_logged:
-                    log.warning("MQTT broker %s unreachable (%s): spooling events and retrying", self.address.url, e)
-                    outage_logged = True
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                if self.opts.protocol == "auto" and not self.connected_once:
+                    self._v5 = not self._v5  # a broker without v5 may refuse it, or (amqtt, with a will) not answer
+                    if not self._v5:
+                        log.info("MQTT broker %s: no MQTT v5 (%s), trying 3.1.1", self.address.url, e)
+                        continue
+                delay, outage_logged = await self._outage(e, delay, outage_logged)
+            if self._closing and not self.spool.size():
+                return
+
+    async def _outage(self, error: Exception, delay: float, logged: bool) -> tuple[float, bool]:
+        self.connected.clear()
+        if self._closing and not self.spool.size():
+            return delay, logged
+        if not logged:
+            log.warning("MQTT broker %s unreachable (%s): spooling events and retrying", self.address.url, error)
+        await asyncio.sleep(delay)
+        return min(delay * 2, 5.0), True
+
+    def _properties(self, topic: str):
+        """MQTT v5 publish properties (None on 3.1.1): JSON content type; events also expire and name their
+        schema and models, so a consumer can route on them without parsing the payload."""
+        if not self._v5:
+            return None
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        properties = Properties(PacketTypes.PUBLISH)
+        properties.ContentType = "application/json"
+        if topic.endswith("/event"):
+            properties.MessageExpiryInterval = self.opts.event_expiry_s
+            properties.UserProperty = [("schema", SCHEMA_ID), *self._models.items()]
+        return properties
 
     async def _drain(self, client) -> None:
-        """Publish spooled events in order until closing; an event leaves the spool only once acknowledged."""
+        """Publish spooled events in order until closing (an event leaves the spool only once acknowledged),
+        then the retained state that changed."""
         while True:
             while batch := self.spool.head():
                 for message in batch:
-                    await client.publish(message.topic, message.payload, qos=1)
+                    await client.publish(
+                        message.topic, message.payload, qos=1, properties=self._properties(message.topic)
+                    )
                     self.spool.remove(message.rowid)
                     self.published += 1
+            while self._dirty:
+                topic = self._dirty.pop()
+                payload = self._retained.get(topic)
+                if payload is None:
+                    continue
+                await client.publish(topic, payload, qos=1, retain=True, properties=self._properties(topic))
+                if payload == "" and self._retained.get(topic) == "":
+                    del self._retained[topic]  # deleted on the broker; nothing to re-send
             if self._closing:
                 return
             self._wakeup.clear()
@@ -262,6 +363,37 @@ class MqttSink:
                     await asyncio.wait_for(self._wakeup.wait(), wait)
             if self.opts.health_interval_s and time.monotonic() >= self._next_health:
                 await self._publish_health(client)
+
+    async def _listen(self, client) -> None:
+        """Answer `…/request` and re-announce to Home Assistant when it comes back online."""
+        ha_status = f"{self.opts.homeassistant_prefix}/status"
+        await client.subscribe(request_topic(self.node), qos=1)
+        if self.opts.homeassistant:
+            await client.subscribe(ha_status, qos=1)
+        async for message in client.messages:
+            if str(message.topic) == ha_status:
+                if message.payload == b"online":
+                    self._dirty |= {t for t in self._retained if t.startswith(self.opts.homeassistant_prefix + "/")}
+                    self._wakeup.set()
+            elif str(message.topic) == request_topic(self.node):
+                await self._answer(client, message)
+
+    async def _answer(self, client, message) -> None:
+        asked = getattr(message.properties, "ResponseTopic", None)
+        properties = self._properties("response")
+        correlation = getattr(message.properties, "CorrelationData", None)
+        if properties is not None and correlation is not None:
+            properties.CorrelationData = correlation
+        answer = {
+            "schema": "emotion-monitor/response/v1",
+            "node": self.node,
+            "time": iso_utc(time.time()),
+            "streams": {stream: {"queued": depth()} for stream, depth in sorted(HEALTH.queues.items())},
+            "models": self._models,
+            "health": HEALTH.snapshot(),
+        }
+        topic = asked or request_topic(self.node).removesuffix("request") + "response"
+        await client.publish(topic, json.dumps(answer), qos=1, properties=properties)
 
     async def _publish_health(self, client) -> None:
         await client.publish(health_topic(self.node), json.dumps(HEALTH.snapshot()), qos=1, retain=True)
