@@ -160,7 +160,7 @@ async def _serve(args: argparse.Namespace, config: MonitorConfig) -> int:
         if getattr(args, protocol, None):
             setattr(config.ingest, protocol, getattr(args, protocol))
     if not any(getattr(config.ingest, p) for p in PROTOCOLS):
-        log.error("nothing to serve: give --audiosocket, --twilio or --freeswitch HOST:PORT (or ingest: in --config)")
+        log.error("nothing to serve: give --audiosocket, --twilio, --freeswitch or --audiohook HOST:PORT (or ingest: in --config)")
         return 2
     engine = await _engine(config)
     url, embedded = await resolve_broker(config.mqtt)
@@ -204,6 +204,85 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     return asyncio.run(_run(args, _config(args)))
+
+
+def _scale_out_broker(config: MonitorConfig) -> str:
+    """`auto` is the local broker, never an embedded one: amqtt has no shared subscriptions."""
+    return "mqtt://127.0.0.1:1883" if config.mqtt.url == "auto" else config.mqtt.url
+
+
+async def _ingest(args: argparse.Namespace, config: MonitorConfig) -> int:
+    from streamer.distributed.ingest import JobPublisher, ingest_stream
+    from streamer.sources import open_source
+
+    source = open_source(_source_spec(config.source), realtime=not args.fast, rate=args.rate, channels=args.channels)
+    publisher = JobPublisher(config.mqtt, _scale_out_broker(config), config.node, config.distributed)
+    await publisher.start()
+    log.info("stream %s from %s → jobs on %s", config.stream, source.name, publisher.address.url)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    try:
+        stats = await ingest_stream(source, publisher, config.stream, config.segmenter, stop)
+    finally:
+        await publisher.close()
+    log.info(
+        "%d jobs (%.1f s of audio, %d bytes of %s jobs) published, %d left in the spool",
+        publisher.jobs,
+        publisher.audio_s,
+        publisher.job_bytes,
+        config.distributed.audio,
+        publisher.spool.size(),
+    )
+    return 1 if stats.error else 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    return asyncio.run(_ingest(args, _config(args)))
+
+
+async def _worker(args: argparse.Namespace, config: MonitorConfig) -> int:
+    from streamer.distributed.worker import Worker
+    from streamer.metrics import HEALTH
+    from streamer.metrics import serve as serve_metrics
+
+    for option in ("group", "jobs"):
+        if getattr(args, option):
+            setattr(config.distributed, option, getattr(args, option))
+    if args.id:
+        config.distributed.worker_id = args.id
+    engine = await _engine(config)
+    worker = Worker(config.mqtt, _scale_out_broker(config), engine, config.distributed)
+    await worker.start()
+    HEALTH.sink = worker
+    metrics = await serve_metrics(config.metrics) if config.metrics else None
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("stopping: leaving the group, finishing the jobs held")
+    finally:
+        await worker.close()
+        if metrics:
+            metrics.close()
+        engine.close()
+    s = worker.stats
+    log.info(
+        "worker %s: %d jobs, %d events, %d expired, %d dead-lettered, %d failed attempts; mean batch %.2f",
+        worker.worker_id,
+        s.jobs,
+        s.events,
+        s.expired,
+        s.deadletter,
+        s.failed_attempts,
+        engine.batched / max(engine.batches, 1),
+    )
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    return asyncio.run(_worker(args, _config(args)))
 
 
 async def _analyze(args: argparse.Namespace, config: MonitorConfig) -> int:
@@ -386,11 +465,32 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--audiosocket", metavar="HOST:PORT", help="Asterisk AudioSocket (TCP) listener")
     serve.add_argument("--twilio", metavar="HOST:PORT", help="Twilio Media Streams (WebSocket) listener")
     serve.add_argument("--freeswitch", metavar="HOST:PORT", help="FreeSWITCH mod_audio_fork (WebSocket) listener")
+    serve.add_argument("--audiohook", metavar="HOST:PORT", help="Genesys Cloud AudioHook (WebSocket) listener")
     serve.add_argument("--broker", help="auto | mqtt://[user:pass@]host:port | mqtts://…")
     serve.add_argument("--node", help="node id used in topics (default: host name)")
     serve.add_argument("--jsonl", help="also write events and call messages as JSON lines (- for stdout)")
     serve.add_argument("--metrics", metavar="HOST:PORT", help="serve /metrics (Prometheus) and /healthz here")
     serve.set_defaults(func=cmd_serve)
+
+    ingest = sub.add_parser("ingest", help="scale-out: cut a source into utterances and publish them as jobs")
+    common(ingest)
+    ingest.add_argument("--source", help="mic[:DEVICE] | file:PATH | stdin (default: auto)")
+    ingest.add_argument("--broker", help="mqtt://[user:pass@]host:port | mqtts://… (default 127.0.0.1:1883)")
+    ingest.add_argument("--stream", help="stream id used in topics and events")
+    ingest.add_argument("--node", help="node id used in topics (default: host name)")
+    ingest.add_argument("--fast", action="store_true", help="file: sources play as fast as possible")
+    ingest.add_argument("--rate", type=int, default=16000, help="sample rate of stdin PCM (default 16000)")
+    ingest.add_argument("--channels", type=int, default=1, help="channels of stdin PCM (default 1)")
+    ingest.set_defaults(func=cmd_ingest)
+
+    worker = sub.add_parser("worker", help="scale-out: process jobs from a shared subscription and publish events")
+    common(worker)
+    worker.add_argument("--broker", help="mqtt://[user:pass@]host:port | mqtts://… (default 127.0.0.1:1883)")
+    worker.add_argument("--group", help="shared-subscription group of the worker pool (default emotion-workers)")
+    worker.add_argument("--id", help="fixed worker id: names its persistent session (default: host name)")
+    worker.add_argument("--jobs", metavar="FILTER", help="job topic filter (default emotion/v1/jobs/#)")
+    worker.add_argument("--metrics", metavar="HOST:PORT", help="serve /metrics (Prometheus) and /healthz here")
+    worker.set_defaults(func=cmd_worker)
 
     analyze = sub.add_parser("analyze", help="analyse audio files offline")
     common(analyze)

@@ -64,7 +64,8 @@ class Watcher:
             await client.subscribe(f"emotion/v1/{self.node}/call/#", qos=1)
             self._ready.set()
             async for message in client.messages:
-                self.messages.append((str(message.topic), json.loads(message.payload)))
+                if message.payload:  # an empty retained message clears an ended call's state
+                    self.messages.append((str(message.topic), json.loads(message.payload)))
 
     def of(self, call_id: str, kind: str) -> list[dict]:
         return [m for t, m in self.messages if m.get("call_id") == call_id and t.endswith("/" + kind)]
@@ -82,7 +83,7 @@ class Watcher:
 @contextlib.asynccontextmanager
 async def serving(engine, **limits):
     """The three listeners on free ports, a hub on the shared engine, a real MQTT sink and a watcher."""
-    ports = {p: free_port() for p in ("audiosocket", "twilio", "freeswitch")}
+    ports = {p: free_port() for p in ("audiosocket", "twilio", "freeswitch", "audiohook")}
     opts = IngestOptions(**{p: f"127.0.0.1:{port}" for p, port in ports.items()}, **limits)
     sink = MqttSink(MqttOptions(spool="memory", health_interval_s=0), "mqtt://127.0.0.1:1883", engine.node)
     await sink.start()
@@ -164,6 +165,8 @@ def check_call(watcher: Watcher, call_id: str, roles: set[str], reason: str = "h
     ended = watcher.ended(call_id)
     assert ended["reason"] == reason, ended
     topics = {t for t, m in watcher.messages if m.get("call_id") == call_id and t.endswith("/event")}
+    states = {t for t, m in watcher.messages if t.endswith("/state") and f"/call/{call_id}/" in t}
+    assert states <= {t.replace("/event", "/state") for t in topics}  # (a state superseded by its clearing is not sent)
     assert topics == {f"emotion/v1/{watcher.node}/call/{call_id}/{r}/event" for r in roles}
     for role in roles:
         events = [m for m in watcher.of(call_id, "event") if m["role"] == role]
@@ -213,6 +216,48 @@ async def test_freeswitch_stereo_splits_caller_and_callee(engine, broker, speak)
         await websocket_call(ports["freeswitch"], [metadata, *frames(data, 1280)], subprotocols=["audio.drachtio.org"])
         await watcher.until_ended(call_id)
     check_call(watcher, call_id, {"customer", "agent"})
+
+
+async def test_audiohook_session_with_stereo_pcmu(engine, broker, speak, tmp_path):
+    """Genesys AudioHook v2: open/opened, ping/pong, stereo μ-law (customer left), close/closed."""
+    async with serving(engine, token="k3y") as (_hub, ports, watcher):
+        conversation, session = str(uuid.uuid4()), str(uuid.uuid4())
+        left, right = ulaw(utterance(speak, ANGRY_ES), tmp_path), ulaw(utterance(speak, HAPPY_ES), tmp_path)
+        n = max(len(left), len(right))
+        stereo = np.stack([np.frombuffer(left.ljust(n, b"\xff"), np.uint8),
+                           np.frombuffer(right.ljust(n, b"\xff"), np.uint8)], axis=1).tobytes()  # 0xff: μ-law 0
+        media = {"type": "audio", "format": "PCMU", "channels": ["external", "internal"], "rate": 8000}
+        seq = iter(range(1, 1000))
+
+        def control(kind: str, **parameters) -> str:
+            return json.dumps({"version": "2", "id": session, "type": kind, "seq": next(seq), "serverseq": 0,
+                               "position": "PT0S", "parameters": parameters})
+
+        async with connect(f"ws://127.0.0.1:{ports['audiohook']}", additional_headers={"X-API-KEY": "k3y"}) as ws:
+            await ws.send(control("open", organizationId="o", conversationId=conversation,
+                                  participant={"id": "p", "ani": "+34600000000", "dnis": "+34910000000"},
+                                  media=[{"type": "audio", "format": "OPUS", "channels": ["external"], "rate": 48000},
+                                         media]))
+            opened = json.loads(await ws.recv())
+            assert (opened["type"], opened["seq"], opened["clientseq"]) == ("opened", 1, 1)
+            assert opened["parameters"]["media"] == [media]
+            await ws.send(control("ping"))
+            pong = json.loads(await ws.recv())
+            assert (pong["type"], pong["seq"], pong["clientseq"]) == ("pong", 2, 2)
+            for chunk in frames(stereo, 1600):  # 100 ms of both channels
+                await ws.send(chunk)
+            await ws.send(control("close", reason="end"))
+            assert json.loads(await ws.recv())["type"] == "closed"
+        (ended,) = await watcher.until_ended(conversation)
+        async with connect(f"ws://127.0.0.1:{ports['audiohook']}") as ws:  # no key
+            await ws.send(control("open", conversationId="x", media=[media]))
+            with pytest.raises(ConnectionClosed):
+                await ws.recv()
+            assert ws.close_code == 1008
+    check_call(watcher, conversation, {"customer", "agent"})
+    assert ended["metadata"]["participant"]["ani"] == "+34600000000"
+    texts = {m["role"]: m["transcript"] for m in watcher.of(conversation, "event")}
+    assert "gracias" in texts["agent"].lower()
 
 
 async def test_twenty_concurrent_calls_each_get_their_events(engine, broker, speak, tmp_path):

@@ -1,20 +1,21 @@
 """Call-center ingest: telephony protocols in, one call per connection, one stream per speaker.
 
 - `calls.py`: what all protocols share (the hub, calls and their tracks, limits, summary, escalation).
-- `audiosocket.py` (Asterisk, TCP), `twilio.py` and `freeswitch.py` (WebSocket, helpers in `websocket.py`).
+- `audiosocket.py` (Asterisk, TCP); `twilio.py`, `freeswitch.py` and `audiohook.py` (Genesys), over WebSocket
+  with the helpers in `websocket.py`.
 """
 
 from __future__ import annotations
 
 import logging
 
-from streamer.ingest import audiosocket, freeswitch, twilio
+from streamer.ingest import audiohook, audiosocket, freeswitch, twilio
 from streamer.ingest.calls import CallHub
 from streamer.ingest.websocket import listen
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = ("audiosocket", "twilio", "freeswitch")
+PROTOCOLS = ("audiosocket", "twilio", "freeswitch", "audiohook")
 
 
 def parse_listen(spec: str) -> tuple[str, int]:
@@ -27,7 +28,7 @@ def parse_listen(spec: str) -> tuple[str, int]:
 
 
 async def start_listeners(hub: CallHub) -> list:
-    """Start the servers named in `hub.opts` (audiosocket, twilio, freeswitch); returns them for closing."""
+    """Start the servers named in `hub.opts` (audiosocket, twilio, freeswitch, audiohook); returns them for closing."""
     servers = []
     for protocol in PROTOCOLS:
         spec = getattr(hub.opts, protocol)
@@ -36,10 +37,10 @@ async def start_listeners(hub: CallHub) -> list:
         host, port = parse_listen(spec)
         if protocol == "audiosocket":
             server = await audiosocket.serve(hub, host, port)
-        elif protocol == "twilio":
-            server = await listen(hub, host, port, twilio.handle)
-        else:
+        elif protocol == "freeswitch":
             server = await listen(hub, host, port, freeswitch.handle, [freeswitch.SUBPROTOCOL])
+        else:
+            server = await listen(hub, host, port, twilio.handle if protocol == "twilio" else audiohook.handle)
         servers.append(server)
         log.info("%s ingest listening on %s:%d", protocol, host, port)
     return servers

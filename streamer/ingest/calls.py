@@ -72,6 +72,7 @@ class IngestOptions:
     audiosocket: str | None = None
     twilio: str | None = None
     freeswitch: str | None = None
+    audiohook: str | None = None
     max_calls: int = 64
     max_frame_bytes: int = 32_768
     max_call_s: float = 4 * 3600.0
@@ -88,6 +89,8 @@ class IngestOptions:
             "caller": "customer",  # FreeSWITCH mono, or the left channel of stereo
             "callee": "agent",  # FreeSWITCH stereo, right channel
             "mixed": "mixed",  # FreeSWITCH mixed: both voices in one channel
+            "external": "customer",  # Genesys AudioHook, left channel
+            "internal": "agent",  # Genesys AudioHook, right channel
         }
     )
     escalation: EscalationRule = field(default_factory=EscalationRule)
@@ -255,6 +258,10 @@ class Call:
         if channel not in self.roles:
             raise ProtocolError(f"audio for channel {channel!r}, but the call declared {', '.join(self.roles)}")
         self.tracks[self.roles[channel]].push(pcm, rate)
+        self.last_audio = time.monotonic()
+
+    def keep_alive(self) -> None:
+        """Count a control message as activity (a paused call still pinging is not idle)."""
         self.last_audio = time.monotonic()
 
     async def read(self, message: Awaitable[T]) -> T:
