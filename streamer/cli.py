@@ -160,7 +160,7 @@ async def _serve(args: argparse.Namespace, config: MonitorConfig) -> int:
         if getattr(args, protocol, None):
             setattr(config.ingest, protocol, getattr(args, protocol))
     if not any(getattr(config.ingest, p) for p in PROTOCOLS):
-        log.error("nothing to serve: give --audiosocket, --twilio, --freeswitch or --audiohook HOST:PORT (or ingest: in --config)")
+        log.error("nothing to serve: give --audiosocket, --twilio, --freeswitch or --audiohook HOST:PORT (or ingest:)")
         return 2
     engine = await _engine(config)
     url, embedded = await resolve_broker(config.mqtt)
@@ -219,11 +219,11 @@ async def _ingest(args: argparse.Namespace, config: MonitorConfig) -> int:
     publisher = JobPublisher(config.mqtt, _scale_out_broker(config), config.node, config.distributed)
     await publisher.start()
     log.info("stream %s from %s → jobs on %s", config.stream, source.name, publisher.address.url)
-    stop = asyncio.Event()
+    task = asyncio.create_task(ingest_stream(source, publisher, config.stream, config.segmenter))
     for sig in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        asyncio.get_running_loop().add_signal_handler(sig, task.cancel)
     try:
-        stats = await ingest_stream(source, publisher, config.stream, config.segmenter, stop)
+        stats = await task
     finally:
         await publisher.close()
     log.info(

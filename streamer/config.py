@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from streamer.classifier import ClassifierOptions
+from streamer.distributed import DistributedOptions
 from streamer.ingest.calls import IngestOptions
 from streamer.pipeline import PipelineOptions
 from streamer.publisher import MqttOptions
@@ -36,6 +37,7 @@ class MonitorConfig:
     mqtt: MqttOptions = field(default_factory=MqttOptions)
     ingest: IngestOptions = field(default_factory=IngestOptions)  # `serve`: telephony listeners and call limits
     metrics: str | None = None  # host:port for /metrics (Prometheus) and /healthz, e.g. 127.0.0.1:9464
+    distributed: DistributedOptions = field(default_factory=DistributedOptions)  # `ingest` and `worker`
 
 
 class ConfigError(ValueError):

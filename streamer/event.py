@@ -54,11 +54,16 @@ def iso_utc(epoch_s: float) -> str:
     return datetime.fromtimestamp(epoch_s, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def event_id(node: str, stream: str, segment_id: int, final: bool = True) -> str:
+    """Stable per utterance, so subscribers drop QoS-1 duplicates (and a distributed job carries it as its id)."""
+    return f"{node}/{stream}/{segment_id}/{'final' if final else 'interim'}"
+
+
 def to_wire(event: EmotionEvent, publish_transcript: bool = True) -> dict:
     u, t, e = event.utterance, event.transcript, event.emotion
     wire = {
         "schema": SCHEMA_ID,
-        "event_id": f"{event.node}/{event.stream}/{u.segment_id}/{'final' if event.final else 'interim'}",
+        "event_id": event_id(event.node, event.stream, u.segment_id, event.final),
         "node": event.node,
         "stream": event.stream,
         "seq": event.seq,

@@ -217,17 +217,17 @@ class MqttSink:
         self._task = asyncio.create_task(self._run(), name="mqtt-sink")
 
     def send(self, event: EmotionEvent) -> None:
+        self.spool.append(*self._wire(event), event.final)
+        self._wakeup.set()
+
+    def _wire(self, event: EmotionEvent) -> tuple[str, str]:
+        """The event's topic and JSON payload, stamped now; its stream's retained last state is updated too."""
         stamp(event)
         wire = to_wire(event, self.opts.publish_transcript)
-        self.spool.append(
-            event_topic(event.node, event.stream, event.call_id, event.role),
-            json.dumps(wire, ensure_ascii=False),
-            event.final,
-        )
         self._models = event.models
         if event.final:
             self._retain(state_topic(event.node, event.stream, event.call_id, event.role), last_state(wire))
-        self._wakeup.set()
+        return event_topic(event.node, event.stream, event.call_id, event.role), json.dumps(wire, ensure_ascii=False)
 
     def stream_started(self, stream: str, call_id: str | None, role: str | None) -> None:
         if self.opts.homeassistant and call_id is None:
@@ -252,7 +252,8 @@ class MqttSink:
         self.spool.append(topic, json.dumps(message, ensure_ascii=False), True)
         self._wakeup.set()
 
-    def _client(self):
+    def _client(self, **overrides):
+        """An aiomqtt client for this broker; `overrides` replace its keyword arguments (session, identifier)."""
         import aiomqtt
 
         tls_context = None
@@ -263,18 +264,17 @@ class MqttSink:
             if self.opts.tls_insecure:
                 tls_context.check_hostname = False
                 tls_context.verify_mode = ssl.CERT_NONE
-        return aiomqtt.Client(
-            self.address.host,
-            self.address.port,
-            username=self.address.username,
-            password=self.address.password,
-            identifier=self.opts.client_id or f"emotion-monitor-{self.node}-{os.getpid()}",
-            will=aiomqtt.Will(status_topic(self.node), "offline", qos=1, retain=True),
-            protocol=aiomqtt.ProtocolVersion.V5 if self._v5 else aiomqtt.ProtocolVersion.V311,
-            keepalive=self.opts.keepalive,
-            tls_context=tls_context,
-            timeout=10,
-        )
+        settings = {
+            "username": self.address.username,
+            "password": self.address.password,
+            "identifier": self.opts.client_id or f"emotion-monitor-{self.node}-{os.getpid()}",
+            "will": aiomqtt.Will(status_topic(self.node), "offline", qos=1, retain=True),
+            "protocol": aiomqtt.ProtocolVersion.V5 if self._v5 else aiomqtt.ProtocolVersion.V311,
+            "keepalive": self.opts.keepalive,
+            "tls_context": tls_context,
+            "timeout": 10,
+        }
+        return aiomqtt.Client(self.address.host, self.address.port, **(settings | overrides))
 
     async def _run(self) -> None:
         import aiomqtt
@@ -370,13 +370,20 @@ class MqttSink:
         await client.subscribe(request_topic(self.node), qos=1)
         if self.opts.homeassistant:
             await client.subscribe(ha_status, qos=1)
-        async for message in client.messages:
-            if str(message.topic) == ha_status:
-                if message.payload == b"online":
-                    self._dirty |= {t for t in self._retained if t.startswith(self.opts.homeassistant_prefix + "/")}
-                    self._wakeup.set()
-            elif str(message.topic) == request_topic(self.node):
-                await self._answer(client, message)
+        import aiomqtt
+
+        with contextlib.suppress(aiomqtt.MqttError):  # the connection ended: `_run` reconnects or is done
+            async for message in client.messages:
+                await self._received(client, message)
+
+    async def _received(self, client, message) -> None:
+        """One incoming message (a subclass that subscribes to more topics in `_listen` handles those here)."""
+        if str(message.topic) == f"{self.opts.homeassistant_prefix}/status":
+            if message.payload == b"online":
+                self._dirty |= {t for t in self._retained if t.startswith(self.opts.homeassistant_prefix + "/")}
+                self._wakeup.set()
+        elif str(message.topic) == request_topic(self.node):
+            await self._answer(client, message)
 
     async def _answer(self, client, message) -> None:
         asked = getattr(message.properties, "ResponseTopic", None)

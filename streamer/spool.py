@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 class Spooled:
     rowid: int
     topic: str
-    payload: str
+    payload: str | bytes  # bytes for binary messages (distributed jobs), kept as a BLOB
     final: bool
 
 
@@ -49,7 +49,7 @@ class Spool:
     def size(self) -> int:
         return self._size
 
-    def append(self, topic: str, payload: str, final: bool = True) -> None:
+    def append(self, topic: str, payload: str | bytes, final: bool = True) -> None:
         """Add a message; when full, drop the oldest interim message, else the oldest one, and say so."""
         with self._lock:
             if self._size >= self.max_events:
