@@ -54,16 +54,17 @@ def iso_utc(epoch_s: float) -> str:
     return datetime.fromtimestamp(epoch_s, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def event_id(node: str, stream: str, segment_id: int, final: bool = True) -> str:
-    """Stable per utterance, so subscribers drop QoS-1 duplicates (and a distributed job carries it as its id)."""
-    return f"{node}/{stream}/{segment_id}/{'final' if final else 'interim'}"
+def event_id(node: str, stream: str, segment_id: int, interim_end_s: float | None = None) -> str:
+    """Stable per utterance, so subscribers drop QoS-1 duplicates (and a distributed job carries it as its id);
+    an interim event (the speech so far) is told apart by where the speech so far ends."""
+    return f"{node}/{stream}/{segment_id}/" + ("final" if interim_end_s is None else f"interim@{interim_end_s:g}")
 
 
 def to_wire(event: EmotionEvent, publish_transcript: bool = True) -> dict:
     u, t, e = event.utterance, event.transcript, event.emotion
     wire = {
         "schema": SCHEMA_ID,
-        "event_id": event_id(event.node, event.stream, u.segment_id, event.final),
+        "event_id": event_id(event.node, event.stream, u.segment_id, None if event.final else u.end_s),
         "node": event.node,
         "stream": event.stream,
         "seq": event.seq,

@@ -41,6 +41,7 @@ class Utterance:
     speech_s: float  # seconds the VAD judged speech (for the hallucination guard)
     source: str = ""
     tentative: bool = False  # sent before the hangover ended: may be superseded by a longer utterance
+    interim: bool = False  # the speech so far of an utterance still going on (voice-only interim event)
 
     def same_cut(self, other: Utterance) -> bool:
         """Whether `other` covers exactly the same audio (a tentative utterance confirmed by the final one)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -217,6 +218,32 @@ async def run_stream(
         ready.set()
 
     speculation: tuple[Utterance, asyncio.Future[EmotionEvent]] | None = None
+    interim_task: asyncio.Task | None = None
+    finalised = -1  # the last segment whose final event went out: later interims of it are stale
+
+    def emit(event: EmotionEvent) -> None:
+        event.seq, event.call_id, event.role = stats.events, call_id, role
+        stats.events += 1
+        for sink in sinks:
+            sink.send(event)
+
+    async def run_interim(utterance: Utterance) -> None:
+        try:
+            event = await engine.aprocess(utterance, 0, decode=False)
+        except Exception:
+            log.debug("stream %s: interim of segment %d failed", stream, utterance.segment_id, exc_info=True)
+            return
+        if utterance.segment_id > finalised:
+            event.final = False
+            event.transcript = dataclasses.replace(event.transcript, rejected="interim")
+            emit(event)
+
+    def interim(utterance: Utterance) -> None:
+        """Voice-only emotion of the speech so far, only when the engine is idle (never at a final's expense)."""
+        nonlocal interim_task
+        if backlog or engine.in_flight or (interim_task and not interim_task.done()):
+            return
+        interim_task = asyncio.create_task(run_interim(utterance))
 
     def speculate(utterance: Utterance) -> None:
         """Recognise a tentative utterance while the hangover runs, but only when the engine is idle."""
@@ -248,7 +275,10 @@ async def run_stream(
             async with contextlib.aclosing(source.chunks()) as chunks:
                 async for chunk in chunks:
                     for utterance in cutter.push(chunk):
-                        (speculate if utterance.tentative else enqueue)(utterance)
+                        if utterance.interim:
+                            interim(utterance)
+                        else:
+                            (speculate if utterance.tentative else enqueue)(utterance)
         except asyncio.CancelledError:
             log.info("stream %s: stopping, finishing %d waiting utterances", stream, len(backlog))
         except Exception as e:  # a broken source ends its own stream only
@@ -261,6 +291,7 @@ async def run_stream(
             ready.set()
 
     async def work() -> None:
+        nonlocal finalised
         while backlog or not done:
             if not backlog:
                 ready.clear()
@@ -288,10 +319,8 @@ async def run_stream(
                     utterance.segment_id,
                 )
             HEALTH.count("processed" if decode else "voice_only")
-            event.call_id, event.role = call_id, role
-            stats.events += 1
-            for sink in sinks:
-                sink.send(event)
+            finalised = utterance.segment_id
+            emit(event)
             stats.latencies_ms.append(event.latency.total)
             _observe(event)
 
@@ -307,6 +336,8 @@ async def run_stream(
     finally:
         if stopper:
             stopper.cancel()
+        if interim_task:
+            interim_task.cancel()
         HEALTH.queues.pop(stream, None)
         for sink in announced:
             sink.stream_ended(stream, call_id, role)

@@ -38,6 +38,10 @@ class SegmenterOptions:
     min_speech_ms: int = 250
     min_utterance_ms: int = 400
     max_utterance_s: float = 15.0
+    # While someone speaks, every this many seconds the speech so far goes out as an interim utterance
+    # (voice-only emotion, when the model is idle), so a long angry sentence is seen before it ends. 0 = off
+    # (the default: consumers then get exactly one event per utterance); 1.0 is a good value.
+    interim_s: float = 0.0
 
 
 class SileroStream:
@@ -120,6 +124,7 @@ class Segmenter:
         )
         self._votes: collections.deque[bool] = collections.deque(maxlen=self.opts.start_window_span)
         self._open: _Open | None = None
+        self._interims = 0  # interim utterances sent for the open one
         self._silence = 0
         self._next_id = 0
         self.wall_start = time.time() if wall_start is None else wall_start
@@ -172,7 +177,7 @@ class Segmenter:
                     self._open.add(*entry)
                 self._recent.clear()
                 self._votes.clear()
-                self._silence = 0
+                self._silence = self._interims = 0
             return None
         self._open.add(window, prob, speech, arrived)
         self._silence = 0 if speech else self._silence + 1
@@ -184,6 +189,11 @@ class Segmenter:
             return utterance
         if len(self._open.windows) * WINDOW >= opts.max_utterance_s * SAMPLE_RATE:
             return self._split()
+        if speech and opts.interim_s and len(self._open.windows) * WINDOW >= (self._interims + 1) * (
+            opts.interim_s * SAMPLE_RATE
+        ):
+            self._interims += 1
+            return self._close(self._open.last_speech(), tail=False, tentative=True, interim=True)
         return None
 
     def _split(self) -> Utterance | None:
@@ -195,17 +205,20 @@ class Segmenter:
         rest = self._open.tail_from(cut)
         utterance = self._close(cut, tail=False)
         self._open = rest if rest.windows else None
+        self._interims = 0
         return utterance
 
     def _speculate_windows(self) -> int:
         """Silence after which a tentative utterance goes out: at least the tail, so its audio is final."""
         return max(self._windows_ms(self.opts.speculate_ms), self._windows_ms(self.opts.tail_ms))
 
-    def _close(self, end_window: int, tail: bool = True, tentative: bool = False) -> Utterance | None:
+    def _close(
+        self, end_window: int, tail: bool = True, tentative: bool = False, interim: bool = False
+    ) -> Utterance | None:
         """Emit windows [0, end_window) plus the tail; None when too short to be speech.
 
         A tentative utterance keeps the utterance open and its id unused: if the silence lasts, the final one
-        that follows is identical; if speech resumes, it is superseded."""
+        that follows is identical; if speech resumes, it is superseded. An interim one is tentative too."""
         assert self._open is not None
         opened = self._open
         speech_ms = sum(opened.speech[:end_window]) * WINDOW * 1000 / SAMPLE_RATE
@@ -230,6 +243,7 @@ class Segmenter:
             speech_s=speech_ms / 1000,
             source=self.source,
             tentative=tentative,
+            interim=interim,
         )
         self._next_id += not tentative
         return utterance

@@ -7,9 +7,11 @@ import pytest
 import soundfile as sf
 
 from streamer.classifier import LinearHead, voice_features
+from streamer.event import to_wire, validate
 from streamer.frames import LABELS, SAMPLE_RATE, Utterance
 from streamer.models import TEXT_HEAD, VOICE_HEAD
 from streamer.pipeline import StreamStats, run_stream
+from streamer.segmenter import SegmenterOptions
 from streamer.sources import FileSource
 from tests.conftest import ANGRY_ES, HAPPY_ES, silence
 
@@ -121,3 +123,24 @@ async def test_engine_batches_fairly_across_streams(engine, speak):
     assert engine.batches - batches == 3  # (a1, b1), (a2), (a3)
     assert done.index("b1") < done.index("a2")
     assert [(e.stream, e.seq) for e in events] == [("a", 1), ("a", 2), ("a", 3), ("b", 1)]
+
+
+async def test_interim_events_come_before_the_final_one(engine, speak, tmp_path):
+    """A long sentence: voice-only interim events (final false) precede the final event of the same segment."""
+    path = tmp_path / "long.wav"
+    speech = speak("No entiendo por qué me cobran dos veces el mismo recibo, es la tercera vez que llamo")
+    sf.write(path, np.concatenate([silence(0.5), speech, silence(1.0)]), SAMPLE_RATE)
+    sink = ListSink()
+    every_second = SegmenterOptions(interim_s=1.0)
+    stats = await run_stream(FileSource(path, realtime=True), engine, [sink], "interim", every_second)
+    interims = [e for e in sink.events if not e.final]
+    finals = [e for e in sink.events if e.final]
+    assert len(finals) == 1 and interims, [e.final for e in sink.events]
+    assert [e.seq for e in sink.events] == list(range(stats.events)) and sink.events[-1] is finals[0]
+    final = finals[0].utterance
+    for e in interims:
+        assert e.utterance.segment_id == final.segment_id and e.utterance.end_s < final.end_s
+        assert e.transcript.text == "" and e.transcript.rejected == "interim" and e.emotion.text_scores is None
+    wire = to_wire(interims[0])
+    validate(wire)
+    assert wire["final"] is False and wire["event_id"].endswith(f"/interim@{interims[0].utterance.end_s:g}")

@@ -69,7 +69,7 @@ def test_a_tentative_utterance_precedes_each_final_one_with_the_same_audio(conve
         position = next(i for i, u in enumerate(out) if u is final)
         guess = [u for u in out[:position] if u.tentative and u.segment_id == final.segment_id][-1]
         assert guess.same_cut(final) and np.array_equal(guess.audio, final.audio)
-    off = SegmenterOptions(speculate_ms=0)
+    off = SegmenterOptions(speculate_ms=0, interim_s=0)
     assert not any(u.tentative for u in segment(audio, opts=off, tentative=True))
     assert [(u.start_s, u.end_s) for u in segment(audio, opts=off)] == [(u.start_s, u.end_s) for u in finals]
 
@@ -87,3 +87,18 @@ def test_speech_that_resumes_supersedes_the_tentative_cut(speak):
     assert len(finals) == 1
     guesses = [u for u in out if u.tentative]
     assert len(guesses) >= 2 and not guesses[0].same_cut(finals[0]) and guesses[-1].same_cut(finals[0])
+
+
+def test_long_speech_sends_interim_utterances_every_second(speak):
+    """While someone speaks, the speech so far goes out about once a second, as interim cuts of the same segment."""
+    speech = speak("No entiendo por qué me cobran dos veces el mismo recibo, es la tercera vez que llamo")
+    out = segment(np.concatenate([silence(0.5), speech, silence(1.0)]), opts=SegmenterOptions(interim_s=1.0),
+                  tentative=True)
+    (final,) = [u for u in out if not u.tentative]
+    interims = [u for u in out if u.interim]
+    assert len(interims) >= int(final.duration_s) - 1 and all(u.tentative for u in interims)
+    assert all(u.segment_id == final.segment_id and u.start_s == final.start_s for u in interims)
+    ends = [u.end_s for u in interims]
+    assert ends == sorted(ends) and ends[-1] < final.end_s
+    assert all(0.7 < b - a < 1.3 for a, b in itertools.pairwise([final.start_s, *ends]))
+    assert not any(u.interim for u in segment(speech, tentative=True))  # off by default

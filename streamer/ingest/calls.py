@@ -150,6 +150,8 @@ class CallMonitor:
         pass
 
     def send(self, event: EmotionEvent) -> None:
+        if not event.final:
+            return  # the summary and the rule count utterances once, by their final event
         self.events.append(event)
         if event.role != self.rule.role or self.rule.hits <= 0:
             return
