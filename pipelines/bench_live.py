@@ -70,12 +70,21 @@ def build_stream(clips: list[np.ndarray], pause_s: float) -> tuple[np.ndarray, l
     return np.concatenate(parts), ends
 
 
-def uem_clips(n: int) -> list[np.ndarray]:
+def _uem_manifest() -> Path:
     root = Path(os.environ.get("EMOTION_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
-    with open(root / "speech_es_uem" / "manifest.csv", newline="") as f:
+    return root / "speech_es_uem" / "manifest.csv"
+
+
+def has_uem() -> bool:
+    return _uem_manifest().is_file()
+
+
+def uem_clips(n: int) -> list[np.ndarray]:
+    manifest = _uem_manifest()
+    with open(manifest, newline="") as f:
         rows = list(csv.DictReader(f))
     rows = [r for r in rows if r["speaker"] in ("test1", "test2")][:n]
-    return [load_audio(root / "speech_es_uem" / r["path"]) for r in rows]
+    return [load_audio(manifest.parent / r["path"]) for r in rows]
 
 
 async def bench(args: argparse.Namespace) -> dict:
