@@ -100,6 +100,19 @@ def parse_broker_url(url: str, opts: MqttOptions) -> BrokerAddress:
     )
 
 
+def tls_context(address: BrokerAddress, opts: MqttOptions) -> ssl.SSLContext | None:
+    """The TLS settings of `mqtts://` brokers (None for plain `mqtt://`)."""
+    if not address.tls:
+        return None
+    context = ssl.create_default_context(cafile=opts.tls_ca)
+    if opts.tls_cert:
+        context.load_cert_chain(opts.tls_cert, opts.tls_key)
+    if opts.tls_insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 def is_listening(host: str, port: int, timeout: float = 0.5) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout):
@@ -256,14 +269,6 @@ class MqttSink:
         """An aiomqtt client for this broker; `overrides` replace its keyword arguments (session, identifier)."""
         import aiomqtt
 
-        tls_context = None
-        if self.address.tls:
-            tls_context = ssl.create_default_context(cafile=self.opts.tls_ca)
-            if self.opts.tls_cert:
-                tls_context.load_cert_chain(self.opts.tls_cert, self.opts.tls_key)
-            if self.opts.tls_insecure:
-                tls_context.check_hostname = False
-                tls_context.verify_mode = ssl.CERT_NONE
         settings = {
             "username": self.address.username,
             "password": self.address.password,
@@ -271,7 +276,7 @@ class MqttSink:
             "will": aiomqtt.Will(status_topic(self.node), "offline", qos=1, retain=True),
             "protocol": aiomqtt.ProtocolVersion.V5 if self._v5 else aiomqtt.ProtocolVersion.V311,
             "keepalive": self.opts.keepalive,
-            "tls_context": tls_context,
+            "tls_context": tls_context(self.address, self.opts),
             "timeout": 10,
         }
         return aiomqtt.Client(self.address.host, self.address.port, **(settings | overrides))

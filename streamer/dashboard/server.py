@@ -14,14 +14,13 @@ import contextlib
 import json
 import logging
 import os
-import ssl
 from collections import OrderedDict, deque
 from importlib import resources
 
 import aiomqtt
 
 from streamer.frames import LABELS
-from streamer.publisher import MqttOptions, parse_broker_url
+from streamer.publisher import MqttOptions, parse_broker_url, tls_context
 
 log = logging.getLogger(__name__)
 
@@ -216,14 +215,6 @@ class Dashboard:
     # MQTT side
 
     def _client(self) -> aiomqtt.Client:
-        tls_context = None
-        if self.address.tls:
-            tls_context = ssl.create_default_context(cafile=self.opts.tls_ca)
-            if self.opts.tls_cert:
-                tls_context.load_cert_chain(self.opts.tls_cert, self.opts.tls_key)
-            if self.opts.tls_insecure:
-                tls_context.check_hostname = False
-                tls_context.verify_mode = ssl.CERT_NONE
         return aiomqtt.Client(
             self.address.host,
             self.address.port,
@@ -231,7 +222,7 @@ class Dashboard:
             password=self.address.password,
             identifier=f"emotion-dashboard-{os.getpid()}-{id(self):x}",
             keepalive=self.opts.keepalive,
-            tls_context=tls_context,
+            tls_context=tls_context(self.address, self.opts),
             timeout=10,
         )
 
