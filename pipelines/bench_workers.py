@@ -86,8 +86,20 @@ def start_workers(n: int, group: str, node: str, logs: Path, threads: int) -> li
     for i in range(n):
         log = logs / f"worker-{i}.log"
         with open(log, "w") as out:
-            command = [sys.executable, "-m", "streamer", "worker", "--group", group, "--id", f"bench-worker-{i}",
-                       "--jobs", f"emotion/v1/jobs/{node}/#", "--config", str(config)]
+            command = [
+                sys.executable,
+                "-m",
+                "streamer",
+                "worker",
+                "--group",
+                group,
+                "--id",
+                f"bench-worker-{i}",
+                "--jobs",
+                f"emotion/v1/jobs/{node}/#",
+                "--config",
+                str(config),
+            ]
             procs.append((subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT), log))
     for proc, log in procs:
         while " ready: " not in log.read_text():
@@ -112,10 +124,13 @@ async def through(jobs: list[Job], node: str) -> float:
     raise RuntimeError("subscription ended")
 
 
-async def clear_retained(node: str, streams: int) -> None:
+async def clear_retained(node: str, streams: int, workers: int) -> None:
+    """Leave the broker as we found it: the streams' last state, the workers' status and health."""
+    topics = [f"emotion/v1/{node}/s{stream}/state" for stream in range(streams)]
+    topics += [f"emotion/v1/worker-bench-worker-{i}/{kind}" for i in range(workers) for kind in ("status", "health")]
     async with aiomqtt.Client(*BROKER) as client:
-        for stream in range(streams):
-            await client.publish(f"emotion/v1/{node}/s{stream}/state", b"", qos=1, retain=True)
+        for topic in topics:
+            await client.publish(topic, b"", qos=1, retain=True)
 
 
 def bench_pool(workers: int, args: argparse.Namespace, logs: Path) -> dict:
@@ -132,10 +147,14 @@ def bench_pool(workers: int, args: argparse.Namespace, logs: Path) -> dict:
             proc.terminate()
         for proc, _ in procs:
             proc.wait(60)
-        asyncio.run(clear_retained(node, args.streams))
+        asyncio.run(clear_retained(node, args.streams, workers))
     audio_s = sum(len(j.utterance.audio) for j in jobs) / SAMPLE_RATE
-    batches = [line.rsplit("mean batch ", 1)[1].strip() for _, log in procs for line in log.read_text().splitlines()
-               if "mean batch" in line]
+    batches = [
+        line.rsplit("mean batch ", 1)[1].strip()
+        for _, log in procs
+        for line in log.read_text().splitlines()
+        if "mean batch" in line
+    ]
     return {
         "workers": workers,
         "cpu_threads_per_worker": threads,
@@ -173,8 +192,10 @@ def main() -> None:
     report(result, args.json)
     print(f"\n{'workers':>7} {'threads':>7} {'jobs':>5} {'seconds':>8} {'utt/s':>6} {'audio s/s':>9}")
     for row in result["throughput"]:
-        print(f"{row['workers']:>7} {row['cpu_threads_per_worker']:>7} {row['jobs']:>5} {row['seconds']:>8} "
-              f"{row['utterances_per_s']:>6} {row['audio_s_per_s']:>9}")
+        print(
+            f"{row['workers']:>7} {row['cpu_threads_per_worker']:>7} {row['jobs']:>5} {row['seconds']:>8} "
+            f"{row['utterances_per_s']:>6} {row['audio_s_per_s']:>9}"
+        )
 
 
 if __name__ == "__main__":

@@ -487,7 +487,7 @@ def _parser() -> argparse.ArgumentParser:
     common(worker)
     worker.add_argument("--broker", help="mqtt://[user:pass@]host:port | mqtts://… (default 127.0.0.1:1883)")
     worker.add_argument("--group", help="shared-subscription group of the worker pool (default emotion-workers)")
-    worker.add_argument("--id", help="fixed worker id: names its persistent session (default: host name)")
+    worker.add_argument("--id", help="fixed id, unique per worker: names its persistent session (default: host name)")
     worker.add_argument("--jobs", metavar="FILTER", help="job topic filter (default emotion/v1/jobs/#)")
     worker.add_argument("--metrics", metavar="HOST:PORT", help="serve /metrics (Prometheus) and /healthz here")
     worker.set_defaults(func=cmd_worker)
