@@ -110,7 +110,8 @@ async def bench(calls: int, args: argparse.Namespace, clips: list[np.ndarray]) -
                     await client.subscribe(f"emotion/v1/{node}/call/#", qos=1)
                     ready.set()
                     async for message in client.messages:
-                        received.append((time.monotonic(), str(message.topic), json.loads(message.payload)))
+                        if message.payload:  # an empty retained message clears an ended call's state
+                            received.append((time.monotonic(), str(message.topic), json.loads(message.payload)))
 
             ready = asyncio.Event()
             subscriber = asyncio.create_task(subscribe(ready))
