@@ -74,6 +74,8 @@ class DashboardState:
         if parts[:2] != ROOT.split("/") or len(parts) < 4:
             return None
         node, rest = parts[2], parts[3:]
+        if node in ("jobs", "deadletter"):  # scale-out audio jobs: not for the page
+            return None
         if len(payload) > MAX_PAYLOAD:
             return self._skip(topic, "payload too large")
         if rest in (["status"], ["health"]):
