@@ -445,18 +445,29 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="YAML config (see configs/monitor.yaml)")
         p.add_argument("--language", help="language code such as es, or auto to detect per utterance")
 
+    def source(p: argparse.ArgumentParser) -> None:
+        """Where the audio of `run` and `ingest` comes from, and the names it gets."""
+        p.add_argument("--source", help="mic[:DEVICE] | file:PATH | stdin (default: auto)")
+        p.add_argument("--stream", help="stream id used in topics and events")
+        p.add_argument("--fast", action="store_true", help="file: sources play as fast as possible")
+        p.add_argument("--rate", type=int, default=16000, help="sample rate of stdin PCM (default 16000)")
+        p.add_argument("--channels", type=int, default=1, help="channels of stdin PCM (default 1)")
+
+    def publishing(p: argparse.ArgumentParser, broker: str, metrics: bool = True) -> None:
+        p.add_argument("--broker", help=broker)
+        p.add_argument("--node", help="node id used in topics (default: host name)")
+        if metrics:
+            p.add_argument("--metrics", metavar="HOST:PORT", help="serve /metrics (Prometheus) and /healthz here")
+
+    any_broker = "auto | mqtt://[user:pass@]host:port | mqtts://…"
+    shared_broker = "mqtt://[user:pass@]host:port | mqtts://… (default 127.0.0.1:1883)"
+
     run = sub.add_parser("run", help="monitor a live source and publish events")
     common(run)
-    run.add_argument("--source", help="mic[:DEVICE] | file:PATH | stdin (default: auto)")
-    run.add_argument("--broker", help="auto | mqtt://[user:pass@]host:port | mqtts://…")
+    source(run)
+    publishing(run, any_broker)
     run.add_argument("--jsonl", help="also write events as JSON lines to this file (- for stdout)")
-    run.add_argument("--stream", help="stream id used in topics and events")
-    run.add_argument("--node", help="node id used in topics (default: host name)")
-    run.add_argument("--fast", action="store_true", help="file: sources play as fast as possible")
-    run.add_argument("--rate", type=int, default=16000, help="sample rate of stdin PCM (default 16000)")
-    run.add_argument("--channels", type=int, default=1, help="channels of stdin PCM (default 1)")
     run.add_argument("--quiet", action="store_true", help="no live view in the terminal")
-    run.add_argument("--metrics", metavar="HOST:PORT", help="serve /metrics (Prometheus) and /healthz here")
     run.add_argument("--dashboard", metavar="HOST:PORT", help="also serve the live web dashboard here")
     run.set_defaults(func=cmd_run)
 
@@ -466,26 +477,19 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--twilio", metavar="HOST:PORT", help="Twilio Media Streams (WebSocket) listener")
     serve.add_argument("--freeswitch", metavar="HOST:PORT", help="FreeSWITCH mod_audio_fork (WebSocket) listener")
     serve.add_argument("--audiohook", metavar="HOST:PORT", help="Genesys Cloud AudioHook (WebSocket) listener")
-    serve.add_argument("--broker", help="auto | mqtt://[user:pass@]host:port | mqtts://…")
-    serve.add_argument("--node", help="node id used in topics (default: host name)")
+    publishing(serve, any_broker)
     serve.add_argument("--jsonl", help="also write events and call messages as JSON lines (- for stdout)")
-    serve.add_argument("--metrics", metavar="HOST:PORT", help="serve /metrics (Prometheus) and /healthz here")
     serve.set_defaults(func=cmd_serve)
 
     ingest = sub.add_parser("ingest", help="scale-out: cut a source into utterances and publish them as jobs")
     common(ingest)
-    ingest.add_argument("--source", help="mic[:DEVICE] | file:PATH | stdin (default: auto)")
-    ingest.add_argument("--broker", help="mqtt://[user:pass@]host:port | mqtts://… (default 127.0.0.1:1883)")
-    ingest.add_argument("--stream", help="stream id used in topics and events")
-    ingest.add_argument("--node", help="node id used in topics (default: host name)")
-    ingest.add_argument("--fast", action="store_true", help="file: sources play as fast as possible")
-    ingest.add_argument("--rate", type=int, default=16000, help="sample rate of stdin PCM (default 16000)")
-    ingest.add_argument("--channels", type=int, default=1, help="channels of stdin PCM (default 1)")
+    source(ingest)
+    publishing(ingest, shared_broker, metrics=False)
     ingest.set_defaults(func=cmd_ingest)
 
     worker = sub.add_parser("worker", help="scale-out: process jobs from a shared subscription and publish events")
     common(worker)
-    worker.add_argument("--broker", help="mqtt://[user:pass@]host:port | mqtts://… (default 127.0.0.1:1883)")
+    worker.add_argument("--broker", help=shared_broker)
     worker.add_argument("--group", help="shared-subscription group of the worker pool (default emotion-workers)")
     worker.add_argument("--id", help="fixed id, unique per worker: names its persistent session (default: host name)")
     worker.add_argument("--jobs", metavar="FILTER", help="job topic filter (default emotion/v1/jobs/#)")
