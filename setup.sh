@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-apt_packages=(portaudio19-dev espeak-ng sox mosquitto mosquitto-clients chromium)
+apt_packages=(portaudio19-dev espeak-ng sox libsox-fmt-mp3 mosquitto mosquitto-clients chromium)
 if command -v apt-get >/dev/null; then
   missing=()
   for p in "${apt_packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
