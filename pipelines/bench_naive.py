@@ -16,7 +16,6 @@ import time
 import numpy as np
 
 from pipelines.bench_live import SENTENCES, report, uem_clips
-from streamer.classifier import voice_features
 from streamer.demo import speak
 from streamer.frames import SAMPLE_RATE, Utterance
 from streamer.pipeline import Engine
@@ -57,7 +56,7 @@ def main() -> None:
         segments, _ = whisper.transcribe(u.audio, language="es", vad_filter=True)
         text = " ".join(s.text for s in segments).strip()
         frames = padded._encode(u.audio)[1]  # the second, separate encoder pass
-        engine.classifier.voice.predict_proba(voice_features(frames))
+        engine.classifier.voice.predict_frames(frames)
         if text:
             engine.classifier.classify_text([text])
 

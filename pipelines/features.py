@@ -7,12 +7,15 @@ acted-speech transcripts carry no emotion. Text: `TextEncoder.encode` (multiling
 
 Cache: `.cache/features/<model id>/<sha256>.npy`; the key hashes the audio file's bytes with the window and
 the pooling (voice), or every text in order (text), so a changed file or setting is a cache miss.
+`VoiceFeaturizer.frames` also caches the covered frame sequences themselves (float16, for attention pooling),
+optionally of an augmented copy of the clip (`augment_audio`: speed, noise, reverberation; seeded per clip).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +31,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CACHE = REPO_ROOT / ".cache" / "features"
 VOICE_FEATURE_SPEC = "whisper-encoder-last-layer-covered-frames-mean+std-1024"
+FRAMES_SPEC = "whisper-encoder-last-layer-covered-frames-f16"
+AUGMENT_SPEC = "aug-v1:speed0.9|1.1,noise-white|pink|brown-snr5-20,reverb-rt60-0.2-0.9,each-p0.5-at-least-one"
 TEXT_FEATURE_SPEC = "e5-query-prefix-384"
 
 
@@ -38,8 +43,57 @@ def _atomic_save(path: Path, array: np.ndarray) -> None:
     tmp.replace(path)
 
 
+def _colored_noise(rng: np.random.Generator, n: int, exponent: float) -> np.ndarray:
+    """Gaussian noise with power spectrum ∝ 1/f^exponent (0 white, 1 pink, 2 brown), unit RMS."""
+    spec = np.fft.rfft(rng.standard_normal(n))
+    f = np.fft.rfftfreq(n)
+    f[0] = f[1] if n > 2 else 1.0
+    noise = np.fft.irfft(spec / f ** (exponent / 2), n)
+    return noise / (np.sqrt(np.mean(noise**2)) + 1e-12)
+
+
+def augment_audio(audio: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
+    """One augmented copy of 16 kHz audio for training (never for scoring): speed perturbation (×0.9 or ×1.1,
+    pitch and tempo, as Kaldi's), additive coloured noise at 5–20 dB SNR, and reverberation by a synthetic
+    exponentially decaying room response (RT60 0.2–0.9 s). Each is applied with p = 0.5, at least one, so the copy
+    always differs from the clip; returns the audio and what was applied. We have no noise or RIR corpus offline,
+    so the noise and rooms are synthetic."""
+    import soxr
+
+    from streamer.frames import SAMPLE_RATE
+
+    chosen = [name for name in ("speed", "noise", "reverb") if rng.random() < 0.5]
+    if not chosen:
+        chosen = [("speed", "noise", "reverb")[int(rng.integers(3))]]
+    out, applied = np.asarray(audio, dtype=np.float64), []
+    if "speed" in chosen:
+        factor = float(rng.choice([0.9, 1.1]))
+        out = soxr.resample(out, SAMPLE_RATE * factor, SAMPLE_RATE)
+        applied.append(f"speed{factor:g}")
+    if "reverb" in chosen:
+        rt60 = float(rng.uniform(0.2, 0.9))
+        t = np.arange(int(rt60 * SAMPLE_RATE)) / SAMPLE_RATE
+        rir = rng.standard_normal(len(t)) * np.exp(-6.9 * t / rt60)  # −60 dB at rt60
+        rir[0] = 1.0
+        rir /= np.sqrt(np.sum(rir**2))
+        wet = np.fft.irfft(np.fft.rfft(out, len(out) + len(rir)) * np.fft.rfft(rir, len(out) + len(rir)))
+        wet = wet[: len(out)]
+        out = wet * np.sqrt(np.mean(out**2) / (np.mean(wet**2) + 1e-12))
+        applied.append(f"reverb{rt60:.2f}")
+    if "noise" in chosen:
+        snr, exponent = float(rng.uniform(5, 20)), float(rng.choice([0.0, 1.0, 2.0]))
+        rms = np.sqrt(np.mean(out**2)) + 1e-9
+        out = out + _colored_noise(rng, len(out), exponent) * rms / 10 ** (snr / 20)
+        applied.append(f"noise{['white', 'pink', 'brown'][int(exponent)]}{snr:.0f}dB")
+    peak = np.max(np.abs(out)) if len(out) else 0.0
+    if peak > 0.99:
+        out = out * (0.99 / peak)
+    return out.astype(np.float32), applied
+
+
 class VoiceFeaturizer:
-    """Whisper (bundled base, runtime defaults unless told otherwise) → 1024-d pooled voice features."""
+    """Whisper (bundled base, runtime defaults unless told otherwise) → 1024-d pooled voice features, or the
+    covered frame sequences themselves (`frames`)."""
 
     def __init__(self, cache_dir: Path | None = DEFAULT_CACHE, opts=None) -> None:
         from streamer.recogniser import Recogniser, RecogniserOptions
@@ -49,11 +103,46 @@ class VoiceFeaturizer:
         self.model_id = f"{self.recogniser.model_id}-{self.recogniser.device}-{self.recogniser.compute_type}"
         self.cache = None if cache_dir is None else Path(cache_dir) / self.model_id
         self.hits = self.misses = 0
+        self.encode_s = 0.0  # encoder wall time of the cache misses
 
     def _key(self, path: Path) -> str:
         digest = hashlib.sha256(path.read_bytes())
         digest.update(f"|window_s={self.window_s:g}|{VOICE_FEATURE_SPEC}".encode())
         return digest.hexdigest()
+
+    def _frames_path(self, path: Path, augment: int | None, seed: int) -> Path | None:
+        if self.cache is None:
+            return None
+        digest = hashlib.sha256(path.read_bytes())
+        digest.update(f"|window_s={self.window_s:g}|{FRAMES_SPEC}".encode())
+        if augment is not None:
+            digest.update(f"|{AUGMENT_SPEC}|copy={augment}|seed={seed}".encode())
+        return self.cache / "frames" / f"{digest.hexdigest()}.npy"
+
+    def _encode(self, path: Path, augment: int | None = None, seed: int = 0) -> np.ndarray:
+        audio = load_audio(path)
+        if len(audio) == 0:
+            raise AudioError(f"{path}: no samples")
+        if augment is not None:
+            key = int.from_bytes(hashlib.sha256(path.read_bytes()).digest()[:8], "little")
+            audio, _ = augment_audio(audio, np.random.default_rng([seed, augment, key]))
+        t0 = time.perf_counter()
+        _, frames = self.recogniser._encode(audio)
+        self.encode_s += time.perf_counter() - t0
+        return np.asarray(frames, dtype=np.float32)
+
+    def frames(self, path: Path, augment: int | None = None, seed: int = 0) -> np.ndarray:
+        """The encoder frames covering the clip ([T, 512], float16 when cached), or those of its augmented
+        copy number `augment` (deterministic given the file, the copy number and `seed`)."""
+        cached = self._frames_path(path, augment, seed)
+        if cached is not None and cached.is_file():
+            self.hits += 1
+            return np.load(cached)
+        self.misses += 1
+        frames = self._encode(path, augment, seed).astype(np.float16)
+        if cached is not None:
+            _atomic_save(cached, frames)
+        return frames
 
     def one(self, path: Path) -> np.ndarray:
         cached = None if self.cache is None else self.cache / f"{self._key(path)}.npy"
@@ -61,30 +150,84 @@ class VoiceFeaturizer:
             self.hits += 1
             return np.load(cached)
         self.misses += 1
-        audio = load_audio(path)
-        if len(audio) == 0:
-            raise AudioError(f"{path}: no samples")
-        _, frames = self.recogniser._encode(audio)
+        frames = self._encode(path)
         feats = voice_features(frames).astype(np.float32)
         if cached is not None:
             _atomic_save(cached, feats)
+            frames_path = self._frames_path(path, None, 0)
+            if frames_path is not None and not frames_path.is_file():  # the sequence comes free with this pass
+                _atomic_save(frames_path, frames.astype(np.float16))
         return feats
 
-    def many(self, clips: Sequence[SpeechClip], desc: str) -> tuple[np.ndarray, list[SpeechClip]]:
-        """Features of the readable clips, and those clips; unreadable audio is skipped with a warning."""
+    def _collect(self, clips: Sequence[SpeechClip], desc: str, get) -> tuple[list, list[SpeechClip], Counter]:
+        """`get(path)` for each clip; unreadable audio is skipped with a warning and counted, never silently."""
         rows, kept, skipped = [], [], Counter()
         for clip in tqdm(clips, desc=desc, unit="clip", dynamic_ncols=True, disable=None):
             try:
-                rows.append(self.one(clip.path))
+                rows.append(get(clip.path))
                 kept.append(clip)
             except (AudioError, OSError, RuntimeError) as e:
                 log.warning("%s: skipped unreadable audio %s (%s)", desc, clip.path, e)
                 skipped["unreadable audio"] += 1
         if skipped:
             log.warning("%s: skipped %d unreadable clips of %d", desc, skipped["unreadable audio"], len(clips))
+        return rows, kept, skipped
+
+    def many(self, clips: Sequence[SpeechClip], desc: str) -> tuple[np.ndarray, list[SpeechClip]]:
+        """Features of the readable clips, and those clips; unreadable audio is skipped with a warning."""
+        rows, kept, _ = self._collect(clips, desc, self.one)
         if not rows:
             raise RuntimeError(f"{desc}: no readable clips")
         return np.stack(rows), kept
+
+    def many_frames(
+        self, clips: Sequence[SpeechClip], desc: str, augment: int | None = None, seed: int = 0
+    ) -> tuple[list[np.ndarray], list[SpeechClip], Counter]:
+        """Frame sequences of the readable clips (of their augmented copy `augment`), those clips, skip counts."""
+        return self._collect(clips, desc, lambda path: self.frames(path, augment, seed))
+
+
+MFCC_SPEC = "mfcc-mean-128:sr16000-nfft512-hop160-mels128-db-top80-dct2ortho"
+
+
+def mfcc_mean(audio: np.ndarray, n_mfcc: int = 128) -> np.ndarray:
+    """CogniCIC's voice input: the mean over time of 128 MFCCs (librosa's recipe: power mel spectrogram in dB,
+    80 dB floor below the peak, orthonormal DCT-II), here at 16 kHz with 32 ms frames, in numpy + scipy."""
+    from faster_whisper.feature_extractor import FeatureExtractor
+    from scipy.fft import dct
+
+    n_fft, hop = 512, 160
+    audio = np.asarray(audio, dtype=np.float64)
+    padded = np.pad(audio, n_fft // 2, mode="reflect" if len(audio) > n_fft // 2 else "constant")
+    n_frames = max(1, 1 + (len(padded) - n_fft) // hop)
+    padded = np.pad(padded, (0, max(0, n_fft - len(padded))))
+    idx = np.arange(n_fft)[None, :] + hop * np.arange(n_frames)[:, None]
+    power = np.abs(np.fft.rfft(padded[idx] * np.hanning(n_fft + 1)[:-1], axis=1)) ** 2  # [frames, bins]
+    mel = FeatureExtractor.get_mel_filters(16000, n_fft, n_mels=128) @ power.T  # [mels, frames]
+    db = 10 * np.log10(np.maximum(mel, 1e-10))
+    db = np.maximum(db, db.max() - 80.0)
+    return dct(db, type=2, axis=0, norm="ortho")[:n_mfcc].mean(axis=1).astype(np.float32)
+
+
+class MfccFeaturizer:
+    """`mfcc_mean` of whole clips, cached under `<cache>/mfcc/<sha256 of audio bytes + spec>.npy`."""
+
+    def __init__(self, cache_dir: Path | None = DEFAULT_CACHE) -> None:
+        self.cache = None if cache_dir is None else Path(cache_dir) / "mfcc"
+
+    def one(self, path: Path) -> np.ndarray:
+        digest = hashlib.sha256(path.read_bytes())
+        digest.update(MFCC_SPEC.encode())
+        cached = None if self.cache is None else self.cache / f"{digest.hexdigest()}.npy"
+        if cached is not None and cached.is_file():
+            return np.load(cached)
+        audio = load_audio(path)
+        if len(audio) == 0:
+            raise AudioError(f"{path}: no samples")
+        feats = mfcc_mean(audio)
+        if cached is not None:
+            _atomic_save(cached, feats)
+        return feats
 
 
 class SentenceFeaturizer:

@@ -43,10 +43,12 @@ def _proba(model, X) -> np.ndarray:
 def voice_oof(cfg: dict, seed: int, cache) -> tuple[np.ndarray, np.ndarray, list, list]:
     """Out-of-fold voice probabilities on UEM (speaker folds), the shipped voice recipe refitted per fold."""
     from pipelines.features import VoiceFeaturizer
-    from streamer.classifier import LinearHead
+    from streamer.classifier import load_voice_head
     from streamer.models import VOICE_HEAD
 
-    shipped = LinearHead.load(VOICE_HEAD).meta
+    shipped = load_voice_head(VOICE_HEAD).meta
+    if shipped.get("kind") in ("AttentionHead", "EnsembleHead"):  # a pipelines.voice_recipes head
+        return _voice_recipe_oof(shipped["recipe"]["name"], seed)
     C = float(shipped["classifier"]["C"])
     uem = D.read_uem().records
     feat = VoiceFeaturizer(cache)
@@ -65,6 +67,25 @@ def voice_oof(cfg: dict, seed: int, cache) -> tuple[np.ndarray, np.ndarray, list
         model = fit_quiet(make_model(C, cfg, seed), Xt, yt)
         p[test] = _proba(model, X[test])
     return p, y, splits, clips
+
+
+def _voice_recipe_oof(name: str, seed: int) -> tuple[np.ndarray, np.ndarray, list, list]:
+    """Out-of-fold probabilities of a `pipelines.voice_recipes` recipe (the shipped non-linear voice heads), on the
+    same speaker folds, in clip order (cached by voice_recipes)."""
+    import yaml
+
+    from pipelines import voice_recipes as V
+
+    vcfg = yaml.safe_load(V.DEFAULT_CONFIG.read_text(encoding="utf-8"))
+    if int(vcfg["seed"]) != seed:
+        log.warning("voice recipes use seed %s, fusion_eval %s: folds may differ", vcfg["seed"], seed)
+    data = V.VoiceData(None, D.REPO_ROOT / ".cache" / "features", int(vcfg["seed"]), None)
+    result = V.evaluate(name, vcfg["recipes"][name], data, vcfg, data.cache_dir)
+    splits, _ = V.splits_for(data, vcfg)
+    order = np.concatenate([test for _, test in splits])
+    p = np.zeros((len(order), len(LABELS)))
+    p[order] = result.cv.proba
+    return p, data.labels(vcfg["eval_dataset"]), splits, data.clips[vcfg["eval_dataset"]]
 
 
 def text_oof_emospeech(head_meta: dict, cfg: dict, seed: int, cache) -> tuple[np.ndarray, np.ndarray]:

@@ -518,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         head, results, chosen[name] = trainer(cfg[name], seed, args.data_dir, args.limit, cache_dir)
         head.meta["recipe"] = {"config": _rel(args.config), **cfg[name], "seed": seed}
-        path = args.out / filename
+        path = _destination(args.out, filename)
         head.save(path)
         saved.append(path)
         all_results.extend(results)
@@ -535,6 +535,26 @@ def main(argv: list[str] | None = None) -> int:
         args.report.parent.mkdir(parents=True, exist_ok=True)
         args.report.write_text(json.dumps(all_results, indent=2) + "\n", encoding="utf-8")
     return 0
+
+
+def _destination(out: Path, filename: str) -> Path:
+    """Where a head goes: `out/filename`, except that the package's voice head, when it is a non-linear head
+    shipped by `pipelines.voice_recipes --ship`, is not overwritten by this LR recipe (it goes beside it)."""
+    from streamer.classifier import load_voice_head
+    from streamer.models import VOICE_HEAD
+
+    path = out / filename
+    shipped = filename == VOICE_FILE and path.is_file() and path.resolve() == VOICE_HEAD.resolve()
+    if shipped and not isinstance(load_voice_head(path), LinearHead):
+        alt = out / "voice_head_logreg.npz"
+        log.warning(
+            "%s is shipped by pipelines.voice_recipes (configs/train/voice_recipes.yaml `ship`): not overwriting"
+            " it; this LR voice head goes to %s",
+            path,
+            alt,
+        )
+        return alt
+    return path
 
 
 def _rel(path: Path) -> str:

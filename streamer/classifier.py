@@ -1,9 +1,12 @@
 """Voice + words emotion: pooled Whisper encoder frames and sentence embeddings, two linear heads, late fusion.
 
-Heads are plain numpy (standardise → linear → softmax) so inference costs well under a millisecond and the
-shipped weights are arrays, not pickles. `pipelines.train_heads` writes them. The words head's input is the
-concatenation of the sentence encoders its meta names (`e5`: multilingual-e5-small; `use`: USE-multilingual v3).
-Fusion is certainty-weighted and gated by default (`fuse`): words without a clear emotion leave the voice alone.
+Heads are plain numpy so inference costs well under a millisecond and the shipped weights are arrays, not pickles:
+`LinearHead` (standardise → linear → softmax, on pooled features) and `AttentionHead` (attention pooling over the
+encoder frames → a small MLP; trained in torch by `pipelines.voice_recipes`, run here in numpy). `load_voice_head`
+picks the class from the file. `pipelines.train_heads` and `pipelines.voice_recipes` write them. The words head's
+input is the concatenation of the sentence encoders its meta names (`e5`: multilingual-e5-small; `use`:
+USE-multilingual v3). Fusion is certainty-weighted and gated by default (`fuse`): words without a clear emotion
+leave the voice alone.
 """
 
 from __future__ import annotations
@@ -40,31 +43,193 @@ class LinearHead:
     def model_id(self) -> str:
         return str(self.meta.get("id", "unknown"))
 
-    def save(self, path: Path) -> None:
-        np.savez(
-            path,
-            labels=np.array(self.labels),
-            mean=self.mean.astype(np.float32),
-            scale=self.scale.astype(np.float32),
-            coef=self.coef.astype(np.float32),
-            intercept=self.intercept.astype(np.float32),
-            meta=np.array(json.dumps(self.meta, sort_keys=True)),
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "labels": np.array(self.labels),
+            "mean": self.mean.astype(np.float32),
+            "scale": self.scale.astype(np.float32),
+            "coef": self.coef.astype(np.float32),
+            "intercept": self.intercept.astype(np.float32),
+            "meta": np.array(json.dumps(self.meta, sort_keys=True)),
+        }
+
+    @classmethod
+    def from_arrays(cls, z, where: str = "head") -> LinearHead:
+        head = cls(
+            labels=tuple(str(v) for v in z["labels"]),
+            mean=z["mean"],
+            scale=z["scale"],
+            coef=z["coef"],
+            intercept=z["intercept"],
+            meta=json.loads(str(z["meta"])),
         )
+        if head.labels != LABELS:
+            raise ValueError(f"{where}: head labels {head.labels} differ from {LABELS}")
+        return head
+
+    def save(self, path: Path) -> None:
+        np.savez(path, **self.arrays())
 
     @classmethod
     def load(cls, path: Path) -> LinearHead:
         with np.load(path, allow_pickle=False) as z:
-            head = cls(
-                labels=tuple(str(v) for v in z["labels"]),
-                mean=z["mean"],
-                scale=z["scale"],
-                coef=z["coef"],
-                intercept=z["intercept"],
-                meta=json.loads(str(z["meta"])),
-            )
+            if "kind" in z.files:
+                raise ValueError(f"{path}: a {z['kind']} head, not a linear one (use load_voice_head)")
+            return cls.from_arrays(z, str(path))
+
+    def predict_frames(self, encoder_frames: np.ndarray) -> np.ndarray:
+        """Probabilities [6] of one utterance from its encoder frames (mean+std pooled)."""
+        return self.predict_proba(voice_features(encoder_frames))[0]
+
+
+def _gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + np.tanh(0.7978845608028654 * (x + 0.044715 * x**3)))
+
+
+@dataclass(frozen=True)
+class AttentionHead:
+    """Attention pooling over standardised encoder frames, then Linear → LayerNorm → GELU → Linear → softmax.
+
+    Pooling (BSC-UPC): w_t = softmax_t(h_t·u/√E), c = Σ_t w_t h_t, with h_t = (x_t − mean)/scale. With `stats`
+    the weighted standard deviation √(Σ_t w_t (h_t − c)² + ε) is appended (attentive statistics pooling), because
+    the spread over time carried signal for the mean+std head. Dropout is a training-only layer and has no
+    weights here. GELU is the tanh form, the one the torch trainer uses, so numpy and torch agree to float error.
+    """
+
+    labels: tuple[str, ...]
+    mean: np.ndarray  # [E]
+    scale: np.ndarray  # [E]
+    u: np.ndarray  # [E]
+    w1: np.ndarray  # [H, E or 2E]
+    b1: np.ndarray  # [H]
+    ln_gain: np.ndarray  # [H]
+    ln_bias: np.ndarray  # [H]
+    w2: np.ndarray  # [K, H]
+    b2: np.ndarray  # [K]
+    stats: bool = False
+    meta: dict = field(default_factory=dict)
+
+    ARRAYS = ("mean", "scale", "u", "w1", "b1", "ln_gain", "ln_bias", "w2", "b2")
+    LN_EPS = 1e-5
+    STD_EPS = 1e-5
+
+    def pool(self, encoder_frames: np.ndarray) -> np.ndarray:
+        h = (np.asarray(encoder_frames, dtype=np.float32) - self.mean) / self.scale
+        z = h @ self.u / np.sqrt(np.float32(h.shape[1]))
+        w = np.exp(z - z.max())
+        w /= w.sum()
+        c = w @ h
+        if not self.stats:
+            return c
+        var = w @ (h - c) ** 2
+        return np.concatenate([c, np.sqrt(var + self.STD_EPS)])
+
+    def predict_frames(self, encoder_frames: np.ndarray) -> np.ndarray:
+        """Probabilities [K] of one utterance from its encoder frames [T, E] (T ≥ 1)."""
+        x = self.w1 @ self.pool(encoder_frames) + self.b1
+        x = (x - x.mean()) / np.sqrt(x.var() + self.LN_EPS) * self.ln_gain + self.ln_bias
+        z = self.w2 @ _gelu_tanh(x) + self.b2
+        p = np.exp(z - z.max())
+        return (p / p.sum()).astype(np.float64)
+
+    def predict_many(self, sequences: list[np.ndarray]) -> np.ndarray:
+        return np.stack([self.predict_frames(s) for s in sequences]) if sequences else np.zeros((0, len(self.labels)))
+
+    @property
+    def model_id(self) -> str:
+        return str(self.meta.get("id", "unknown"))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "kind": np.array("attention"),
+            "labels": np.array(self.labels),
+            "stats": np.array(self.stats),
+            "meta": np.array(json.dumps(self.meta, sort_keys=True)),
+            **{k: np.asarray(getattr(self, k), dtype=np.float32) for k in self.ARRAYS},
+        }
+
+    @classmethod
+    def from_arrays(cls, z, where: str = "head") -> AttentionHead:
+        if "kind" not in z or str(z["kind"]) != "attention":
+            raise ValueError(f"{where}: not an attention head")
+        head = cls(
+            labels=tuple(str(v) for v in z["labels"]),
+            stats=bool(z["stats"]),
+            meta=json.loads(str(z["meta"])),
+            **{k: z[k] for k in cls.ARRAYS},
+        )
         if head.labels != LABELS:
-            raise ValueError(f"{path}: head labels {head.labels} differ from {LABELS}")
+            raise ValueError(f"{where}: head labels {head.labels} differ from {LABELS}")
+        if head.w1.shape[1] != head.u.shape[0] * (2 if head.stats else 1):
+            raise ValueError(f"{where}: w1 {head.w1.shape} does not fit pooled size of u {head.u.shape}")
         return head
+
+    def save(self, path: Path) -> None:
+        np.savez(path, **self.arrays())
+
+    @classmethod
+    def load(cls, path: Path) -> AttentionHead:
+        with np.load(path, allow_pickle=False) as z:
+            return cls.from_arrays({k: z[k] for k in z.files}, str(path))
+
+
+@dataclass(frozen=True)
+class EnsembleHead:
+    """Soft voting: the weighted mean of its member heads' probabilities (equal weights unless given; members stored
+    in one .npz, keys `m<i>.<name>`)."""
+
+    members: tuple[LinearHead | AttentionHead, ...]
+    meta: dict = field(default_factory=dict)
+    weights: tuple[float, ...] | None = None
+
+    def predict_frames(self, encoder_frames: np.ndarray) -> np.ndarray:
+        w = np.full(len(self.members), 1 / len(self.members)) if self.weights is None else np.asarray(self.weights)
+        return np.sum([wi * m.predict_frames(encoder_frames) for wi, m in zip(w, self.members, strict=True)], axis=0)
+
+    @property
+    def model_id(self) -> str:
+        return str(self.meta.get("id", "unknown"))
+
+    def save(self, path: Path) -> None:
+        arrays = {"kind": np.array("ensemble"), "meta": np.array(json.dumps(self.meta, sort_keys=True))}
+        if self.weights is not None:
+            arrays["weights"] = np.asarray(self.weights, dtype=np.float64)
+        for i, member in enumerate(self.members):
+            arrays |= {f"m{i}.{k}": v for k, v in member.arrays().items()}
+        np.savez(path, **arrays)
+
+    @classmethod
+    def load(cls, path: Path) -> EnsembleHead:
+        with np.load(path, allow_pickle=False) as z:
+            if "kind" not in z.files or str(z["kind"]) != "ensemble":
+                raise ValueError(f"{path}: not an ensemble head")
+            members = []
+            while f"m{len(members)}.labels" in z.files:
+                prefix = f"m{len(members)}."
+                part = {k[len(prefix) :]: z[k] for k in z.files if k.startswith(prefix)}
+                kind = AttentionHead if "kind" in part else LinearHead
+                members.append(kind.from_arrays(part, f"{path} member {len(members)}"))
+            if not members:
+                raise ValueError(f"{path}: ensemble without members")
+            weights = tuple(float(v) for v in z["weights"]) if "weights" in z.files else None
+            if weights is not None and (len(weights) != len(members) or abs(sum(weights) - 1) > 1e-6):
+                raise ValueError(
+                    f"{path}: {len(weights)} weights summing to {sum(weights):g} for {len(members)} members"
+                )
+            return cls(tuple(members), json.loads(str(z["meta"])), weights)
+
+
+VoiceHead = LinearHead | AttentionHead | EnsembleHead
+
+
+def load_voice_head(path: Path = VOICE_HEAD) -> VoiceHead:
+    """The voice head in `path`, whichever kind it is (`kind` attention / ensemble, else a mean+std LinearHead)."""
+    with np.load(path, allow_pickle=False) as z:
+        kind = str(z["kind"]) if "kind" in z.files else "linear"
+    loaders = {"attention": AttentionHead.load, "ensemble": EnsembleHead.load, "linear": LinearHead.load}
+    if kind not in loaders:
+        raise ValueError(f"{path}: unknown voice head kind {kind!r}")
+    return loaders[kind](path)
 
 
 def voice_features(encoder_frames: np.ndarray) -> np.ndarray:
@@ -255,7 +420,7 @@ class EmotionClassifier:
         self.opts = opts or ClassifierOptions()
         if self.opts.fusion not in FUSION_RULES:
             raise ValueError(f"unknown fusion rule {self.opts.fusion!r} (known: {', '.join(FUSION_RULES)})")
-        self.voice = LinearHead.load(VOICE_HEAD)
+        self.voice: VoiceHead = load_voice_head(VOICE_HEAD)
         self.text_model = TextModel.load(TEXT_HEAD, self.opts.text_threads)
         self.text = self.text_model.head
 
@@ -272,7 +437,7 @@ class EmotionClassifier:
 
     def classify(self, transcript: Transcript) -> Emotion:
         t0 = time.perf_counter()
-        audio_p = self.voice.predict_proba(voice_features(transcript.encoder_frames))[0]
+        audio_p = self.voice.predict_frames(transcript.encoder_frames)
         text_p = self.classify_text([transcript.text])[0] if transcript.text else None
         fused = fuse(audio_p, text_p, self.opts.fusion, self.opts.text_weight, self.opts.text_gate)
         best = int(np.argmax(fused))

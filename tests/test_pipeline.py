@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from streamer.classifier import LinearHead, voice_features
+from streamer.classifier import LinearHead, load_voice_head, voice_features
 from streamer.event import to_wire, validate
 from streamer.frames import LABELS, SAMPLE_RATE, Utterance
 from streamer.models import TEXT_HEAD, VOICE_HEAD
@@ -33,11 +33,10 @@ class ListSink:
 
 
 def test_shipped_heads_load_with_expected_shapes():
-    voice, text = LinearHead.load(VOICE_HEAD), LinearHead.load(TEXT_HEAD)
-    assert voice.coef.shape == (6, 1024) and text.coef.shape == (6, 384)
-    assert voice.labels == text.labels == LABELS
-    p = voice.predict_proba(np.random.default_rng(0).standard_normal((3, 1024)))
-    assert p.shape == (3, 6) and np.allclose(p.sum(axis=1), 1)
+    voice, text = load_voice_head(VOICE_HEAD), LinearHead.load(TEXT_HEAD)  # voice: linear, attention or ensemble
+    assert text.coef.shape == (6, 384) and text.labels == LABELS
+    p = voice.predict_frames(np.random.default_rng(0).standard_normal((40, 512)).astype(np.float32))
+    assert p.shape == (6,) and np.isclose(p.sum(), 1)
 
 
 def test_head_round_trip(tmp_path):

@@ -15,7 +15,7 @@ import pytest
 import soundfile as sf
 
 from pipelines import data as D
-from streamer.classifier import LinearHead, voice_features
+from streamer.classifier import LinearHead, load_voice_head, voice_features
 from streamer.frames import LABELS, SAMPLE_RATE, Utterance
 from streamer.models import TEXT_HEAD, VOICE_HEAD
 
@@ -311,21 +311,25 @@ def test_shipped_heads_load_with_the_right_shapes() -> None:
     from streamer.recogniser import RecogniserOptions
 
     text_dim = sum({"e5": 384, "use": 512}[e] for e in LinearHead.load(TEXT_HEAD).meta.get("encoders", ["e5"]))
-    for path, dim in ((VOICE_HEAD, 1024), (TEXT_HEAD, text_dim)):
-        assert path.is_file(), f"{path} missing: run python -m pipelines.train_heads --config {CONFIG}"
-        assert path.stat().st_size < 500_000
-        head = LinearHead.load(path)
-        assert head.coef.shape == (6, dim) and head.mean.shape == head.scale.shape == (dim,)
-        assert head.intercept.shape == (6,) and (head.scale > 0).all()
-        assert head.meta["limit"] is None, "shipped head comes from a --limit run"
-        assert head.meta["cv"]["cv"]["macro_f1_mean"] > 0.4
-    voice = LinearHead.load(VOICE_HEAD)
+    assert TEXT_HEAD.is_file(), f"{TEXT_HEAD} missing: run python -m pipelines.train_heads --config {CONFIG}"
+    assert TEXT_HEAD.stat().st_size < 500_000
+    head = LinearHead.load(TEXT_HEAD)
+    assert head.coef.shape == (6, text_dim) and head.mean.shape == head.scale.shape == (text_dim,)
+    assert head.intercept.shape == (6,) and (head.scale > 0).all()
+    # the voice head may be a LinearHead (train_heads) or an attention/ensemble head (pipelines.voice_recipes --ship)
+    assert VOICE_HEAD.is_file() and VOICE_HEAD.stat().st_size < 3_000_000
+    voice = load_voice_head(VOICE_HEAD)
+    p = voice.predict_frames(np.random.default_rng(0).normal(size=(120, 512)).astype(np.float32))
+    assert p.shape == (6,) and abs(p.sum() - 1) < 1e-5
     assert voice.meta["encoder_window_s"] == RecogniserOptions().encoder_window_s
+    for h in (head, voice):
+        assert h.meta["limit"] is None, "shipped head comes from a --limit run"
+        assert h.meta["cv"]["cv"]["macro_f1_mean"] > 0.4
 
 
 @pytest.mark.slow
 def test_shipped_voice_head_on_real_clips(recogniser) -> None:
-    """Runtime path (Recogniser.recognise → voice_features → head) on speaker test1's clips.
+    """Runtime path (Recogniser.recognise → encoder frames → voice head) on speaker test1's clips.
 
     The shipped head was refitted on all 16 UEM speakers, so this is a check that runtime features match the
     training features (a window or pooling mismatch falls towards chance), not a generalisation estimate:
@@ -334,16 +338,17 @@ def test_shipped_voice_head_on_real_clips(recogniser) -> None:
     require(D.UEM)
     from pipelines.features import VoiceFeaturizer
 
-    head = LinearHead.load(VOICE_HEAD)
+    head = load_voice_head(VOICE_HEAD)
     clips = [c for c in D.read_uem().records if c.speaker == "test1"]
     clips = D.limit_records(clips, 36, seed=0)
     from streamer.audio import load_audio
 
-    feats = []
+    feats, pred = [], []
     for clip in clips:
         a = load_audio(clip.path)
-        feats.append(voice_features(recogniser.recognise(Utterance.whole(a, "test")).encoder_frames))
-    pred = [LABELS[i] for i in head.predict_proba(np.stack(feats)).argmax(axis=1)]
+        frames = recogniser.recognise(Utterance.whole(a, "test")).encoder_frames
+        feats.append(voice_features(frames))
+        pred.append(LABELS[int(np.argmax(head.predict_frames(frames)))])
     assert macro_f1([c.label for c in clips], pred) > 0.7
 
     # the training featurizer gives the runtime's features

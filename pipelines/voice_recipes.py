@@ -1,0 +1,826 @@
+"""Compare voice-head recipes on the speaker-grouped UEM folds of the shipped head; write docs/models/voice_recipes.md.
+
+    .venv/bin/python -m pipelines.voice_recipes [--config configs/train/voice_recipes.yaml] [--recipes NAME ...]
+    .venv/bin/python -m pipelines.voice_recipes --ship     # refit the config's `ship` recipe on all data
+
+Every recipe is scored on the same 8 folds (UEM, grouped by speaker, `data.grouped_folds` with the seed and clip
+list of `pipelines.train_heads`) and on the authors' held-out speakers test1 + test2 (trained on the other 14).
+EmoDB is only ever added to training sides. Recipes (see `configs/train/voice_recipes.yaml`):
+
+- `logreg`: mean+std of the encoder frames → standardise → logistic regression (train_heads' model, the floor);
+- `attention`: BSC-UPC attention pooling over the standardised encoder frames (w_t = softmax(h_t·u/√E)) →
+  Linear + Dropout + LayerNorm + GELU → Linear, class-weighted cross-entropy, AdamW, random crops with repeat
+  padding; `stats: true` appends the attention-weighted std; `augment: true` swaps each training clip for its
+  cached augmented copy (speed / noise / reverberation, re-encoded by Whisper) with p = 0.3 per epoch;
+- `mfcc_mlp`: CogniCIC's voice branch, MFCC mean → MLP;
+- `window`: the encoder input padded to 10 s (the runtime), 30 s (Whisper's training length) or unpadded (0).
+
+Training uses one torch thread and is deterministic for a seed. The frames are those of `Recogniser._encode`, the
+single encoder pass the runtime makes; they are cached (float16) under `.cache/features/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from pipelines import data as D
+from pipelines.report import Predictions, RecipeResult, summarise, write_report
+from pipelines.train_heads import (
+    VOICE_LICENCES,
+    _rel,
+    final_head,
+    fit_quiet,
+    label_counts,
+    make_model,
+    proba_in_label_order,
+)
+from streamer.classifier import AttentionHead, EnsembleHead, LinearHead, voice_features
+from streamer.frames import LABELS
+
+log = logging.getLogger("pipelines.voice_recipes")
+
+DEFAULT_CONFIG = D.REPO_ROOT / "configs" / "train" / "voice_recipes.yaml"
+DEFAULT_OUT = D.REPO_ROOT / "docs" / "models" / "voice_recipes.md"
+READERS = {D.UEM: D.read_uem, D.EMODB: D.read_emodb}
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class VoiceData:
+    """Clips of each dataset (readable ones only) and their features, loaded lazily per (window, copy)."""
+
+    root: Path | None
+    cache_dir: Path | None
+    seed: int
+    limit: int | None
+    clips: dict[str, list[D.SpeechClip]] = field(default_factory=dict)
+    skipped: Counter = field(default_factory=Counter)
+    _views: dict = field(default_factory=dict)
+    _featurizers: dict = field(default_factory=dict)
+
+    def load(self, names: list[str]) -> None:
+        for name in names:
+            if name in self.clips:
+                continue
+            if name not in READERS:
+                raise ValueError(f"unknown dataset {name} (known: {sorted(READERS)})")
+            loaded = READERS[name](self.root)
+            for reason, n in loaded.skipped.items():
+                self.skipped[f"{name}: {reason}"] += n
+            chosen = D.limit_records(loaded.records, self.limit, self.seed)
+            # the canonical pass (10 s window, the runtime's) decides which clips are readable
+            seqs, kept, bad = self.featurizer(10.0).many_frames(chosen, f"frames w10 {name}")
+            for reason, n in bad.items():
+                self.skipped[f"{name}: {reason}"] += n
+            self.clips[name] = kept
+            self._views[(name, 10.0, None)] = seqs
+
+    def featurizer(self, window: float):
+        from pipelines.features import VoiceFeaturizer
+        from streamer.recogniser import RecogniserOptions
+
+        if window not in self._featurizers:
+            self._featurizers[window] = VoiceFeaturizer(self.cache_dir, RecogniserOptions(encoder_window_s=window))
+        return self._featurizers[window]
+
+    def labels(self, name: str) -> np.ndarray:
+        return np.array([c.label for c in self.clips[name]])
+
+    def frames(self, name: str, window: float, augment: int | None = None) -> list[np.ndarray]:
+        key = (name, float(window), augment)
+        if key not in self._views:
+            seqs, _, bad = self.featurizer(float(window)).many_frames(
+                self.clips[name],
+                f"frames w{window:g} {name}" + ("" if augment is None else f" aug{augment}"),
+                augment,
+                self.seed,
+            )
+            if bad:  # readable in the canonical pass, so this is a bug rather than bad input
+                raise RuntimeError(f"{name}: {sum(bad.values())} clips failed at window {window} / copy {augment}")
+            self._views[key] = seqs
+        return self._views[key]
+
+    def pooled(self, name: str, window: float, augment: int | None = None) -> np.ndarray:
+        return np.stack([voice_features(s) for s in self.frames(name, window, augment)])
+
+    def mfcc(self, name: str) -> np.ndarray:
+        from pipelines.features import MfccFeaturizer
+
+        key = (name, "mfcc")
+        if key not in self._views:
+            featurizer = MfccFeaturizer(self.cache_dir)
+            self._views[key] = np.stack([featurizer.one(c.path) for c in self.clips[name]])
+        return self._views[key]
+
+
+def splits_for(data: VoiceData, cfg: dict) -> tuple[list, list]:
+    """The CV folds of `train_heads` (same clips, labels, speakers and seed) and the held-out-speaker split."""
+    ev = cfg["eval_dataset"]
+    y = data.labels(ev)
+    speakers = np.array([c.speaker for c in data.clips[ev]])
+    cv = D.grouped_folds(y, speakers, int(cfg["cv_folds"]), int(cfg["seed"]))
+    held = np.isin(speakers, cfg.get("heldout_speakers") or [])
+    heldout = [(np.flatnonzero(~held), np.flatnonzero(held))] if held.any() and (~held).any() else []
+    return cv, heldout
+
+
+# --------------------------------------------------------------------------- torch heads
+
+
+def _torch():
+    import torch
+
+    torch.set_num_threads(1)  # the machine's cores are shared; one thread keeps runs deterministic too
+    return torch
+
+
+def class_weights(y: np.ndarray) -> np.ndarray:
+    """`balanced` weights n / (K · n_k) in LABELS order (0 for a class absent from y)."""
+    counts = np.array([np.sum(y == label) for label in LABELS], dtype=np.float64)
+    return np.where(counts > 0, len(y) / (len(LABELS) * np.maximum(counts, 1)), 0.0)
+
+
+def crop(seq: np.ndarray, length: int, rng: np.random.Generator) -> np.ndarray:
+    """A random `length`-frame window of seq; a shorter seq is repeated until it fills the window."""
+    if len(seq) >= length:
+        start = int(rng.integers(0, len(seq) - length + 1))
+        return seq[start : start + length]
+    return np.concatenate([seq] * math.ceil(length / len(seq)))[:length]
+
+
+def make_attention_net(dim: int, hidden: int, dropout: float, stats: bool):
+    torch = _torch()
+    nn = torch.nn
+
+    class AttentionNet(nn.Module):
+        """The torch twin of `streamer.classifier.AttentionHead` (same layers, same GELU)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.u = nn.Parameter(torch.empty(dim, 1))
+            nn.init.xavier_uniform_(self.u)
+            self.fc1 = nn.Linear(dim * (2 if stats else 1), hidden)
+            self.drop = nn.Dropout(dropout)
+            self.ln = nn.LayerNorm(hidden, eps=AttentionHead.LN_EPS)
+            self.act = nn.GELU(approximate="tanh")
+            self.fc2 = nn.Linear(hidden, len(LABELS))
+
+        def pool(self, h):  # h: [B, T, E] standardised frames
+            w = torch.softmax((h @ self.u).squeeze(-1) / math.sqrt(dim), dim=1).unsqueeze(1)  # [B, 1, T]
+            c = torch.bmm(w, h).squeeze(1)
+            if not stats:
+                return c
+            # Σ w (h − c)² = Σ w h² − c²: two matrix products instead of several [B, T, E] element-wise passes
+            var = torch.clamp(torch.bmm(w, h * h).squeeze(1) - c * c, min=0.0)
+            return torch.cat([c, torch.sqrt(var + AttentionHead.STD_EPS)], dim=1)
+
+        def forward(self, h):
+            return self.fc2(self.act(self.ln(self.drop(self.fc1(self.pool(h))))))
+
+    return AttentionNet()
+
+
+def to_head(net, mean: np.ndarray, scale: np.ndarray, stats: bool, meta: dict) -> AttentionHead:
+    def arr(t) -> np.ndarray:
+        return t.detach().cpu().numpy().astype(np.float32)
+
+    return AttentionHead(
+        labels=LABELS,
+        mean=mean.astype(np.float32),
+        scale=scale.astype(np.float32),
+        u=arr(net.u)[:, 0],
+        w1=arr(net.fc1.weight),
+        b1=arr(net.fc1.bias),
+        ln_gain=arr(net.ln.weight),
+        ln_bias=arr(net.ln.bias),
+        w2=arr(net.fc2.weight),
+        b2=arr(net.fc2.bias),
+        stats=stats,
+        meta=meta,
+    )
+
+
+def train_attention(
+    seqs: list[np.ndarray],
+    y: np.ndarray,
+    acfg: dict,
+    stats: bool,
+    seed: int,
+    aug: list[list[np.ndarray]] | None = None,
+    meta: dict | None = None,
+) -> AttentionHead:
+    """Train the attention head on frame sequences (aug[k][i] is seqs[i]'s augmented copy k); numpy weights out."""
+    torch = _torch()
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    frames = np.concatenate(seqs).astype(np.float32)
+    mean, scale = frames.mean(axis=0), np.maximum(frames.std(axis=0), 1e-5)  # training-set normalisation
+    del frames
+    seqs = [(s.astype(np.float32) - mean) / scale for s in seqs]  # once, not per batch
+    aug = None if not aug else [[(s.astype(np.float32) - mean) / scale for s in copy] for copy in aug]
+    net = make_attention_net(seqs[0].shape[1], int(acfg["hidden"]), float(acfg["dropout"]), stats)
+    opt = torch.optim.AdamW(net.parameters(), lr=float(acfg["lr"]), weight_decay=float(acfg["weight_decay"]))
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, factor=float(acfg["plateau_factor"]), patience=int(acfg["plateau_patience"])
+    )
+    loss_fn = torch.nn.CrossEntropyLoss(weight=torch.tensor(class_weights(y), dtype=torch.float32))
+    target = torch.tensor([LABELS.index(v) for v in y])
+    length, batch, p_aug = int(acfg["crop_frames"]), int(acfg["batch"]), float(acfg.get("augment_p", 0.3))
+    net.train()
+    for _ in range(int(acfg["epochs"])):
+        order = rng.permutation(len(seqs))
+        total = 0.0
+        for start in range(0, len(order), batch):
+            idx = order[start : start + batch]
+            swap = rng.random(len(idx)) < p_aug if aug is not None else np.zeros(len(idx), bool)
+            xb = np.stack([crop(_pick(seqs, aug, i, s, rng), length, rng) for i, s in zip(idx, swap, strict=True)])
+            h = torch.from_numpy(xb)
+            loss = loss_fn(net(h), target[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        sched.step(total / len(order))
+    net.eval()
+    return to_head(net, mean, scale, stats, meta or {})
+
+
+def _pick(seqs: list, aug: list[list] | None, i: int, swap: bool, rng: np.random.Generator) -> np.ndarray:
+    """Clip i, or one of its augmented copies when `swap` (a copy is drawn only when there are several)."""
+    if not swap or aug is None:
+        return seqs[i]
+    return aug[0][i] if len(aug) == 1 else aug[int(rng.integers(len(aug)))][i]
+
+
+class MlpHead:
+    """CogniCIC's voice branch on standardised MFCC means (torch; used in the comparison only, never shipped)."""
+
+    def __init__(self, X: np.ndarray, y: np.ndarray, mcfg: dict, seed: int) -> None:
+        torch = _torch()
+        nn = torch.nn
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        self.mean, self.scale = X.mean(axis=0), np.maximum(X.std(axis=0), 1e-5)
+        hidden = int(mcfg["hidden"])
+        self.net = nn.Sequential(
+            nn.Linear(X.shape[1], hidden), nn.ReLU(), nn.Dropout(float(mcfg["dropout"])), nn.Linear(hidden, len(LABELS))
+        )
+        opt = torch.optim.Adam(self.net.parameters(), lr=float(mcfg["lr"]))
+        loss_fn = nn.CrossEntropyLoss()
+        Xt = torch.from_numpy(((X - self.mean) / self.scale).astype(np.float32))
+        target = torch.tensor([LABELS.index(v) for v in y])
+        batch = int(mcfg["batch"])
+        self.net.train()
+        for _ in range(int(mcfg["epochs"])):
+            order = rng.permutation(len(y))
+            for start in range(0, len(order), batch):
+                idx = torch.from_numpy(order[start : start + batch])
+                loss = loss_fn(self.net(Xt[idx]), target[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        self.net.eval()
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        torch = _torch()
+        with torch.no_grad():
+            z = self.net(torch.from_numpy(((X - self.mean) / self.scale).astype(np.float32)))
+            return torch.softmax(z, dim=1).numpy().astype(np.float64)
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+@dataclass
+class Inputs:
+    """A recipe's inputs: the evaluation rows, the always-training extra rows, and their augmented copies."""
+
+    ev: list | np.ndarray
+    extra: list | np.ndarray
+    y_extra: np.ndarray
+    ev_aug: list | None = None  # one entry per augmented copy
+    extra_aug: list | None = None
+
+    def train_aug(self, train: np.ndarray | None = None) -> list | None:
+        """The augmented copies of the training rows (all evaluation rows when `train` is None) + extras."""
+        if not self.ev_aug:
+            return None
+        return [
+            _cat(e if train is None else _take(e, train), x) for e, x in zip(self.ev_aug, self.extra_aug, strict=True)
+        ]
+
+
+def _cat(a, b):
+    if isinstance(a, list):
+        return list(a) + list(b)
+    return np.concatenate([a, b]) if len(b) else a
+
+
+def _take(rows, idx):
+    return [rows[i] for i in idx] if isinstance(rows, list) else rows[idx]
+
+
+def recipe_inputs(rc: dict, data: VoiceData, cfg: dict) -> Inputs:
+    ev = cfg["eval_dataset"]
+    if ev not in rc["datasets"]:
+        raise ValueError(f"recipe must train on the evaluation dataset {ev}: {rc['datasets']}")
+    others = [n for n in rc["datasets"] if n != ev]
+    data.load([ev, *others])
+    window = float(rc.get("window", 10))
+    model, copies = rc["model"], int(rc.get("augment") or 0)  # true → 1 copy
+    y_extra = np.array([c.label for n in others for c in data.clips[n]])
+    if model == "mfcc_mlp":
+        return Inputs(data.mfcc(ev), _stack([data.mfcc(n) for n in others], 128), y_extra)
+    if model == "logreg":
+        get = data.pooled
+        empty = 1024
+    elif model == "attention":
+        get, empty = data.frames, None
+    else:
+        raise ValueError(f"unknown model {model!r} (known: logreg, attention, mfcc_mlp)")
+
+    def many(names, aug=None):
+        parts = [get(n, window, aug) for n in names]
+        if empty is None:
+            return [s for part in parts for s in part]
+        return _stack(parts, empty)
+
+    if copies and window != 10:
+        raise ValueError("augmented copies are cached for the 10 s window only")
+    return Inputs(
+        ev=get(ev, window),
+        extra=many(others),
+        y_extra=y_extra,
+        ev_aug=[get(ev, window, k) for k in range(copies)] or None,
+        extra_aug=[many(others, k) for k in range(copies)] or None,
+    )
+
+
+def _stack(parts: list[np.ndarray], dim: int) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
+
+
+def fitter(rc: dict, cfg: dict, seed: int) -> Callable:
+    """`fit(train_rows, y, aug_rows | None) → predict(test_rows) → probabilities [n, 6]` for a recipe.
+    `train_seed` in the recipe reseeds the training only (the folds stay those of the config's seed)."""
+    model = rc["model"]
+    seed = int(rc.get("train_seed", seed))
+    if model == "logreg":
+
+        def fit_lr(rows, y, aug):
+            X, yy = (np.concatenate([rows, *aug]), np.tile(y, 1 + len(aug))) if aug else (rows, y)
+            m = fit_quiet(make_model(float(rc["C"]), cfg["logreg"], seed), X, yy)
+            return lambda test: proba_in_label_order(m, test)
+
+        return fit_lr
+    if model == "mfcc_mlp":
+        return lambda rows, y, aug: MlpHead(rows, y, cfg["mlp"], seed).predict_proba
+    acfg = {**cfg["attention"], **rc.get("attention", {})}
+
+    def fit_attn(rows, y, aug):
+        return train_attention(rows, y, acfg, bool(rc.get("stats")), seed, aug).predict_many
+
+    return fit_attn
+
+
+AUG_TEST = "CV, augmented test clips"
+RESULTS_VERSION = 2  # bump when a change to the training code should invalidate cached recipe results
+
+
+def _robust(name: str, rc: dict, cfg: dict) -> bool:
+    """Whether `name` is also scored on the augmented copies of its test clips (10 s window, encoder recipes)."""
+    return name in cfg.get("robustness", []) and rc["model"] in ("logreg", "attention") and rc.get("window", 10) == 10
+
+
+def _result_key(rc: dict, data: VoiceData, cfg: dict, robust: bool = False) -> str:
+    """Hash of everything a recipe's predictions depend on: its settings, the shared settings, the clips."""
+    import hashlib
+    import json
+
+    shared = {k: cfg[k] for k in ("seed", "eval_dataset", "cv_folds", "heldout_speakers", "logreg", "attention", "mlp")}
+    parts = [RESULTS_VERSION, rc, shared] + ([{"robust": True}] if robust else [])
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode())
+    for name in sorted(rc["datasets"]):
+        for c in data.clips[name]:
+            digest.update(f"|{c.path.name}:{c.label}:{c.speaker}:{c.path.stat().st_size}".encode())
+    return digest.hexdigest()[:24]
+
+
+def evaluate(name: str, rc: dict, data: VoiceData, cfg: dict, cache_dir: Path | None = None) -> RecipeResult:
+    """Out-of-fold predictions on the CV folds and the held-out split (cached as JSON under `cache_dir` when
+    given, so a rerun of the table only fits new or changed recipes); costs measured on the way."""
+    import json
+
+    if rc["model"] == "ensemble":
+        return ensemble(name, rc, data, cfg, cache_dir)
+    data.load(list(rc["datasets"]))
+    cached = None
+    if cache_dir is not None:
+        cached = Path(cache_dir) / "voice_recipes" / f"{_result_key(rc, data, cfg, _robust(name, rc, cfg))}.json"
+    if cached is not None and cached.is_file():
+        saved = json.loads(cached.read_text(encoding="utf-8"))
+        log.info("%-16s cached result %s", name, cached.name)
+        preds = {
+            k: Predictions(
+                *(np.array(v[c]) for c in ("y_true", "y_pred", "fold")),
+                proba=np.array(v["proba"]) if "proba" in v else None,
+            )
+            for k, v in saved["preds"].items()
+        }
+        more = {k: v for k, v in preds.items() if k not in ("cv", "heldout")}
+        return RecipeResult(name, describe(rc), preds["cv"], preds.get("heldout"), saved["extras"], more)
+    result = _evaluate(name, rc, data, cfg)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        preds = {"cv": result.cv, **({"heldout": result.heldout} if result.heldout is not None else {}), **result.more}
+        payload = {
+            "recipe": name,
+            "extras": result.extras,
+            "preds": {
+                k: {
+                    "y_true": p.y_true.tolist(),
+                    "y_pred": p.y_pred.tolist(),
+                    "fold": p.fold.tolist(),
+                    "proba": np.round(p.proba, 5).tolist(),
+                }
+                for k, p in preds.items()
+            },
+        }
+        cached.write_text(json.dumps(payload), encoding="utf-8")
+    return result
+
+
+def ensemble(name: str, rc: dict, data: VoiceData, cfg: dict, cache_dir: Path | None) -> RecipeResult:
+    """Soft voting: the mean of the member recipes' out-of-fold probabilities (members fitted on the same folds)."""
+    members = [evaluate(m, cfg["recipes"][m], data, cfg, cache_dir) for m in rc["members"]]
+    labels = np.array(LABELS)
+    preds = {}
+    for kind in ("cv", "heldout", *members[0].more):
+        parts = [m.more.get(kind) if kind in m.more else getattr(m, kind, None) for m in members]
+        if any(p is None for p in parts):
+            continue
+        proba = np.mean([p.proba for p in parts], axis=0)
+        preds[kind] = Predictions(parts[0].y_true, labels[proba.argmax(axis=1)], parts[0].fold, proba)
+    extras = {}
+    for key in ("head ms/utt", *(k for k in members[0].extras if k.startswith("fit s"))):
+        values = [float(m.extras[key]) for m in members if key in m.extras]
+        extras[key] = f"{sum(values):.2f}" if key.startswith("head") else f"{sum(values):.0f}"
+    more = {k: v for k, v in preds.items() if k not in ("cv", "heldout")}
+    return RecipeResult(name, describe(rc), preds["cv"], preds.get("heldout"), extras, more)
+
+
+def _evaluate(name: str, rc: dict, data: VoiceData, cfg: dict) -> RecipeResult:
+    seed = int(cfg["seed"])
+    inp = recipe_inputs(rc, data, cfg)
+    y_ev = data.labels(cfg["eval_dataset"])
+    cv_splits, heldout_splits = splits_for(data, cfg)
+    fit = fitter(rc, cfg, seed)
+    labels = np.array(LABELS)
+    t0 = time.perf_counter()
+    predict_s, n_pred = 0.0, 0
+    preds = {}
+    # robustness: the same fits also score the test clips' augmented copies (other noise / room / speed)
+    test_aug = None
+    if _robust(name, rc, cfg):
+        get = data.pooled if rc["model"] == "logreg" else data.frames
+        test_aug = get(cfg["eval_dataset"], 10.0, 0)
+    aug_parts: list = []
+    for kind, splits in (("cv", cv_splits), ("heldout", heldout_splits)):
+        y_true, y_pred, folds, probas = [], [], [], []
+        for k, (train, test) in enumerate(splits):
+            rows = _cat(_take(inp.ev, train), inp.extra)
+            y = np.concatenate([y_ev[train], inp.y_extra])
+            predict = fit(rows, y, inp.train_aug(train))
+            t1 = time.perf_counter()
+            p = predict(_take(inp.ev, test))
+            predict_s += time.perf_counter() - t1
+            n_pred += len(test)
+            y_true.extend(y_ev[test])
+            y_pred.extend(labels[p.argmax(axis=1)])
+            probas.append(p)
+            folds.extend([k] * len(test))
+            if test_aug is not None and kind == "cv":
+                aug_parts.append((y_ev[test], predict(_take(test_aug, test)), np.full(len(test), k)))
+        if splits:
+            preds[kind] = Predictions(np.array(y_true), np.array(y_pred), np.array(folds), np.concatenate(probas))
+        log.info("%-16s %s done (%.0f s so far)", name, kind, time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    more = {}
+    if aug_parts:
+        p_aug = np.concatenate([p for _, p, _ in aug_parts])
+        more[AUG_TEST] = Predictions(
+            np.concatenate([t for t, _, _ in aug_parts]),
+            labels[p_aug.argmax(axis=1)],
+            np.concatenate([f for _, _, f in aug_parts]),
+            p_aug,
+        )
+    return RecipeResult(
+        name=name,
+        description=describe(rc),
+        cv=preds["cv"],
+        heldout=preds.get("heldout"),
+        more=more,
+        extras={
+            "head ms/utt": f"{1000 * predict_s / max(n_pred, 1):.2f}",
+            f"fit s ({len(cv_splits) + len(heldout_splits)} fits)": f"{seconds:.0f}",
+        },
+    )
+
+
+def describe(rc: dict) -> str:
+    if rc["model"] == "ensemble":
+        return "mean of the probabilities of " + " and ".join(f"`{m}`" for m in rc["members"])
+    model = {
+        "logreg": "mean+std → LR" + (f" C={rc.get('C')}" if "C" in rc else ""),
+        "attention": "attention pooling" + (" + weighted std" if rc.get("stats") else "") + " → MLP",
+        "mfcc_mlp": "MFCC-mean (128) → MLP (CogniCIC)",
+    }[rc["model"]]
+    data = "UEM+EmoDB" if D.EMODB in rc["datasets"] else "UEM"
+    window = "" if rc["model"] == "mfcc_mlp" else f", window {_window(rc.get('window', 10))}"
+    copies = int(rc.get("augment") or 0)
+    if not copies:
+        return f"{model}; {data}{window}"
+    what = f"{copies} aug cop{'y' if copies == 1 else 'ies'}"
+    return f"{model}; {data}{window}, + {what}" + (" as extra rows" if rc["model"] == "logreg" else " (p 0.3)")
+
+
+def _window(w: float) -> str:
+    return "unpadded" if float(w) == 0 else f"{float(w):g} s"
+
+
+def encoder_cost(data: VoiceData, windows: list[float], n: int, seed: int) -> dict[float, float]:
+    """Median encoder wall ms per UEM clip for each window (runtime settings: int8, 2 threads), no cache."""
+    from streamer.audio import load_audio
+
+    clips = D.limit_records(data.clips[D.UEM], n, seed)
+    audio = [load_audio(c.path) for c in clips]
+    out = {}
+    for w in windows:
+        rec = data.featurizer(float(w)).recogniser
+        rec._encode(audio[0])  # warm-up
+        times = []
+        for a in audio:
+            t0 = time.perf_counter()
+            rec._encode(a)
+            times.append(1000 * (time.perf_counter() - t0))
+        out[float(w)] = float(np.median(times))
+        log.info("encoder window %s: median %.0f ms per clip (%d clips)", _window(w), out[float(w)], len(audio))
+    return out
+
+
+# --------------------------------------------------------------------------- ship
+
+
+def fit_final(name: str, cfg: dict, data: VoiceData) -> tuple[LinearHead | AttentionHead | EnsembleHead, dict]:
+    """Recipe `name` refitted on all its data (all 16 UEM speakers + extras): the head and its meta entries."""
+    rc = cfg["recipes"][name]
+    seed = int(cfg["seed"])
+    if rc["model"] == "ensemble":
+        parts = [fit_final(m, cfg, data) for m in rc["members"]]
+        # flattened: a member that is itself an ensemble contributes its members at its share of the weight
+        heads, weights = [], []
+        for head, _ in parts:
+            inner = head.members if isinstance(head, EnsembleHead) else (head,)
+            inner_w = head.weights or [1 / len(inner)] * len(inner) if isinstance(head, EnsembleHead) else [1.0]
+            heads += inner
+            weights += [w / len(parts) for w in inner_w]
+        datasets = list(dict.fromkeys(d for _, i in parts for d in i["datasets"]))
+        info = {"members": [i for _, i in parts], "datasets": datasets}
+        info["encoder_window_s"] = parts[0][1]["encoder_window_s"]
+        if len({i["encoder_window_s"] for _, i in parts}) > 1:
+            raise ValueError(f"{name}: members use different encoder windows")
+        return EnsembleHead(tuple(heads), {"id": name}, tuple(weights)), info
+    if rc["model"] not in ("logreg", "attention"):
+        raise ValueError(f"{name}: a {rc['model']} recipe cannot be shipped (the runtime has only encoder frames)")
+    inp = recipe_inputs(rc, data, cfg)
+    y = np.concatenate([data.labels(cfg["eval_dataset"]), inp.y_extra])
+    rows = _cat(inp.ev, inp.extra)
+    aug = inp.train_aug()
+    window = float(rc.get("window", 10))
+    info = {
+        "recipe_name": name,
+        "datasets": list(rc["datasets"]),
+        "encoder_window_s": window,
+        "n_train": len(y),
+        "train_label_counts": label_counts(y),
+        "augment_copies": int(rc.get("augment") or 0),
+    }
+    t0 = time.perf_counter()
+    if rc["model"] == "logreg":
+        X, yy = (np.concatenate([rows, *aug]), np.tile(y, 1 + len(aug))) if aug else (rows, y)
+        head = final_head(X, yy, float(rc["C"]), cfg["logreg"], seed, {"id": f"{name}-meanstd-logreg"})
+        info["classifier"] = {"type": "standardise + multinomial logistic regression (lbfgs)", "C": rc["C"]}
+    else:
+        acfg = {**cfg["attention"], **rc.get("attention", {})}
+        train_seed = int(rc.get("train_seed", seed))
+        head = train_attention(rows, y, acfg, bool(rc.get("stats")), train_seed, aug, {"id": f"{name}-attention"})
+        info["classifier"] = {
+            "type": "attention pooling (BSC-UPC) → Linear+Dropout+LayerNorm+GELU(tanh) → Linear; weighted CE, AdamW",
+            **acfg,
+            "stats": bool(rc.get("stats")),
+            "train_seed": train_seed,
+            "torch": _torch().__version__,
+        }
+    log.info("refitted %s on %d clips in %.0f s", name, len(y), time.perf_counter() - t0)
+    return head, info
+
+
+def ship(name: str, cfg: dict, data: VoiceData, out: Path, result: RecipeResult | None, config: Path) -> Path:
+    """Refit `name` on all its data and save it as the package's voice head, estimates and recipe in its meta."""
+    import dataclasses
+
+    seed = int(cfg["seed"])
+    head, info = fit_final(name, cfg, data)
+    estimates = {}
+    if result is not None:
+        for kind, pred in (("cv", result.cv), ("heldout", result.heldout)):
+            if pred is not None:
+                s = summarise(pred, int(cfg.get("n_boot", 1000)), seed)
+                estimates[kind] = {
+                    "folds": s["folds"],
+                    "n_test": s["n"],
+                    "macro_f1_mean": round(s["f1_mean"], 4),
+                    "macro_f1_sd": round(s["f1_sd"], 4),
+                    "accuracy_mean": round(s["acc_mean"], 4),
+                    "pooled_macro_f1": round(s["pooled_f1"], 4),
+                    "pooled_macro_f1_ci95": [round(v, 4) for v in s["ci"]],
+                }
+    rec = data.featurizer(float(info["encoder_window_s"])).recogniser
+    datasets = info["datasets"]
+    meta = {
+        "id": f"voice-{'+'.join('uem' if n == D.UEM else 'emodb' for n in datasets)}-whisperbase"
+        f"-w{info['encoder_window_s']:g}-{name}-v2",
+        "head": "voice",
+        "kind": type(head).__name__,
+        "labels": list(LABELS),
+        "feature": "whisper-encoder-last-layer-covered-frames (float32 at run time, float16 cache in training)",
+        "encoder": rec.model_id,
+        "encoder_device": rec.device,
+        "encoder_compute_type": rec.compute_type,
+        **info,
+        "cv": estimates,
+        "selected_by": "cv macro_f1_mean above the previous head's, held-out not worse, among the recipes of"
+        " docs/models/voice_recipes.md (chosen after seeing them: mildly optimistic)",
+        "limit": data.limit,
+        "seed": seed,
+        "licence": "; ".join(VOICE_LICENCES[n] for n in datasets),
+        "recipe": {"config": _rel(config), "name": name, "recipes": _recipe_closure(name, cfg), "seed": seed},
+    }
+    head = dataclasses.replace(head, meta=meta)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "voice_head.npz"
+    head.save(path)
+    return path
+
+
+def _recipe_closure(name: str, cfg: dict) -> dict:
+    rc = cfg["recipes"][name]
+    out = {name: rc}
+    for m in rc.get("members", []):
+        out |= _recipe_closure(m, cfg)
+    return out
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipelines.voice_recipes", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    p.add_argument("--recipes", nargs="+", default=None, help="only these recipes (default: all in the config)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown table (PNGs etc. go beside it)")
+    p.add_argument("--limit", type=int, default=None, help="at most N clips per dataset (tiny runs)")
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default <repo>/.cache/features)")
+    p.add_argument("--no-cost", action="store_true", help="skip timing the encoder windows")
+    p.add_argument("--refit", action="store_true", help="ignore cached recipe results")
+    p.add_argument("--ship", action="store_true", help="refit the config's `ship` recipe on all data and save it")
+    p.add_argument("--models-dir", type=Path, default=D.REPO_ROOT / "streamer" / "models")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipelines.features import DEFAULT_CACHE
+
+    cfg = yaml.safe_load(args.config.read_text(encoding="utf-8"))
+    seed = int(cfg["seed"])
+    data = VoiceData(args.data_dir, args.cache_dir or DEFAULT_CACHE, seed, args.limit)
+    started = time.perf_counter()
+    names = args.recipes or list(cfg["recipes"])
+    if args.ship:
+        if not cfg.get("ship"):
+            p.error(f"{args.config} names no `ship` recipe")
+        names = [cfg["ship"]]
+    unknown = [n for n in names if n not in cfg["recipes"]]
+    if unknown:
+        p.error(f"unknown recipes {unknown} (known: {list(cfg['recipes'])})")
+
+    results = []
+    for name in names:
+        result = evaluate(name, cfg["recipes"][name], data, cfg, None if args.refit else data.cache_dir)
+        s = summarise(result.cv, 200, seed)
+        log.info("%-16s CV F1 %.3f ± %.3f  pooled %.3f", name, s["f1_mean"], s["f1_sd"], s["pooled_f1"])
+        results.append(result)
+    if args.ship:
+        path = ship(names[0], cfg, data, args.models_dir, results[0], args.config)
+        print(f"saved {path} ({path.stat().st_size / 1024:.0f} KiB)")
+        return 0
+
+    used = [cfg["recipes"][n] for n in names if cfg["recipes"][n]["model"] in ("logreg", "attention")]
+    windows = sorted({float(w) for w in cfg.get("cost_windows", [])} | {float(r.get("window", 10)) for r in used})
+    costs = {} if args.no_cost else encoder_cost(data, windows, int(cfg.get("encoder_cost_clips", 24)), seed)
+    for name, r in zip(names, results, strict=True):
+        rc = cfg["recipes"][name]
+        if rc["model"] == "ensemble":
+            rc = cfg["recipes"][rc["members"][0]]
+        w = float(rc.get("window", 10))
+        r.extras = {
+            "encoder ms/utt": f"{costs[w]:.0f}" if w in costs and rc["model"] != "mfcc_mlp" else "–",
+            **r.extras,
+        }
+    total = time.perf_counter() - started
+    md = write_report(
+        results,
+        args.out,
+        "Voice-head recipes on speaker-grouped folds",
+        intro=_intro(cfg, data, args),
+        notes=_notes(cfg, data, total, costs),
+        n_boot=int(cfg.get("n_boot", 1000)),
+        seed=seed,
+        cv_name="CV",
+        heldout_name="held-out test1+test2",
+    )
+    print(md.read_text(encoding="utf-8"))
+    return 0
+
+
+def _intro(cfg: dict, data: VoiceData, args) -> str:
+    ev = cfg["eval_dataset"]
+    counts = ", ".join(f"{n} {len(c)} clips" for n, c in data.clips.items())
+    return (
+        "Reproduce (2 CPU cores; features cached under `.cache/features/`):\n\n```sh\n"
+        ".venv/bin/python -m pipelines.voice_recipes" + (f" --limit {args.limit}" if args.limit else "") + "\n```\n\n"
+        f"Data: {counts}. Every recipe is scored on the same {cfg['cv_folds']} folds over {ev}, grouped by speaker"
+        f" (2 unseen speakers per fold; the folds and clips of `pipelines.train_heads`, seed {cfg['seed']}), and on"
+        f" the authors' held-out speakers {' + '.join(cfg['heldout_speakers'])} after training on the other 14."
+        " EmoDB is only ever on the training side. Macro-F1 mean ± sd is over folds; the pooled macro-F1 is over"
+        f" all out-of-fold predictions together, with a {cfg.get('n_boot', 1000)}-resample bootstrap 95 % CI over"
+        " clips. Encoder cost: median wall ms of one `Recogniser._encode` per UEM clip (int8, 2 threads, this"
+        " machine, other work running beside it); head cost: numpy (LR, attention) or torch (MLP) per clip,"
+        " frames → probabilities."
+    )
+
+
+def _notes(cfg: dict, data: VoiceData, total: float, costs: dict[float, float]) -> str:
+    skipped = ", ".join(f"{k}: {v}" for k, v in sorted(data.skipped.items())) or "none"
+    a = cfg["attention"]
+    cost_table = ""
+    if costs:
+        cost_table = (
+            "Encoder cost per utterance by input window (median of "
+            f"{cfg.get('encoder_cost_clips', 24)} UEM clips, int8, 2 threads):\n\n"
+            "| window | encoder ms/utt |\n|---|---|\n"
+            + "".join(f"| {_window(w)} | {ms:.0f} |\n" for w, ms in sorted(costs.items()))
+            + "\n"
+        )
+    shipped = (
+        f"Shipped as the package's voice head: `{cfg['ship']}` (`--ship`; why, and its limits:"
+        " streamer/models/MODEL_CARD.md)."
+        if cfg.get("ship")
+        else "Shipped: none of these (the config's `ship` is null)."
+    )
+    return (
+        shipped + "\n\n" + cost_table + f"Skipped input (counted, never silent): {skipped}.\n\n"
+        f"Attention heads: hidden {a['hidden']}, dropout {a['dropout']}, AdamW lr {a['lr']} wd {a['weight_decay']},"
+        f" {a['epochs']} epochs of batch {a['batch']}, random {a['crop_frames']}-frame crops with repeat"
+        " padding, lr × 0.9 after 5 epochs without a lower training loss, class-weighted cross-entropy,"
+        " standardisation with the training side's frame mean/std, one torch thread, seed"
+        f" {cfg['seed']}. Scored on the whole utterance (no crop) by the numpy head the runtime uses."
+        " `+aug`: every training clip (UEM and EmoDB) has one cached augmented copy, re-encoded by Whisper: speed ×0.9"
+        " or ×1.1, coloured noise at 5–20 dB SNR, synthetic reverberation (RT60 0.2–0.9 s), each with p 0.5 and at"
+        " least one; the attention heads use the copy instead of the clip with p 0.3 per epoch, the LR adds all"
+        " copies as rows. Test folds are never augmented, except in the `CV, augmented test clips` column, which"
+        " scores the same CV fits on each test clip's augmented copy (a robustness check; in-distribution for the"
+        " `+aug` recipes). `-s1`/`-s2`: the same recipe with training seed 1/2 (same folds); ensembles average the"
+        " members' out-of-fold probabilities. Fit times are wall seconds with other jobs sharing the 2 cores; the"
+        " MLP's head cost excludes computing the MFCCs.\n\n"
+        "Caveats: C, epochs and sizes were set once, not tuned per fold; choosing the best of these rows on the"
+        " same folds is mildly optimistic. test1 and test2 are also inside the CV folds. The CI resamples clips,"
+        " which are not independent within a speaker, so it is narrower than a speaker-level interval."
+        f" Run time of this table: {total:.0f} s."
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

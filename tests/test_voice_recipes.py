@@ -1,0 +1,348 @@
+"""Voice recipes (issue #3): the attention head (torch training, numpy runtime), the recipes on tiny generated data,
+the evaluation reports, and the shipped voice head. A real-data smoke run is skipped when ../shared/data is absent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipelines import data as D
+from pipelines import report as R
+from pipelines import voice_recipes as V
+from streamer.classifier import AttentionHead, LinearHead, load_voice_head, voice_features
+from streamer.frames import LABELS
+from streamer.models import VOICE_HEAD
+
+torch = pytest.importorskip("torch", reason="torch (train extra / setup.sh) is needed to train the attention heads")
+CONFIG = yaml.safe_load(V.DEFAULT_CONFIG.read_text(encoding="utf-8"))
+E = 512
+
+
+def tiny_cfg(**attention) -> dict:
+    cfg = {**CONFIG, "cv_folds": 2, "n_boot": 50}
+    cfg["attention"] = {**CONFIG["attention"], "epochs": 2, "hidden": 16, "batch": 8, **attention}
+    cfg["mlp"] = {**CONFIG["mlp"], "epochs": 3, "hidden": 16}
+    return cfg
+
+
+def random_net(stats: bool, seed: int = 0):
+    torch.manual_seed(seed)
+    net = V.make_attention_net(E, 32, 0.1, stats)
+    with torch.no_grad():  # non-trivial LayerNorm parameters, so they are exercised too
+        net.ln.weight.uniform_(0.5, 1.5)
+        net.ln.bias.uniform_(-0.2, 0.2)
+    return net.eval()
+
+
+# --------------------------------------------------------------------------- attention head: torch ⇔ numpy
+
+
+@pytest.mark.parametrize("stats", [False, True])
+def test_numpy_attention_head_equals_torch(stats: bool) -> None:
+    rng = np.random.default_rng(1)
+    mean, scale = rng.normal(0, 0.3, E).astype(np.float32), rng.uniform(0.5, 2, E).astype(np.float32)
+    net = random_net(stats)
+    head = V.to_head(net, mean, scale, stats, {"id": "t"})
+    for length in (1, 7, 333):
+        frames = rng.normal(0, 1, (length, E)).astype(np.float32)
+        with torch.no_grad():
+            expected = torch.softmax(net(torch.from_numpy((frames - mean) / scale)[None]), dim=1)[0].numpy()
+        np.testing.assert_allclose(head.predict_frames(frames), expected, atol=2e-5)
+
+
+def test_attention_head_roundtrip_and_voice_head_loader(tmp_path: Path) -> None:
+    head = V.to_head(random_net(True), np.zeros(E, np.float32), np.ones(E, np.float32), True, {"id": "attn-x"})
+    path = tmp_path / "voice_head.npz"
+    head.save(path)
+    with np.load(path, allow_pickle=False) as z:  # arrays only, no pickles
+        assert str(z["kind"]) == "attention"
+    loaded = load_voice_head(path)
+    assert isinstance(loaded, AttentionHead) and loaded.stats and loaded.model_id == "attn-x"
+    frames = np.random.default_rng(0).normal(size=(50, E)).astype(np.float32)
+    np.testing.assert_allclose(loaded.predict_frames(frames), head.predict_frames(frames), atol=1e-7)
+    with pytest.raises(ValueError, match="not an attention head"):
+        AttentionHead.load(_linear_head(tmp_path))
+    assert isinstance(load_voice_head(_linear_head(tmp_path)), LinearHead)
+
+
+def test_ensemble_head_averages_its_members(tmp_path: Path) -> None:
+    from streamer.classifier import EnsembleHead
+
+    attn = V.to_head(random_net(False), np.zeros(E, np.float32), np.ones(E, np.float32), False, {"id": "a"})
+    linear = LinearHead.load(_linear_head(tmp_path))
+    rng = np.random.default_rng(2)
+    linear = LinearHead(
+        LABELS,
+        linear.mean,
+        linear.scale,
+        rng.normal(0, 0.1, linear.coef.shape).astype(np.float32),
+        linear.intercept,
+        linear.meta,
+    )
+    ens = EnsembleHead((linear, attn), {"id": "ens", "encoder_window_s": 10.0})
+    path = tmp_path / "ens.npz"
+    ens.save(path)
+    loaded = load_voice_head(path)
+    assert isinstance(loaded, EnsembleHead) and loaded.model_id == "ens"
+    assert [type(m) for m in loaded.members] == [LinearHead, AttentionHead]
+    frames = rng.normal(size=(40, E)).astype(np.float32)
+    expected = (linear.predict_frames(frames) + attn.predict_frames(frames)) / 2
+    np.testing.assert_allclose(loaded.predict_frames(frames), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="not a linear one"):
+        LinearHead.load(path)
+
+
+def _linear_head(tmp_path: Path) -> Path:
+    d = 2 * E
+    head = LinearHead(
+        LABELS,
+        np.zeros(d, np.float32),
+        np.ones(d, np.float32),
+        np.zeros((6, d), np.float32),
+        np.zeros(6, np.float32),
+        {"id": "lin"},
+    )
+    path = tmp_path / "linear.npz"
+    head.save(path)
+    return path
+
+
+def test_shipped_voice_head_loads_and_runs_on_frames_within_budget() -> None:
+    import time
+
+    from streamer.recogniser import RecogniserOptions
+
+    head = load_voice_head(VOICE_HEAD)
+    assert head.meta["encoder_window_s"] == RecogniserOptions().encoder_window_s
+    assert head.meta["limit"] is None, "shipped head comes from a --limit run"
+    frames = np.random.default_rng(0).normal(size=(350, E)).astype(np.float32)  # a 7 s utterance
+    p = head.predict_frames(frames)
+    assert p.shape == (6,) and abs(p.sum() - 1) < 1e-6 and (p >= 0).all()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        head.predict_frames(frames)
+    assert (time.perf_counter() - t0) / 20 < 0.005, "voice head over 5 ms per utterance"
+    if isinstance(head, LinearHead):
+        np.testing.assert_allclose(p, head.predict_proba(voice_features(frames))[0])
+
+
+# --------------------------------------------------------------------------- training pieces
+
+
+def test_crop_repeat_pads_short_and_windows_long() -> None:
+    rng = np.random.default_rng(0)
+    short = np.arange(3)[:, None].repeat(2, 1)
+    np.testing.assert_array_equal(V.crop(short, 7, rng)[:, 0], [0, 1, 2, 0, 1, 2, 0])
+    long = np.arange(50)[:, None]
+    window = V.crop(long, 10, rng)[:, 0]
+    assert len(window) == 10 and (np.diff(window) == 1).all()
+
+
+def test_class_weights_balance_counts() -> None:
+    y = np.array(["anger"] * 6 + ["joy"] * 2)
+    w = V.class_weights(y)
+    assert w[LABELS.index("anger")] * 6 == pytest.approx(w[LABELS.index("joy")] * 2)
+    assert w[LABELS.index("fear")] == 0
+
+
+def synthetic_sequences(n_per_label: int, seed: int, shift: float = 1.5):
+    """Frame sequences whose label is a shift of a few dimensions: learnable in a couple of epochs."""
+    rng = np.random.default_rng(seed)
+    seqs, y = [], []
+    for k, label in enumerate(LABELS):
+        for _ in range(n_per_label):
+            s = rng.normal(0, 1, (int(rng.integers(20, 140)), E)).astype(np.float32)
+            s[:, k * 8 : k * 8 + 8] += shift
+            seqs.append(s.astype(np.float16))
+            y.append(label)
+    return seqs, np.array(y)
+
+
+def test_train_attention_learns_and_is_deterministic() -> None:
+    seqs, y = synthetic_sequences(6, 0)
+    acfg = {**tiny_cfg()["attention"], "epochs": 8}
+    a = V.train_attention(seqs, y, acfg, True, seed=3, aug=[[s * np.float16(0.9) for s in seqs]])
+    b = V.train_attention(seqs, y, acfg, True, seed=3, aug=[[s * np.float16(0.9) for s in seqs]])
+    np.testing.assert_array_equal(a.w1, b.w1)
+    test, y_test = synthetic_sequences(3, 1)
+    pred = np.array(LABELS)[a.predict_many(test).argmax(axis=1)]
+    assert np.mean(pred == y_test) > 0.6
+
+
+def test_augment_audio_is_seeded_and_changes_the_clip() -> None:
+    from pipelines.features import augment_audio
+
+    audio = (0.3 * np.sin(np.arange(16000) * 2 * np.pi * 220 / 16000)).astype(np.float32)
+    a, applied = augment_audio(audio, np.random.default_rng([0, 0, 7]))
+    b, _ = augment_audio(audio, np.random.default_rng([0, 0, 7]))
+    np.testing.assert_array_equal(a, b)
+    assert applied and np.isfinite(a).all() and np.abs(a).max() <= 0.99
+    assert 16000 / 1.1 - 2 <= len(a) <= 16000 / 0.9 + 2
+    assert not np.allclose(a[: min(len(a), 16000)], audio[: min(len(a), 16000)], atol=1e-3)
+    applied_all = [n for seed in range(30) for n in augment_audio(audio, np.random.default_rng(seed))[1]]
+    for kind in ("speed", "noise", "reverb"):
+        assert any(n.startswith(kind) for n in applied_all), kind
+
+
+def test_mfcc_mean_shape() -> None:
+    from pipelines.features import mfcc_mean
+
+    rng = np.random.default_rng(0)
+    for n in (100, 16000):
+        m = mfcc_mean(rng.normal(0, 0.1, n).astype(np.float32))
+        assert m.shape == (128,) and np.isfinite(m).all()
+
+
+# --------------------------------------------------------------------------- every recipe on a tiny generated set
+
+
+def fake_data(tmp_path: Path) -> V.VoiceData:
+    """A VoiceData with made-up clips and cached views (no audio, no Whisper): 4 UEM speakers incl. test1/test2."""
+    data = V.VoiceData(root=tmp_path, cache_dir=None, seed=0, limit=None)
+    rng = np.random.default_rng(0)
+    for name, speakers in ((D.UEM, ["spk00", "spk01", "test1", "test2"]), (D.EMODB, ["emodb03"])):
+        seqs, y = synthetic_sequences(len(speakers), seed=len(name))
+        clips = [
+            D.SpeechClip(name, tmp_path / f"{name}{i}.flac", label, speakers[i % len(speakers)], "x")
+            for i, label in enumerate(y)
+        ]
+        data.clips[name] = clips
+        for window in (10.0, 0.0):
+            data._views[(name, window, None)] = seqs
+        data._views[(name, 10.0, 0)] = [s + np.float16(0.1) for s in seqs]
+        data._views[(name, 10.0, 1)] = [s - np.float16(0.1) for s in seqs]
+        data._views[(name, "mfcc")] = rng.normal(0, 1, (len(clips), 128)).astype(np.float32)
+    return data
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        "meanstd-lr",
+        "meanstd-lr+aug",
+        "mfcc-mlp",
+        "attn-uem",
+        "attn+aug",
+        "attn-stats-w0",
+        "ens-lr+attn+aug",
+        "attn+aug2",
+    ],
+)
+def test_each_recipe_runs_on_a_tiny_generated_set(tmp_path: Path, recipe: str) -> None:
+    cfg = tiny_cfg()
+    data = fake_data(tmp_path)
+    result = V.evaluate(recipe, cfg["recipes"][recipe], data, cfg)
+    n_uem = len(data.clips[D.UEM])
+    assert len(result.cv.y_true) == n_uem and set(result.cv.y_pred) <= set(LABELS)
+    assert len(np.unique(result.cv.fold)) == 2
+    held = sum(c.speaker in ("test1", "test2") for c in data.clips[D.UEM])
+    assert result.heldout is not None and len(result.heldout.y_true) == held
+    assert float(result.extras["head ms/utt"]) < 5
+    if recipe in ("meanstd-lr", "attn+aug", "ens-lr+attn+aug"):  # scored on augmented test clips too
+        assert len(result.more[V.AUG_TEST].y_true) == n_uem
+
+
+def test_recipe_results_are_cached(tmp_path: Path, monkeypatch) -> None:
+    cfg = tiny_cfg()
+    data = fake_data(tmp_path)
+    for c in data.clips[D.UEM] + data.clips[D.EMODB]:
+        c.path.write_bytes(b"x")
+    first = V.evaluate("meanstd-lr", cfg["recipes"]["meanstd-lr"], data, cfg, tmp_path)
+    monkeypatch.setattr(V, "_evaluate", lambda *a: pytest.fail("refitted despite a cached result"))
+    again = V.evaluate("meanstd-lr", cfg["recipes"]["meanstd-lr"], data, cfg, tmp_path)
+    np.testing.assert_array_equal(first.cv.y_pred, again.cv.y_pred)
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def test_bootstrap_ci_brackets_the_score_and_is_seeded() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.choice(LABELS, 300)
+    pred = np.where(rng.random(300) < 0.7, y, rng.choice(LABELS, 300))
+    lo, hi = R.bootstrap_ci(y, pred, n_boot=200, seed=1)
+    assert lo < R.macro_f1(y, pred) < hi and hi - lo < 0.2
+    assert (lo, hi) == R.bootstrap_ci(y, pred, n_boot=200, seed=1)
+    assert R.bootstrap_ci(y, y, n_boot=50) == (1.0, 1.0)
+
+
+def test_write_report_table_png_and_predictions(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    y = np.array(LABELS * 10)
+    pred_a = np.where(rng.random(len(y)) < 0.8, y, "neutral")
+    folds = np.arange(len(y)) % 3
+    results = [
+        R.RecipeResult(
+            "a",
+            "recipe a",
+            R.Predictions(y, pred_a, folds),
+            R.Predictions(y[:12], y[:12], np.zeros(12)),
+            {"cost": "1 ms"},
+        ),
+        R.RecipeResult("b/c", "recipe b", R.Predictions(y, np.roll(y, 1), folds)),
+    ]
+    out = R.write_report(results, tmp_path / "docs" / "t.md", "T", intro="intro", notes="notes", n_boot=50)
+    md = out.read_text(encoding="utf-8")
+    assert "| `a` | recipe a |" in md and "| `b/c` | recipe b |" in md and "1 ms" in md and "–" in md
+    folder = tmp_path / "docs" / "t"
+    png = (folder / "a_cv.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (folder / "b_c_cv.png").is_file() and "precision" in (folder / "a_report.txt").read_text()
+    back = R.read_predictions(folder / "a_cv.csv")
+    np.testing.assert_array_equal(back.y_pred, pred_a)
+    assert R.main([str(folder / "a_cv.csv"), "--out", str(tmp_path / "again.md"), "--n-boot", "20"]) == 0
+    with pytest.raises(ValueError, match="unknown labels"):
+        R.Predictions(np.array(["happy"]), np.array(["joy"]), np.array([0]))
+
+
+# --------------------------------------------------------------------------- real data (skipped without it)
+
+
+def test_tiny_real_run_writes_the_table(tmp_path: Path) -> None:
+    for name in (D.UEM, D.EMODB):
+        if not (D.data_dir() / name).is_dir():
+            pytest.skip(f"{name} not found under {D.data_dir()} (set EMOTION_DATA_DIR); generated fixtures above")
+    cfg = tiny_cfg()
+    cfg_path = tmp_path / "voice.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    out = tmp_path / "voice.md"
+    args = ["--config", str(cfg_path), "--limit", "12", "--recipes", "meanstd-lr", "attn-stats", "--no-cost"]
+    assert V.main([*args, "--out", str(out), "--refit"]) == 0
+    md = out.read_text(encoding="utf-8")
+    assert "`attn-stats`" in md and "label surprise" in md  # skipped labels are reported with their counts
+    assert (tmp_path / "voice" / "attn-stats_cv.png").is_file()
+
+
+def test_fit_final_builds_a_shippable_ensemble(tmp_path: Path) -> None:
+    cfg = tiny_cfg()
+    head, info = V.fit_final("ens-lr+attn+aug", cfg, fake_data(tmp_path))
+    assert info["encoder_window_s"] == 10.0 and [m["recipe_name"] for m in info["members"]] == [
+        "meanstd-lr",
+        "attn+aug",
+    ]
+    path = tmp_path / "voice_head.npz"
+    head.save(path)
+    frames = np.random.default_rng(0).normal(size=(30, E)).astype(np.float32)
+    np.testing.assert_allclose(load_voice_head(path).predict_frames(frames), head.predict_frames(frames), atol=1e-6)
+    with pytest.raises(ValueError, match="cannot be shipped"):
+        V.fit_final("mfcc-mlp", cfg, fake_data(tmp_path))
+
+
+def test_nested_ensemble_is_flattened_with_weights(tmp_path: Path) -> None:
+    cfg = tiny_cfg()
+    cfg["recipes"] = {
+        **cfg["recipes"],
+        "x2": {"model": "ensemble", "members": ["attn+aug", "attn-uem"]},
+        "top": {"model": "ensemble", "members": ["meanstd-lr", "x2"]},
+    }
+    head, _ = V.fit_final("top", cfg, fake_data(tmp_path))
+    assert [type(m).__name__ for m in head.members] == ["LinearHead", "AttentionHead", "AttentionHead"]
+    assert head.weights == (0.5, 0.25, 0.25)
+    path = tmp_path / "v.npz"
+    head.save(path)
+    frames = np.random.default_rng(0).normal(size=(30, E)).astype(np.float32)
+    expected = sum(w * m.predict_frames(frames) for w, m in zip(head.weights, head.members, strict=True))
+    np.testing.assert_allclose(load_voice_head(path).predict_frames(frames), expected, atol=1e-6)
