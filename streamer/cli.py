@@ -51,11 +51,20 @@ def _config(args: argparse.Namespace) -> MonitorConfig:
     return config
 
 
-async def _engine(config: MonitorConfig):
-    """Load the models off the event loop (seconds), so signals and the broker connection stay responsive."""
+async def _engine(config: MonitorConfig, live: bool = False):
+    """Load the models off the event loop (seconds), so signals and the broker connection stay responsive.
+    `live`: keep latency bounded under overload (`pipeline.latency_budget_ms`); offline work waits instead."""
     from streamer.pipeline import Engine
 
-    return await asyncio.to_thread(Engine, config.recogniser, config.classifier, config.node, config.pipeline.max_batch)
+    pipeline = config.pipeline
+    return await asyncio.to_thread(
+        Engine,
+        config.recogniser,
+        config.classifier,
+        config.node,
+        pipeline.max_batch,
+        pipeline.latency_budget_ms if live else 0.0,
+    )
 
 
 def _source_spec(spec: str) -> str:
@@ -82,7 +91,7 @@ async def _run(args: argparse.Namespace, config: MonitorConfig) -> int:
     from streamer.sources import open_source
 
     source = open_source(_source_spec(config.source), realtime=not args.fast, rate=args.rate, channels=args.channels)
-    engine = await _engine(config)
+    engine = await _engine(config, live=not args.fast)
     url, embedded = await resolve_broker(config.mqtt)
     mqtt = MqttSink(config.mqtt, url, config.node)
     sinks = [mqtt]
@@ -162,7 +171,7 @@ async def _serve(args: argparse.Namespace, config: MonitorConfig) -> int:
     if not any(getattr(config.ingest, p) for p in PROTOCOLS):
         log.error("nothing to serve: give --audiosocket, --twilio, --freeswitch or --audiohook HOST:PORT (or ingest:)")
         return 2
-    engine = await _engine(config)
+    engine = await _engine(config, live=True)
     url, embedded = await resolve_broker(config.mqtt)
     mqtt = MqttSink(config.mqtt, url, config.node)
     sinks = [mqtt]

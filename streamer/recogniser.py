@@ -33,6 +33,9 @@ class RecogniserOptions:
     device: str = "auto"  # auto | cpu | cuda
     compute_type: str = "auto"  # auto → float16 on CUDA, int8 on CPU
     cpu_threads: int = 2
+    # Model replicas that run batches side by side, sharing `cpu_threads` on a CPU. None: one per CPU thread on
+    # a CPU (two 1-thread batches beat one 2-thread batch: 0.32 vs 0.55 s per utterance measured here), 1 on a GPU.
+    workers: int | None = None
     language: str | None = "es"  # None → detected per utterance
     beam_size: int = 1
     # The encoder input is padded with silence to at least this many seconds. Whisper was trained on
@@ -89,9 +92,15 @@ class Recogniser:
         else:
             path = self.model_id = self.opts.model
         self.device, self.compute_type = device, compute_type
+        self.workers = max(1, self.opts.workers or (self.opts.cpu_threads if device == "cpu" else 1))
         try:
             self._whisper = WhisperModel(
-                path, device=device, compute_type=compute_type, cpu_threads=self.opts.cpu_threads, local_files_only=True
+                path,
+                device=device,
+                compute_type=compute_type,
+                cpu_threads=max(1, self.opts.cpu_threads // self.workers),
+                num_workers=self.workers,
+                local_files_only=True,
             )
         except (OSError, ValueError) as e:  # nothing is ever downloaded: say what to do instead
             raise ModelFileError(

@@ -114,11 +114,8 @@ async def test_engine_batches_fairly_across_streams(engine, speak):
         return task
 
     engine.max_batch, batches = 2, engine.batches
-    try:
-        tasks = [job("a", 1), job("a", 2), job("a", 3), job("b", 1)]
-        events = await asyncio.gather(*tasks)
-    finally:
-        engine.max_batch = 8
+    tasks = [job("a", 1), job("a", 2), job("a", 3), job("b", 1)]
+    events = await asyncio.gather(*tasks)
     assert engine.batches - batches == 3  # (a1, b1), (a2), (a3)
     assert done.index("b1") < done.index("a2")
     assert [(e.stream, e.seq) for e in events] == [("a", 1), ("a", 2), ("a", 3), ("b", 1)]
@@ -143,3 +140,17 @@ async def test_interim_events_come_before_the_final_one(engine, speak, tmp_path)
     wire = to_wire(interims[0])
     validate(wire)
     assert wire["final"] is False and wire["event_id"].endswith(f"/interim@{interims[0].utterance.end_s:g}")
+
+
+async def test_an_utterance_that_waited_too_long_is_classified_from_the_voice(engine, speak):
+    """Live overload: past `latency_budget_ms` (wait + recent recognition time), only the voice counts."""
+    utterance = Utterance.whole(speak(HAPPY_ES), "late")
+    engine.latency_budget_s = engine._decode_s + 0.1  # what recognition has recently taken, plus 100 ms of waiting
+    try:
+        await asyncio.sleep(0.2)
+        late = await engine.aprocess(utterance, 0)
+        fresh = await engine.aprocess(Utterance.whole(speak(HAPPY_ES), "fresh"), 0)
+    finally:
+        engine.latency_budget_s = 0.0
+    assert late.transcript.rejected == "overload" and late.emotion.text_scores is None
+    assert fresh.transcript.rejected is None and fresh.transcript.text
