@@ -189,8 +189,10 @@ class Segmenter:
             return utterance
         if len(self._open.windows) * WINDOW >= opts.max_utterance_s * SAMPLE_RATE:
             return self._split()
-        if speech and opts.interim_s and len(self._open.windows) * WINDOW >= (self._interims + 1) * (
-            opts.interim_s * SAMPLE_RATE
+        if (
+            speech
+            and opts.interim_s
+            and len(self._open.windows) * WINDOW >= (self._interims + 1) * (opts.interim_s * SAMPLE_RATE)
         ):
             self._interims += 1
             return self._close(self._open.last_speech(), tail=False, tentative=True, interim=True)
