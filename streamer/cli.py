@@ -82,64 +82,73 @@ def _source_spec(spec: str) -> str:
     return f"file:{path}"
 
 
-async def _run(args: argparse.Namespace, config: MonitorConfig) -> int:
-    from streamer.live_view import ConsoleSink
+@contextlib.asynccontextmanager
+async def _monitoring(config: MonitorConfig, jsonl: str | None, live: bool, extra_sinks: tuple = ()):
+    """What `run` and `serve` share: the engine, the broker (embedded if none listens), the MQTT sink first and
+    the other sinks, metrics; yields (engine, broker URL, sinks) and closes them all in order."""
     from streamer.metrics import HEALTH
     from streamer.metrics import serve as serve_metrics
-    from streamer.pipeline import run_stream
     from streamer.publisher import JsonlSink, MqttSink, resolve_broker
-    from streamer.sources import open_source
 
-    source = open_source(_source_spec(config.source), realtime=not args.fast, rate=args.rate, channels=args.channels)
-    engine = await _engine(config, live=not args.fast)
+    engine = await _engine(config, live)
     url, embedded = await resolve_broker(config.mqtt)
     mqtt = MqttSink(config.mqtt, url, config.node)
-    sinks = [mqtt]
-    if args.jsonl:
-        sinks.append(JsonlSink(args.jsonl, config.mqtt.publish_transcript))
-    if not args.quiet:
-        sinks.append(ConsoleSink(show_transcript=config.mqtt.publish_transcript))
+    sinks = [mqtt, *([JsonlSink(jsonl, config.mqtt.publish_transcript)] if jsonl else []), *extra_sinks]
     for sink in sinks:
         await sink.start()
     HEALTH.sink = mqtt
     metrics = await serve_metrics(config.metrics) if config.metrics else None
-    dashboard = await _start_dashboard(url, args.dashboard, config.node, config) if args.dashboard else None
-    log.info(
-        "stream %s from %s → %s (topic emotion/v1/%s/%s/event)",
-        config.stream,
-        source.name,
-        mqtt.address.url,  # host and port only: credentials are never logged
-        config.node,
-        config.stream,
-    )
-    stop = asyncio.Event()
-    task = asyncio.create_task(
-        run_stream(source, engine, sinks, config.stream, config.segmenter, config.pipeline, stop)
-    )
-
-    def on_signal() -> None:
-        if stop.is_set():  # a second Ctrl-C: stop now
-            task.cancel()
-        stop.set()
-
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
-    stats = None
     try:
-        stats = await task
-    except asyncio.CancelledError:
-        log.warning("stopped without finishing the waiting utterances")
+        yield engine, url, sinks
     finally:
         for sink in sinks:
             await sink.close()
         if metrics:
             metrics.close()
-        if dashboard:
-            await dashboard.stop()
         if embedded:
             await embedded.stop()
         engine.close()
+
+
+async def _run(args: argparse.Namespace, config: MonitorConfig) -> int:
+    from streamer.live_view import ConsoleSink
+    from streamer.pipeline import run_stream
+    from streamer.sources import open_source
+
+    source = open_source(_source_spec(config.source), realtime=not args.fast, rate=args.rate, channels=args.channels)
+    console = () if args.quiet else (ConsoleSink(show_transcript=config.mqtt.publish_transcript),)
+    stats = None
+    async with _monitoring(config, args.jsonl, not args.fast, console) as (engine, url, sinks):
+        mqtt = sinks[0]
+        dashboard = await _start_dashboard(url, args.dashboard, config.node, config) if args.dashboard else None
+        log.info(
+            "stream %s from %s → %s (topic emotion/v1/%s/%s/event)",
+            config.stream,
+            source.name,
+            mqtt.address.url,  # host and port only: credentials are never logged
+            config.node,
+            config.stream,
+        )
+        stop = asyncio.Event()
+        task = asyncio.create_task(
+            run_stream(source, engine, sinks, config.stream, config.segmenter, config.pipeline, stop)
+        )
+
+        def on_signal() -> None:
+            if stop.is_set():  # a second Ctrl-C: stop now
+                task.cancel()
+            stop.set()
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
+        try:
+            stats = await task
+        except asyncio.CancelledError:
+            log.warning("stopped without finishing the waiting utterances")
+        finally:
+            if dashboard:
+                await dashboard.stop()
     if stats is None:
         return 0
     lat = stats.latencies_ms
@@ -161,9 +170,6 @@ async def _run(args: argparse.Namespace, config: MonitorConfig) -> int:
 async def _serve(args: argparse.Namespace, config: MonitorConfig) -> int:
     from streamer.ingest import PROTOCOLS, start_listeners
     from streamer.ingest.calls import CallHub
-    from streamer.metrics import HEALTH
-    from streamer.metrics import serve as serve_metrics
-    from streamer.publisher import JsonlSink, MqttSink, resolve_broker
 
     for protocol in PROTOCOLS:
         if getattr(args, protocol, None):
@@ -171,39 +177,23 @@ async def _serve(args: argparse.Namespace, config: MonitorConfig) -> int:
     if not any(getattr(config.ingest, p) for p in PROTOCOLS):
         log.error("nothing to serve: give --audiosocket, --twilio, --freeswitch or --audiohook HOST:PORT (or ingest:)")
         return 2
-    engine = await _engine(config, live=True)
-    url, embedded = await resolve_broker(config.mqtt)
-    mqtt = MqttSink(config.mqtt, url, config.node)
-    sinks = [mqtt]
-    if args.jsonl:
-        sinks.append(JsonlSink(args.jsonl, config.mqtt.publish_transcript))
-    for sink in sinks:
-        await sink.start()
-    HEALTH.sink = mqtt
-    metrics = await serve_metrics(config.metrics) if config.metrics else None
-    hub = CallHub(engine, sinks, config.ingest, config.segmenter, config.pipeline)
-    servers = []
-    try:
-        servers = await start_listeners(hub)
-        log.info("serving calls → %s (topics emotion/v1/%s/call/<call_id>/…)", mqtt.address.url, config.node)
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-        await stop.wait()
-        log.info("stopping: ending %d active calls", len(hub.calls))
-    finally:
-        await hub.close()
-        for server in servers:
-            server.close()
-        for server in servers:
-            await server.wait_closed()
-        for sink in sinks:
-            await sink.close()
-        if metrics:
-            metrics.close()
-        if embedded:
-            await embedded.stop()
-        engine.close()
+    async with _monitoring(config, args.jsonl, live=True) as (engine, _, sinks):
+        hub = CallHub(engine, sinks, config.ingest, config.segmenter, config.pipeline)
+        servers = []
+        try:
+            servers = await start_listeners(hub)
+            log.info("serving calls → %s (topics emotion/v1/%s/call/<call_id>/…)", sinks[0].address.url, config.node)
+            stop = asyncio.Event()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+            await stop.wait()
+            log.info("stopping: ending %d active calls", len(hub.calls))
+        finally:
+            await hub.close()
+            for server in servers:
+                server.close()
+            for server in servers:
+                await server.wait_closed()
     return 0
 
 
