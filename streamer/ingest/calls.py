@@ -253,6 +253,7 @@ class Call:
             )
             self._streams.append(asyncio.create_task(stream, name=f"call-{call_id}-{role}"))
         self._ending: asyncio.Task | None = None
+        self._reading: asyncio.Future | None = None  # the handler's pending read, cut short when we end the call
 
     def push(self, channel: str, pcm: np.ndarray, rate: int) -> None:
         if self._ending is not None:
@@ -267,15 +268,22 @@ class Call:
         self.last_audio = time.monotonic()
 
     async def read(self, message: Awaitable[T]) -> T:
-        """Await the handler's next message, ending the call when it is idle or has run out of time."""
+        """Await the handler's next message, ending the call when it is idle, has run out of time, or is ended
+        from our side (shutdown) while the peer is silent."""
         now = time.monotonic()
         idle_left = self.last_audio + self.hub.opts.idle_s - now
         time_left = self.started + self.hub.opts.max_call_s - now
         timeout, reason = (idle_left, "idle") if idle_left <= time_left else (time_left, "max_duration")
+        self._reading = asyncio.ensure_future(message)
         try:
-            return await asyncio.wait_for(message, max(timeout, 0.0))
+            return await asyncio.wait_for(self._reading, max(timeout, 0.0))
         except TimeoutError:
             raise CallEnded(reason) from None
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if self._ending is not None and not (current and current.cancelling()):
+                raise CallEnded("shutdown") from None  # `_end` cut the read short, the handler was not cancelled
+            raise
 
     async def follow(self, messages: Awaitable[str]) -> tuple[str, str | None]:
         """Run the handler's message loop, which returns the end reason, and end the call however it stops;
@@ -303,6 +311,8 @@ class Call:
 
     async def _end(self, reason: str, error: str | None) -> dict:
         duration = time.monotonic() - self.started
+        if self._reading is not None and not self._reading.done():
+            self._reading.cancel()  # the handler hears CallEnded("shutdown") and tells its peer
         for track in self.tracks.values():
             track.end()
         await asyncio.gather(*self._streams, return_exceptions=True)
