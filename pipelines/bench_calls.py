@@ -1,11 +1,13 @@
 """Concurrent live calls through the real `emotion-monitor serve`: end of speech → event at an MQTT subscriber.
 
-Starts `emotion-monitor serve --audiosocket` as its own process, then N AudioSocket clients (this process)
-each play a call in real time: 20 ms frames of 8 kHz slin, Spanish sentences separated by pauses as long as
-the speech (≈ 50 % speech), calls starting 0.37 s apart. Ground-truth ends of speech come from the samples.
-Reports latency p50/p95/p99, the server's CPU (cores busy, CPU s per audio s), peak memory and batch sizes.
+Starts `emotion-monitor serve --audiosocket` as its own process (or `--servers K` of them sharing the calls and
+the GPU), then N AudioSocket clients (this process) each play a call in real time: 20 ms frames of 8 kHz slin,
+Spanish sentences separated by pauses as long as the speech (≈ 50 % speech), calls starting `--stagger` s apart.
+Ground-truth ends of speech come from the samples. Reports latency p50/p95/p99, the servers' CPU (cores busy,
+CPU s per audio s), peak memory and, with a GPU, its mean utilisation and peak memory.
 
     .venv/bin/python -m pipelines.bench_calls --calls 1 8 16 24 [--seconds 60] [--uem N] [--json-dir docs/bench]
+    .venv/bin/python -m pipelines.bench_calls --calls 100 300 --servers 4 --stagger 0.02   # a GPU
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -27,6 +31,7 @@ from pathlib import Path
 import aiomqtt
 import numpy as np
 import soxr
+import yaml
 
 from pipelines.bench_live import SENTENCES, build_stream, report, uem_clips
 from streamer.demo import speak
@@ -53,22 +58,38 @@ def _proc_peak_mb(pid: int) -> float:
     return float("nan")
 
 
-async def _play(port: int, call_id: str, audio: np.ndarray, delay: float, starts: dict[str, float]) -> None:
-    """One AudioSocket call in real time: each 20 ms frame is sent when its last sample would exist."""
-    await asyncio.sleep(delay)
-    slin = (np.clip(soxr.resample(audio, SAMPLE_RATE, 8000), -1, 1) * 32767).astype("<i2").tobytes()
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(struct.pack(">BH", 0x01, 16) + uuid.UUID(call_id).bytes)
+async def _play_all(ports: list[int], calls: dict[str, np.ndarray], stagger_s: float, starts: dict[str, float]) -> None:
+    """Every call in real time from one ticker: each 20 ms frame is sent when its last sample would exist.
+
+    Call k connects (to server k mod len(ports)) up front and starts talking `k * stagger_s` later; one loop
+    waking every 20 ms for all calls keeps a few hundred calls on time where a task per call would not.
+    """
     step = int(8000 * FRAME_S) * 2
-    t0 = starts[call_id] = time.monotonic()
-    for k, offset in enumerate(range(0, len(slin), step)):
-        await asyncio.sleep(max(0.0, t0 + (k + 1) * FRAME_S - time.monotonic()))
-        chunk = slin[offset : offset + step]
-        writer.write(struct.pack(">BH", 0x10, len(chunk)) + chunk)
-    writer.write(struct.pack(">BH", 0x00, 0))
-    await writer.drain()
-    await reader.read()
-    writer.close()
+    slins, writers, readers, offsets = [], [], [], []
+    for k, (call_id, audio) in enumerate(calls.items()):
+        slins.append((np.clip(soxr.resample(audio, SAMPLE_RATE, 8000), -1, 1) * 32767).astype("<i2").tobytes())
+        reader, writer = await asyncio.open_connection("127.0.0.1", ports[k % len(ports)])
+        writer.write(struct.pack(">BH", 0x01, 16) + uuid.UUID(call_id).bytes)
+        readers.append(reader)
+        writers.append(writer)
+        offsets.append(round(k * stagger_s / FRAME_S))
+    t0 = time.monotonic()
+    for call_id, offset in zip(calls, offsets, strict=True):
+        starts[call_id] = t0 + offset * FRAME_S
+    ticks = max(o + -(-len(s) // step) for o, s in zip(offsets, slins, strict=True))
+    for tick in range(ticks + 1):
+        await asyncio.sleep(max(0.0, t0 + (tick + 1) * FRAME_S - time.monotonic()))
+        for slin, writer, offset in zip(slins, writers, offsets, strict=True):
+            frame = tick - offset
+            if 0 <= frame * step < len(slin):
+                chunk = slin[frame * step : (frame + 1) * step]
+                writer.write(struct.pack(">BH", 0x10, len(chunk)) + chunk)
+            elif frame * step >= len(slin) and frame * step - step < len(slin):
+                writer.write(struct.pack(">BH", 0x00, 0))  # hang up after the last frame
+    await asyncio.gather(*(w.drain() for w in writers))
+    await asyncio.gather(*(r.read() for r in readers))
+    for writer in writers:
+        writer.close()
 
 
 async def _wait_port(port: int, server: subprocess.Popen, timeout: float = 120) -> None:
@@ -85,8 +106,38 @@ async def _wait_port(port: int, server: subprocess.Popen, timeout: float = 120) 
     raise TimeoutError("emotion-monitor serve did not listen in time")
 
 
+def _server_config(args: argparse.Namespace, calls: int, path: Path) -> Path:
+    """The server's YAML (`--config`, if any) with `ingest.max_calls` raised to what each server will get."""
+    config = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
+    ingest = config.setdefault("ingest", {})
+    ingest["max_calls"] = max(ingest.get("max_calls", 64), -(-calls // args.servers))
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+class GpuSampler:
+    """GPU utilisation and memory from `nvidia-smi` every 0.5 s while a run lasts (nothing without a GPU)."""
+
+    def __init__(self) -> None:
+        self._proc = None
+        if shutil.which("nvidia-smi"):
+            query = ["--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits", "-lms", "500"]
+            self._proc = subprocess.Popen(["nvidia-smi", *query], stdout=subprocess.PIPE, text=True)
+
+    def stop(self) -> dict:
+        if self._proc is None:
+            return {}
+        self._proc.terminate()
+        out, _ = self._proc.communicate(timeout=10)
+        samples = [tuple(float(v) for v in line.split(",")) for line in out.splitlines() if line.count(",") == 1]
+        if not samples:
+            return {}
+        util, memory = zip(*samples, strict=True)
+        return {"gpu_util_mean_pct": round(statistics.mean(util), 1), "gpu_memory_peak_mb": max(memory)}
+
+
 async def bench(calls: int, args: argparse.Namespace, clips: list[np.ndarray]) -> dict:
-    node, port = f"benchcalls{uuid.uuid4().hex[:6]}", _free_port()
+    node, ports = f"benchcalls{uuid.uuid4().hex[:6]}", [_free_port() for _ in range(args.servers)]
     pause = float(np.mean([len(c) for c in clips])) / SAMPLE_RATE  # as much silence as speech
     streams = {}
     for i in range(calls):
@@ -96,13 +147,22 @@ async def bench(calls: int, args: argparse.Namespace, clips: list[np.ndarray]) -
             ends += [len(audio) / SAMPLE_RATE + e for e in more_ends]
             audio = np.concatenate([audio, more])
         streams[str(uuid.uuid4())] = (audio, ends)
-    command = [sys.executable, "-m", "streamer", "serve", "--audiosocket", f"127.0.0.1:{port}", "--node", node]
-    command += ["--broker", args.broker] + (["--config", args.config] if args.config else [])
-    with tempfile.TemporaryFile("w+") as log:
-        server = subprocess.Popen(command, stderr=log, text=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = _server_config(args, calls, Path(tmp) / "serve.yaml")
+        logs = [open(Path(tmp) / f"serve{k}.log", "w+") for k in range(args.servers)]  # noqa: SIM115
+        serve = [sys.executable, "-m", "streamer", "serve", "--node", node, "--broker", args.broker]
+        servers = [
+            subprocess.Popen(
+                [*serve, "--config", str(config), "--audiosocket", f"127.0.0.1:{port}"],
+                stderr=log,
+                text=True,
+            )
+            for port, log in zip(ports, logs, strict=True)
+        ]
         received: list[tuple[float, str, dict]] = []
         try:
-            await _wait_port(port, server)
+            for port, server in zip(ports, servers, strict=True):
+                await _wait_port(port, server)
             host, mqtt_port = args.broker.removeprefix("mqtt://").split(":")
 
             async def subscribe(ready: asyncio.Event) -> None:
@@ -117,23 +177,28 @@ async def bench(calls: int, args: argparse.Namespace, clips: list[np.ndarray]) -
             subscriber = asyncio.create_task(subscribe(ready))
             await ready.wait()
             starts: dict[str, float] = {}
-            cpu0, wall0 = _proc_cpu_s(server.pid), time.monotonic()
-            await asyncio.gather(
-                *(_play(port, cid, a, 0.37 * i, starts) for i, (cid, (a, _)) in enumerate(streams.items()))
-            )
+            gpu = GpuSampler()
+            cpu0, wall0 = sum(_proc_cpu_s(s.pid) for s in servers), time.monotonic()
+            await _play_all(ports, {cid: a for cid, (a, _) in streams.items()}, args.stagger, starts)
             deadline = time.monotonic() + 60
             while sum(t.endswith("/lifecycle") and m["type"] == "ended" for _, t, m in received) < calls:
                 if time.monotonic() > deadline:
                     break
                 await asyncio.sleep(0.2)
-            cpu, wall = _proc_cpu_s(server.pid) - cpu0, time.monotonic() - wall0
-            peak_mb = _proc_peak_mb(server.pid)
+            cpu, wall = sum(_proc_cpu_s(s.pid) for s in servers) - cpu0, time.monotonic() - wall0
+            peak_mb = sum(_proc_peak_mb(s.pid) for s in servers)
+            gpu_figures = gpu.stop()
             subscriber.cancel()
         finally:
-            server.terminate()
-            server.wait(timeout=60)
-            log.seek(0)
-            log_tail = log.read().strip().splitlines()[-3:]
+            for server in servers:
+                server.terminate()
+            for server in servers:
+                server.wait(timeout=60)
+            log_tail = []
+            for log in logs:
+                log.seek(0)
+                log_tail += log.read().strip().splitlines()[-3:]
+                log.close()
     latencies, stages, unmatched = [], [], 0
     events = [(a, m) for a, t, m in received if t.endswith("/event")]
     for arrived, event in events:
@@ -168,6 +233,9 @@ async def bench(calls: int, args: argparse.Namespace, clips: list[np.ndarray]) -
         "server_cpu_cores_busy": round(cpu / wall, 2),
         "server_cpu_s_per_audio_s": round(cpu / audio_s, 3),
         "server_peak_rss_mb": round(peak_mb, 1),
+        "servers": args.servers,
+        "stagger_s": args.stagger,
+        **gpu_figures,
         "server_log_tail": log_tail,
     }
 
@@ -178,7 +246,9 @@ def main() -> None:
     parser.add_argument("--calls", type=int, nargs="+", default=[1, 8, 16])
     parser.add_argument("--seconds", type=float, default=60, help="audio per call")
     parser.add_argument("--uem", type=int, default=0, help="use N clips of UEM's held-out speakers instead of espeak")
-    parser.add_argument("--config", help="YAML config for the server (e.g. another max_batch)")
+    parser.add_argument("--config", help="YAML config for the servers (e.g. another max_batch)")
+    parser.add_argument("--servers", type=int, default=1, help="`serve` processes sharing the calls (and the GPU)")
+    parser.add_argument("--stagger", type=float, default=0.37, help="seconds between the starts of two calls")
     parser.add_argument("--json-dir", help="write calls_<N>.json here")
     args = parser.parse_args()
     clips = uem_clips(args.uem) if args.uem else [speak(s) for s in SENTENCES]

@@ -108,6 +108,7 @@ class Recogniser:
                 f"(nothing is downloaded at run time; use `base` or a local path): {e}"
             ) from e
         self._storage = ctranslate2.StorageView
+        self._cpu = ctranslate2.Device.cpu
         self._tokenizer_cls = Tokenizer
         self._tokenizers: dict[str, Tokenizer] = {}
         log.info("Whisper %s on %s/%s", self.model_id, device, compute_type)
@@ -140,10 +141,13 @@ class Recogniser:
             padded = np.zeros(n, dtype=np.float32)
             padded[: len(audio)] = audio[:n]
             mels.append(self._whisper.feature_extractor(padded)[:, : n // 160])
+        # On a GPU the encoder output stays there for decoding, and only a copy (float16) comes back for the
+        # voice head; selecting rows of that copy keeps its dtype, which the model expects.
+        on_gpu = self.device == "cuda"
         encoded = self._whisper.model.encode(
-            self._storage.from_array(np.ascontiguousarray(np.stack(mels))), to_cpu=True
+            self._storage.from_array(np.ascontiguousarray(np.stack(mels))), to_cpu=not on_gpu
         )
-        return encoded, np.array(encoded)
+        return encoded, np.array(encoded.to_device(self._cpu) if on_gpu else encoded)
 
     def _languages(self, encoded, count: int) -> list[tuple[str, float]]:
         if self.opts.language:
