@@ -150,14 +150,12 @@ async def bench(calls: int, args: argparse.Namespace, clips: list[np.ndarray]) -
     with tempfile.TemporaryDirectory() as tmp:
         config = _server_config(args, calls, Path(tmp) / "serve.yaml")
         logs = [open(Path(tmp) / f"serve{k}.log", "w+") for k in range(args.servers)]  # noqa: SIM115
-        serve = [sys.executable, "-m", "streamer", "serve", "--node", node, "--broker", args.broker]
-        servers = [
+        serve = [sys.executable, "-m", "streamer", "serve", "--broker", args.broker, "--config", str(config)]
+        servers = [  # a node each: a node's spool belongs to one process
             subprocess.Popen(
-                [*serve, "--config", str(config), "--audiosocket", f"127.0.0.1:{port}"],
-                stderr=log,
-                text=True,
+                [*serve, "--node", f"{node}-{k}", "--audiosocket", f"127.0.0.1:{port}"], stderr=log, text=True
             )
-            for port, log in zip(ports, logs, strict=True)
+            for k, (port, log) in enumerate(zip(ports, logs, strict=True))
         ]
         received: list[tuple[float, str, dict]] = []
         try:
@@ -167,10 +165,11 @@ async def bench(calls: int, args: argparse.Namespace, clips: list[np.ndarray]) -
 
             async def subscribe(ready: asyncio.Event) -> None:
                 async with aiomqtt.Client(host, int(mqtt_port)) as client:
-                    await client.subscribe(f"emotion/v1/{node}/call/#", qos=1)
+                    await client.subscribe("emotion/v1/+/call/#", qos=1)
                     ready.set()
                     async for message in client.messages:
-                        if message.payload:  # an empty retained message clears an ended call's state
+                        if message.payload and str(message.topic).startswith(f"emotion/v1/{node}-"):
+                            # (an empty retained message clears an ended call's state)
                             received.append((time.monotonic(), str(message.topic), json.loads(message.payload)))
 
             ready = asyncio.Event()

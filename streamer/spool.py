@@ -6,6 +6,7 @@ broker outage, or the monitor itself being killed, loses nothing: the next run r
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import sqlite3
 import threading
@@ -23,12 +24,28 @@ class Spooled:
     final: bool
 
 
+class SpoolInUseError(RuntimeError):
+    """Another process holds this spool: two publishers would send (and delete) each other's events."""
+
+
 class Spool:
-    """`path=None` keeps the queue in memory (nothing survives the process)."""
+    """`path=None` keeps the queue in memory (nothing survives the process). A spool file belongs to one
+    process at a time (an exclusive lock beside it), since a second one would block on SQLite and publish the
+    first one's events."""
 
     def __init__(self, path: str | Path | None, max_events: int = 100_000) -> None:
+        self._owner = None
         if path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._owner = open(f"{path}.lock", "w")  # noqa: SIM115 (held until close)
+            try:
+                fcntl.flock(self._owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._owner.close()
+                raise SpoolInUseError(
+                    f"spool {path} is in use by another process (same node and broker?): give each process its own"
+                    " --node, or its own mqtt.spool path"
+                ) from None
         self.path, self.max_events = path, max_events
         self._db = sqlite3.connect(str(path) if path else ":memory:", check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
@@ -79,3 +96,5 @@ class Spool:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            if self._owner:
+                self._owner.close()

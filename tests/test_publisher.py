@@ -21,24 +21,67 @@ def make_event(stream: str, seq: int, node: str = "test") -> EmotionEvent:
     """A complete event built from the real dataclasses (the model stages are tested elsewhere)."""
     now = time.monotonic()
     scores = dict.fromkeys(LABELS, round(1 / 6, 4))
-    utterance = Utterance(stream=stream, segment_id=seq, audio=np.zeros(1600, np.float32), start_s=seq * 2.0,
-                          end_s=seq * 2.0 + 1.0, speech_end_arrived=now, emitted=now, wall_end=time.time(),
-                          speech_s=0.8, source="test")
-    transcript = Transcript(text=f"frase {seq}", language="es", language_probability=1.0, no_speech_prob=0.01,
-                            avg_logprob=-0.2, compression_ratio=1.0, rejected=None,
-                            encoder_frames=np.zeros((50, 512), np.float32), encode_ms=1.0, decode_ms=1.0)
-    emotion = Emotion(scores=scores, audio_scores=scores, text_scores=scores, label="anger", confidence=0.1667,
-                      valence=-0.2, arousal=0.28, incongruent=False, ms=0.1)
-    return EmotionEvent(node=node, stream=stream, seq=seq, utterance=utterance, transcript=transcript,
-                        emotion=emotion, models={"asr": "a", "emotion": "b"}, ready=now)
+    utterance = Utterance(
+        stream=stream,
+        segment_id=seq,
+        audio=np.zeros(1600, np.float32),
+        start_s=seq * 2.0,
+        end_s=seq * 2.0 + 1.0,
+        speech_end_arrived=now,
+        emitted=now,
+        wall_end=time.time(),
+        speech_s=0.8,
+        source="test",
+    )
+    transcript = Transcript(
+        text=f"frase {seq}",
+        language="es",
+        language_probability=1.0,
+        no_speech_prob=0.01,
+        avg_logprob=-0.2,
+        compression_ratio=1.0,
+        rejected=None,
+        encoder_frames=np.zeros((50, 512), np.float32),
+        encode_ms=1.0,
+        decode_ms=1.0,
+    )
+    emotion = Emotion(
+        scores=scores,
+        audio_scores=scores,
+        text_scores=scores,
+        label="anger",
+        confidence=0.1667,
+        valence=-0.2,
+        arousal=0.28,
+        incongruent=False,
+        ms=0.1,
+    )
+    return EmotionEvent(
+        node=node,
+        stream=stream,
+        seq=seq,
+        utterance=utterance,
+        transcript=transcript,
+        emotion=emotion,
+        models={"asr": "a", "emotion": "b"},
+        ready=now,
+    )
 
 
-async def receive(host: str, port: int, topic: str, count: int, started: asyncio.Event, timeout: float = 20,
-                  identifier: str | None = None):
+async def receive(
+    host: str,
+    port: int,
+    topic: str,
+    count: int,
+    started: asyncio.Event,
+    timeout: float = 20,
+    identifier: str | None = None,
+):
     """Collect `count` messages; with an `identifier`, in a persistent session the broker queues for."""
     got = []
-    async with aiomqtt.Client(host, port, identifier=identifier or f"test-sub-{uuid.uuid4().hex[:8]}",
-                              clean_session=identifier is None) as client:
+    async with aiomqtt.Client(
+        host, port, identifier=identifier or f"test-sub-{uuid.uuid4().hex[:8]}", clean_session=identifier is None
+    ) as client:
         await client.subscribe(topic, qos=1)
         started.set()
         if count == 0:
@@ -96,7 +139,8 @@ async def test_last_will_marks_a_dead_publisher_offline(broker, tmp_path):
         f"    sink = MqttSink(MqttOptions(keepalive=1), 'mqtt://127.0.0.1:1883', '{node}')\n"
         "    await sink.start(); await sink.connected.wait(); print('up', flush=True)\n"
         "    await asyncio.sleep(60)\n"
-        "asyncio.run(main())\n")
+        "asyncio.run(main())\n"
+    )
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE)
     try:
         assert proc.stdout.readline().strip() == b"up"
@@ -131,8 +175,10 @@ async def test_auto_uses_the_running_broker(broker):
 def start_mosquitto(port: int, tmp_path) -> subprocess.Popen:
     """A Mosquitto the test controls, persisting sessions in tmp_path across restarts."""
     conf = tmp_path / f"mosquitto-{port}.conf"
-    conf.write_text(f"user root\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-                    f"persistence_location {tmp_path}/\n")
+    conf.write_text(
+        f"user root\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+        f"persistence_location {tmp_path}/\n"
+    )
     proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stderr=subprocess.DEVNULL)
     for _ in range(50):
         if is_listening("127.0.0.1", port):
@@ -212,23 +258,76 @@ async def test_jsonl_sink_writes_valid_events(tmp_path):
 
 async def test_tls_with_username_and_password(tmp_path):
     """mqtts:// with a CA the test makes and a password file, against a real Mosquitto."""
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca",
-                    "-keyout", tmp_path / "ca.key", "-out", tmp_path / "ca.crt"], check=True, capture_output=True)
-    subprocess.run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
-                    "-keyout", tmp_path / "server.key", "-out", tmp_path / "server.csr"], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=test-ca",
+            "-keyout",
+            tmp_path / "ca.key",
+            "-out",
+            tmp_path / "ca.crt",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            tmp_path / "server.key",
+            "-out",
+            tmp_path / "server.csr",
+        ],
+        check=True,
+        capture_output=True,
+    )
     (tmp_path / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    subprocess.run(["openssl", "x509", "-req", "-in", tmp_path / "server.csr", "-CA", tmp_path / "ca.crt",
-                    "-CAkey", tmp_path / "ca.key", "-CAcreateserial", "-days", "1", "-extfile", tmp_path / "san.ext",
-                    "-out", tmp_path / "server.crt"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "x509",
+            "-req",
+            "-in",
+            tmp_path / "server.csr",
+            "-CA",
+            tmp_path / "ca.crt",
+            "-CAkey",
+            tmp_path / "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            tmp_path / "san.ext",
+            "-out",
+            tmp_path / "server.crt",
+        ],
+        check=True,
+        capture_output=True,
+    )
     passwords = tmp_path / "passwd"
     passwords.write_text("monitor:s3cret\n")
     subprocess.run(["mosquitto_passwd", "-U", passwords], check=True)
     port = free_port()
     conf = tmp_path / "tls.conf"
-    conf.write_text(f"user root\nlistener {port} 127.0.0.1\nallow_anonymous false\npassword_file {passwords}\n"
-                    f"cafile {tmp_path / 'ca.crt'}\ncertfile {tmp_path / 'server.crt'}\n"
-                    f"keyfile {tmp_path / 'server.key'}\n")
+    conf.write_text(
+        f"user root\nlistener {port} 127.0.0.1\nallow_anonymous false\npassword_file {passwords}\n"
+        f"cafile {tmp_path / 'ca.crt'}\ncertfile {tmp_path / 'server.crt'}\n"
+        f"keyfile {tmp_path / 'server.key'}\n"
+    )
     mosquitto = subprocess.Popen(["mosquitto", "-c", str(conf)], stderr=subprocess.DEVNULL)
     try:
         for _ in range(50):
@@ -245,8 +344,11 @@ async def test_tls_with_username_and_password(tmp_path):
         await sink.close()
         assert sink.published == 1
         # a wrong password never connects: events stay buffered, nothing is lost silently
-        wrong = MqttSink(MqttOptions(username="monitor", password="nope", tls_ca=str(tmp_path / "ca.crt")),
-                         f"mqtts://127.0.0.1:{port}", "tls")
+        wrong = MqttSink(
+            MqttOptions(username="monitor", password="nope", tls_ca=str(tmp_path / "ca.crt")),
+            f"mqtts://127.0.0.1:{port}",
+            "tls",
+        )
         await wrong.start()
         wrong.send(make_event("s", 0, "tls"))
         await asyncio.sleep(1.0)
@@ -291,3 +393,24 @@ def test_full_spool_drops_interim_before_final_and_counts(tmp_path):
     spool.append("t", "final-4", final=True)  # no interim left: the oldest goes, counted
     assert [m.payload for m in spool.head()] == ["final-2", "final-3", "final-4"]
     assert spool.dropped == 2 and spool.high_water == 3
+
+
+def test_a_spool_file_serves_one_process_at_a_time(tmp_path):
+    """A second monitor with the same node and broker would block on SQLite and publish the first one's events."""
+    from streamer.spool import Spool, SpoolInUseError
+
+    path = tmp_path / "s.sqlite"
+    first = Spool(path)
+    first.append("t", "kept")
+    other = subprocess.run(
+        [sys.executable, "-c", f"from streamer.spool import Spool; Spool({str(path)!r})"],
+        capture_output=True,
+        text=True,
+    )
+    assert other.returncode != 0 and "in use by another process" in other.stderr
+    with pytest.raises(SpoolInUseError):
+        Spool(path)
+    first.close()
+    second = Spool(path)  # released on close: the next run takes over what is left
+    assert [m.payload for m in second.head()] == ["kept"]
+    second.close()
