@@ -33,8 +33,7 @@ import numpy as np
 import soxr
 import yaml
 
-from pipelines.bench_live import SENTENCES, build_stream, report, uem_clips
-from streamer.demo import speak
+from pipelines.bench_live import add_clip_arguments, bench_clips, build_stream, report
 from streamer.frames import SAMPLE_RATE
 
 FRAME_S = 0.02
@@ -244,13 +243,13 @@ def main() -> None:
     parser.add_argument("--broker", default="mqtt://127.0.0.1:1883")
     parser.add_argument("--calls", type=int, nargs="+", default=[1, 8, 16])
     parser.add_argument("--seconds", type=float, default=60, help="audio per call")
-    parser.add_argument("--uem", type=int, default=0, help="use N clips of UEM's held-out speakers instead of espeak")
+    add_clip_arguments(parser)
     parser.add_argument("--config", help="YAML config for the servers (e.g. another max_batch)")
     parser.add_argument("--servers", type=int, default=1, help="`serve` processes sharing the calls (and the GPU)")
     parser.add_argument("--stagger", type=float, default=0.37, help="seconds between the starts of two calls")
     parser.add_argument("--json-dir", help="write calls_<N>.json here")
     args = parser.parse_args()
-    clips = uem_clips(args.uem) if args.uem else [speak(s) for s in SENTENCES]
+    clips = bench_clips(args)
     for calls in args.calls:
         result = asyncio.run(bench(calls, args, clips))
         report(result, f"{args.json_dir}/calls_{calls}.json" if args.json_dir else None)

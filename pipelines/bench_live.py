@@ -87,12 +87,24 @@ def uem_clips(n: int) -> list[np.ndarray]:
     return [load_audio(manifest.parent / r["path"]) for r in rows]
 
 
+def add_clip_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where a benchmark's speech comes from: espeak-ng sentences (default), UEM clips or a folder of WAVs."""
+    parser.add_argument("--uem", type=int, default=0, help="use N clips of UEM's held-out speakers instead of espeak")
+    parser.add_argument("--clips-dir", help="use the WAV files here (sorted by name), e.g. where espeak-ng is absent")
+
+
+def bench_clips(args: argparse.Namespace) -> list[np.ndarray]:
+    if args.clips_dir:
+        return [load_audio(path) for path in sorted(Path(args.clips_dir).glob("*.wav"))]
+    return uem_clips(args.uem) if args.uem else [speak(s) for s in SENTENCES]
+
+
 async def bench(args: argparse.Namespace) -> dict:
     """`args.streams` live streams at once, sharing one engine; stream i plays the clips rotated by i and
     starts 0.37·i s later, so the ends of speech of different streams rarely coincide."""
     import soundfile as sf
 
-    clips = uem_clips(args.uem) if args.uem else [speak(s) for s in SENTENCES]
+    clips = bench_clips(args)
     sources, truths = {}, {}
     for i in range(args.streams):
         order = clips[i % len(clips) :] + clips[: i % len(clips)]
@@ -171,7 +183,7 @@ def report(result: dict, path: str | None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--broker", default="mqtt://127.0.0.1:1883")
-    parser.add_argument("--uem", type=int, default=0, help="use N clips of UEM's held-out speakers instead of espeak")
+    add_clip_arguments(parser)
     parser.add_argument("--pause", type=float, default=1.5, help="seconds of silence between utterances")
     parser.add_argument("--streams", type=int, default=1, help="live streams at once, sharing one engine")
     parser.add_argument("--workdir", default="/tmp")

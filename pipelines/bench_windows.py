@@ -21,9 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.bench_live import SENTENCES, uem_clips
+from pipelines.bench_live import add_clip_arguments, bench_clips
 from streamer.classifier import load_voice_head
-from streamer.demo import speak
 from streamer.frames import Utterance
 from streamer.recogniser import Recogniser, RecogniserOptions
 from streamer.segmenter import speech_seconds
@@ -138,12 +137,12 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--uem", type=int, default=0, help="N clips of UEM's held-out speakers instead of espeak")
+    add_clip_arguments(parser)
     parser.add_argument("--out", default="docs/bench")
     args = parser.parse_args()
     if NATIVE_S not in args.windows:
         parser.error("--windows must include 30 (the reference)")
-    clips = uem_clips(args.uem) if args.uem else [speak(s) for s in SENTENCES]
+    clips = bench_clips(args)
     result = measure(args, clips)
     print(json.dumps(result, indent=2))
     write_outputs(result, Path(args.out))
