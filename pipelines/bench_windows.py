@@ -50,8 +50,8 @@ def timed_batches(recogniser: Recogniser, utterances: list[Utterance], batch: in
         mels.append((time.perf_counter() - t0) * 1000 / batch)
     return {
         "batch": batch,
-        "ms_per_utterance": statistics.median(walls),
-        "mel_ms_per_utterance": statistics.median(mels),
+        "ms_per_utterance": round(statistics.median(walls), 2),
+        "mel_ms_per_utterance": round(statistics.median(mels), 2),
     }
 
 
