@@ -1,18 +1,21 @@
 """Typed readers for the labelled data in `../shared/data` and grouped folds over them.
 
 Nothing here is committed with the project: the data folder is found through `EMOTION_DATA_DIR`
-(default `<repo>/../shared/data`). Records outside the six EmoSPeech labels (UEM surprise, EmoDB boredom),
-empty texts and missing audio files are skipped; every skip is counted and logged as a warning.
+(default `<repo>/../shared/data`). Records outside the six EmoSPeech labels (UEM, GoEmotions and EmoEvent
+surprise, EmoDB boredom), multi-label rows, empty texts and missing audio files are skipped; every skip is
+counted and logged as a warning. English text (GoEmotions, EmoEvent en) comes with its official
+train/dev/test split in `TextRow.source`.
 """
 
 from __future__ import annotations
 
 import csv
+import html
 import logging
 import os
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -30,14 +33,19 @@ UEM = "speech_es_uem"
 EMODB = "speech_de_emodb"
 EMOSPEECH = "text_es_emospeech2024"
 EMOEVENT = "text_es_en_emoevent"
+GOEMOTIONS = "text_en_goemotions"
+SPLITS = ("train", "dev", "test")  # the official splits of GoEmotions and EmoEvent
 
 # Labels outside the six EmoSPeech labels that a dataset is known to carry; they are dropped on purpose.
-DROPPED = {UEM: {"surprise"}, EMODB: {"boredom"}, EMOSPEECH: set(), EMOEVENT: {"surprise"}}
+DROPPED = {UEM: {"surprise"}, EMODB: {"boredom"}, EMOSPEECH: set(), EMOEVENT: {"surprise"}, GOEMOTIONS: {"surprise"}}
 # EmoEvent's "others" means "neutral or another emotion"; it is mapped to neutral (an approximation).
 EMOEVENT_LABELS = {"others": "neutral"}
 # EmoEvent's anonymisation placeholders, removed so tweets look a little more like speech transcripts.
 EMOEVENT_PLACEHOLDERS = ("USER", "HASHTAG", "URL")
 _PLACEHOLDER_RE = re.compile(r"\b(?:" + "|".join(EMOEVENT_PLACEHOLDERS) + r")\b")
+# The split files hold the raw tweets (HTML entities escaped): links, @mentions, #hashtags and stray # are removed,
+# as the full csv's anonymisation did, and so are its leftovers (USER, also glued to a word or as USER_d).
+_RAW_TWEET_RE = re.compile(r"https?://\S+|@\w+|#\w*|USER(?:_\w+)?|\b(?:HASHTAG|URL)\b")
 
 # UEM file-name prefixes (column label_es) and EmoDB file-name codes (6th character, column code).
 UEM_LABELS_ES = {
@@ -79,8 +87,9 @@ class TextRow:
     id: str
     label: str
     text: str
-    youtube_key: str
-    source: str  # train | extra
+    youtube_key: str  # the group of grouped folds: the video for EmoSPeech, the row itself elsewhere
+    source: str  # EmoSPeech: train | extra; EmoEvent full csv: emoevent; official splits: train | dev | test
+    language: str = "es"
 
 
 @dataclass
@@ -114,11 +123,13 @@ def dataset_dir(name: str, root: str | Path | None = None) -> Path:
     return folder
 
 
-def _read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
+def _read_csv(path: Path, required: Sequence[str], tabs: bool = False) -> list[dict[str, str]]:
+    """Rows of a csv with a header; `tabs`: EmoEvent's tab-separated files, read with quoting off (tweets contain
+    quotes)."""
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
+        reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if tabs else csv.DictReader(f)
         missing = [c for c in required if c not in (reader.fieldnames or [])]
         if missing:
             raise DataError(f"{path}: missing columns {missing} (has {reader.fieldnames})")
@@ -205,30 +216,88 @@ def read_emospeech(root: str | Path | None = None, include_extra: bool = True) -
     return _warn_skips(loaded)
 
 
+def _emoevent_row(loaded: Loaded[TextRow], row: dict, clean: Callable[[str], str], source: str, language: str) -> None:
+    """Append one EmoEvent tweet (others → neutral, surprise dropped, text cleaned) or count why it is skipped."""
+    label = EMOEVENT_LABELS.get(row["emotion"], row["emotion"])
+    reason = _label_skip(EMOEVENT, label)
+    text = " ".join(clean(row["tweet"] or "").split())
+    if reason is None and not text:
+        reason = "empty text"
+    if reason:
+        loaded.skipped[reason] += 1
+        return
+    loaded.records.append(TextRow(EMOEVENT, row["id"], label, text, f"emoevent:{row['id']}", source, language))
+
+
 def read_emoevent(root: str | Path | None = None, language: str = "es") -> Loaded[TextRow]:
     """EmoEvent tweets (full anonymised csv), others → neutral, surprise dropped. Training-side material only:
     tweets are not speech transcripts. `youtube_key` is `emoevent:<id>` (each tweet its own group)."""
-    folder = dataset_dir(EMOEVENT, root)
-    path = folder / f"emoevent_{language}.csv"
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
+    path = dataset_dir(EMOEVENT, root) / f"emoevent_{language}.csv"
     loaded: Loaded[TextRow] = Loaded(EMOEVENT, [])
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        missing = [c for c in ("id", "tweet", "emotion") if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError(f"{path}: missing columns {missing} (has {reader.fieldnames})")
-        for row in reader:
-            label = EMOEVENT_LABELS.get(row["emotion"], row["emotion"])
-            reason = _label_skip(EMOEVENT, label)
-            text = " ".join(_PLACEHOLDER_RE.sub(" ", row["tweet"] or "").split())
-            if reason is None and not text:
-                reason = "empty text"
-            if reason:
-                loaded.skipped[reason] += 1
-                continue
-            loaded.records.append(TextRow(EMOEVENT, row["id"], label, text, f"emoevent:{row['id']}", "emoevent"))
+    for row in _read_csv(path, ("id", "tweet", "emotion"), tabs=True):
+        _emoevent_row(loaded, row, lambda t: _PLACEHOLDER_RE.sub(" ", t), "emoevent", language)
     return _warn_skips(loaded)
+
+
+def read_emoevent_splits(
+    root: str | Path | None = None, language: str = "en", splits: Sequence[str] = SPLITS
+) -> Loaded[TextRow]:
+    """EmoEvent's official train/dev/test split (`source`), so held-out scores are comparable with the shared
+    task's. The split files hold raw tweets; links, mentions and hashtags are removed like the full csv's
+    anonymisation. Labels as `read_emoevent`."""
+    folder = dataset_dir(EMOEVENT, root) / "splits" / language
+    loaded: Loaded[TextRow] = Loaded(f"{EMOEVENT}/{language}", [])
+    for split in splits:
+        for row in _read_csv(folder / f"{split}.tsv", ("id", "tweet", "emotion"), tabs=True):
+            _emoevent_row(loaded, row, lambda t: _RAW_TWEET_RE.sub(" ", html.unescape(t)), split, language)
+    return _warn_skips(loaded)
+
+
+def read_goemotions(root: str | Path | None = None, splits: Sequence[str] = SPLITS) -> Loaded[TextRow]:
+    """GoEmotions English Reddit comments in the Ekman grouping, Google's official split (`source`). Only
+    single-label rows are kept (a comment labelled joy and neutral has no one answer); surprise is dropped.
+    Files: `data/ekman/<split>.tsv` (text, comma-separated label ids, comment id; no header) and `labels.txt`."""
+    folder = dataset_dir(GOEMOTIONS, root) / "data" / "ekman"
+    names_path = folder / "labels.txt"
+    if not names_path.is_file():
+        raise DataError(f"{names_path}: no such file")
+    names = names_path.read_text(encoding="utf-8").split()
+    loaded: Loaded[TextRow] = Loaded(GOEMOTIONS, [])
+    for split in splits:
+        path = folder / f"{split}.tsv"
+        if not path.is_file():
+            raise DataError(f"{path}: no such file")
+        with open(path, newline="", encoding="utf-8") as f:
+            for line in f:
+                parts = line.rstrip("\r\n").split("\t")
+                ids = parts[1].split(",") if len(parts) == 3 else []
+                text = " ".join(parts[0].split()) if parts else ""
+                if not ids or not all(i.isdigit() and int(i) < len(names) for i in ids):
+                    reason = "malformed row"
+                elif len(ids) > 1:
+                    reason = "multiple labels"
+                else:
+                    label = names[int(ids[0])]
+                    reason = _label_skip(GOEMOTIONS, label) or ("empty text" if not text else None)
+                if reason:
+                    loaded.skipped[reason] += 1
+                    continue
+                loaded.records.append(TextRow(GOEMOTIONS, parts[2], label, text, f"goemotions:{parts[2]}", split, "en"))
+    return _warn_skips(loaded)
+
+
+def cap_per_label(records: Sequence[T], cap: int | None, seed: int) -> list[T]:
+    """At most `cap` records of each label, drawn at random (seeded), in their original order; rarer labels are
+    kept whole. Used to embed fewer of GoEmotions' 15k joy and 13k neutral rows without losing rare classes."""
+    if cap is None:
+        return list(records)
+    rng = np.random.default_rng(seed)
+    labels = np.array([r.label for r in records])  # type: ignore[attr-defined]
+    keep = np.zeros(len(records), dtype=bool)
+    for label in np.unique(labels):
+        idx = np.flatnonzero(labels == label)
+        keep[idx if len(idx) <= cap else rng.choice(idx, cap, replace=False)] = True
+    return [r for r, k in zip(records, keep, strict=True) if k]
 
 
 def grouped_folds(

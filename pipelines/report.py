@@ -100,6 +100,21 @@ def bootstrap_ci(
     return float(np.quantile(scores, alpha)), float(np.quantile(scores, 1 - alpha))
 
 
+def expected_calibration_error(proba: np.ndarray, y_true: Sequence[str], n_bins: int = 15) -> float:
+    """Top-label ECE: the predictions are put in `n_bins` equal-width bins of their top probability, and
+    ECE = Σ_b (n_b / n) · |accuracy_b − mean top probability_b|. 0 when confidence matches accuracy in every bin;
+    the gap between how sure a head says it is and how often it is right. `proba` columns are in LABELS order."""
+    p = np.asarray(proba, dtype=np.float64)
+    if len(p) == 0:
+        return 0.0
+    conf = p.max(axis=1)
+    hit = np.array(LABELS)[p.argmax(axis=1)] == np.asarray(y_true)
+    bins = np.minimum((conf * n_bins).astype(int), n_bins - 1)  # [0, 1/n) … [(n-1)/n, 1]
+    # per bin |Σ hits − Σ confidences| / n = (n_b / n) · |accuracy_b − confidence_b|
+    gap = np.abs(np.bincount(bins, hit, n_bins) - np.bincount(bins, conf, n_bins))
+    return float(gap.sum() / len(p))
+
+
 def classification_report(pred: Predictions) -> str:
     from sklearn.metrics import classification_report as sk_report
 

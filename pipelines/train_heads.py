@@ -1,12 +1,18 @@
-"""Train the two shipped emotion heads (voice and text) from a YAML recipe, with grouped-CV estimates.
+"""Train the shipped emotion heads (voice, Spanish text, English text) from a YAML recipe, with estimates.
 
     .venv/bin/python -m pipelines.train_heads --config configs/train/heads.yaml [--out streamer/models] [--limit N]
+    .venv/bin/python -m pipelines.train_heads --calibrate-voice   # temperature of the voice_recipes --ship head
 
 Voice: pooled Whisper-base encoder frames (the runtime's features) → standardise → logistic regression, scored
-on UEM with speaker-grouped folds and on the authors' two held-out speakers. Text: multilingual-e5-small
-embeddings of the EmoSPeech transcripts → standardise → logistic regression, scored with folds grouped by
-YouTube video. Every (variant, C) in the recipe is scored; the best by the recipe's `select_by` estimate is
-refitted on all of its data and saved as a `LinearHead` (the scaler is kept as the head's mean/scale).
+on UEM with speaker-grouped folds and on the authors' two held-out speakers. Text (`text`, Spanish):
+multilingual-e5-small embeddings of the EmoSPeech transcripts → standardise → logistic regression, scored with
+folds grouped by YouTube video. English text (`text_en`): the same recipe on GoEmotions and EmoEvent en with their
+official splits: chosen on dev, scored once on test. Every (variant, C) in the recipe is scored; the best by the
+recipe's `select_by` estimate is refitted and saved as a `LinearHead` (the scaler is kept as the head's mean/scale).
+
+Text heads get a softmax temperature fitted on held-out probabilities (out-of-fold for `text`, dev for
+`text_en`), with the expected calibration error before and after in their meta; `--calibrate-voice` does the same
+for the shipped voice head from its recipe's speaker-grouped out-of-fold probabilities.
 The saved meta holds no dates or timings, so a rerun on the same data and environment gives the same head.
 """
 
@@ -25,17 +31,24 @@ import numpy as np
 import yaml
 
 from pipelines import data as D
-from streamer.classifier import TEXT_ENCODERS, LinearHead
+from streamer.classifier import TEXT_ENCODERS, LinearHead, load_voice_head, temper
 from streamer.frames import LABELS
 
 log = logging.getLogger("pipelines.train_heads")
 
-VOICE_FILE, TEXT_FILE = "voice_head.npz", "text_head.npz"
+VOICE_FILE, TEXT_FILE, TEXT_EN_FILE = "voice_head.npz", "text_head.npz", "text_head_en.npz"
 VOICE_LICENCES = {
     D.UEM: "UEM speech: no licence stated, research use only",
     D.EMODB: "EmoDB: free for research (TU Berlin)",
 }
-ESTIMATE_NAMES = {"cv": "grouped CV", "heldout": "held-out speakers", "cv_bias": "grouped CV + bias"}
+ESTIMATE_NAMES = {
+    "cv": "grouped CV",
+    "heldout": "held-out speakers",
+    "cv_bias": "grouped CV + bias",
+    "dev": "dev",
+    "dev_bias": "dev + bias (3-fold)",
+    "test": "test (official)",
+}
 ENCODER_TAGS = {"e5": "e5small", "use": "usem3"}
 TEXT_FEATURE_SPECS = {"e5": "e5-query-prefix-384", "use": "usem3-512"}
 
@@ -96,15 +109,17 @@ def make_model(C: float, cfg: dict, seed: int):
     )
 
 
-def fit_quiet(model, X: np.ndarray, y: np.ndarray):
-    """Fit; a ConvergenceWarning is logged once per fit rather than flooding the terminal."""
+def fit_quiet(model, X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None):
+    """Fit (with per-row weights if given); a ConvergenceWarning is logged once per fit rather than flooding the
+    terminal."""
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
 
+    kw = {} if sample_weight is None else {"logisticregression__sample_weight": sample_weight}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
-        model.fit(X, y)
+        model.fit(X, y, **kw)
     if any(issubclass(w.category, ConvergenceWarning) for w in caught):
         log.warning("logistic regression did not converge (C=%s, n=%d); raise max_iter", model[-1].C, len(y))
     return model
@@ -305,37 +320,122 @@ def proba_in_label_order(model, X) -> np.ndarray:
     return out
 
 
-def inner_bias(X: np.ndarray, y: np.ndarray, groups: np.ndarray, C: float, cfg: dict, seed: int) -> np.ndarray:
-    """Offsets tuned on out-of-fold probabilities of 3 grouped folds of (X, y): uses nothing outside (X, y)."""
-    p = np.zeros((len(y), len(LABELS)))
-    for train, test in D.grouped_folds(y, groups, 3, seed + 1):
-        p[test] = proba_in_label_order(fit_quiet(make_model(C, cfg, seed), X[train], y[train]), X[test])
+def inner_bias(X: np.ndarray, y: np.ndarray, groups: np.ndarray, C: float, cfg: dict, seed: int, *extra) -> np.ndarray:
+    """Offsets tuned on out-of-fold probabilities of 3 grouped folds of (X, y): uses nothing outside (X, y) except
+    the always-training `extra` rows (X_extra, y_extra, w_extra of `oof_proba`), so they match a model fitted with
+    them."""
+    p, _ = oof_proba(D.grouped_folds(y, groups, 3, seed + 1), X, y, C, cfg, seed, None, *extra)
     return tune_bias(p, y)
 
 
-def score_with_bias(splits, X, y, groups, C, cfg, seed) -> Estimate:
-    """Nested estimate of (model + bias): offsets tuned inside each training side, applied to its test fold."""
+def oof_proba(
+    splits,
+    X: np.ndarray,
+    y: np.ndarray,
+    C: float,
+    cfg: dict,
+    seed: int,
+    bias_groups: np.ndarray | None = None,
+    X_extra: np.ndarray | None = None,
+    y_extra: np.ndarray | None = None,
+    w_extra: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Out-of-fold probabilities [n, 6] (LABELS order) and each row's fold. `X_extra` rows (weight `w_extra`) join
+    every training side and are never scored. With `bias_groups`, per-class offsets tuned on inner folds of each
+    training side (grouped by them, extra rows included) are applied: a nested estimate of model + bias."""
+    p = np.zeros((len(y), len(LABELS)))
+    fold = np.full(len(y), -1)
+    for k, (train, test) in enumerate(splits):
+        Xt, yt, w = X[train], y[train], None
+        if X_extra is not None and len(X_extra):
+            Xt, yt = np.concatenate([Xt, X_extra]), np.concatenate([yt, y_extra])
+            w = np.concatenate([np.ones(len(train)), np.full(len(X_extra), w_extra)])
+        model = fit_quiet(make_model(C, cfg, seed), Xt, yt, w)
+        p[test] = proba_in_label_order(model, X[test])
+        if bias_groups is not None:
+            extra = (X_extra, y_extra, w_extra)
+            p[test] = apply_bias(p[test], inner_bias(X[train], y[train], bias_groups[train], C, cfg, seed, *extra))
+        fold[test] = k
+    return p, fold
+
+
+def estimate(name: str, y: np.ndarray, p: np.ndarray, fold: np.ndarray, note: str = "") -> Estimate:
+    """Per-fold and pooled macro-F1 / accuracy of the argmax of probabilities `p` (rows with fold < 0 unscored)."""
     from sklearn.metrics import accuracy_score, f1_score
 
-    f1s, accs, y_true, y_pred = [], [], [], []
-    labels = np.array(LABELS)
-    for train, test in splits:
-        model = fit_quiet(make_model(C, cfg, seed), X[train], y[train])
-        offsets = inner_bias(X[train], y[train], groups[train], C, cfg, seed)
-        p = apply_bias(proba_in_label_order(model, X[test]), offsets)
-        pred = labels[p.argmax(axis=1)]
-        f1s.append(float(f1_score(y[test], pred, average="macro")))
-        accs.append(float(accuracy_score(y[test], pred)))
-        y_true.extend(y[test])
-        y_pred.extend(pred)
+    pred = np.array(LABELS)[p.argmax(axis=1)]
+    folds = [f for f in np.unique(fold) if f >= 0]
+    scored = fold >= 0
     return Estimate(
-        name="cv_bias",
-        folds=len(splits),
-        n_test=len(y_true),
-        macro_f1=f1s,
-        accuracy=accs,
-        **pooled_scores(y_true, y_pred),
+        name=name,
+        folds=len(folds),
+        n_test=int(scored.sum()),
+        macro_f1=[float(f1_score(y[fold == f], pred[fold == f], average="macro")) for f in folds],
+        accuracy=[float(accuracy_score(y[fold == f], pred[fold == f])) for f in folds],
+        note=note,
+        **pooled_scores(y[scored], pred[scored]),
     )
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def fit_temperature(p: np.ndarray, y: np.ndarray) -> float:
+    """The softmax temperature T (0.05–20) that minimises the negative log-likelihood of labels `y` under
+    temper(p, T), rounded to 4 decimals. Fitted on held-out probabilities, it corrects a head's over- or
+    under-confidence without moving any argmax."""
+    from scipy.optimize import minimize_scalar
+
+    r = minimize_scalar(
+        lambda log_t: nll(temper(p, float(np.exp(log_t))), y),
+        bounds=(np.log(0.05), np.log(20.0)),
+        method="bounded",
+        options={"xatol": 1e-5},
+    )
+    return round(float(np.exp(r.x)), 4)
+
+
+def nll(p: np.ndarray, y: np.ndarray) -> float:
+    """Mean negative log-likelihood of labels `y` under probabilities `p` (LABELS order)."""
+    idx = np.array([LABELS.index(v) for v in y])
+    return float(-np.mean(np.log(np.clip(p[np.arange(len(idx)), idx], 1e-12, 1.0))))
+
+
+def crossfit_temper(p: np.ndarray, y: np.ndarray, fold: np.ndarray) -> np.ndarray:
+    """Each fold's probabilities tempered by a T fitted on the other folds only, so the calibrated ECE of
+    out-of-fold probabilities is not measured on the rows T was fitted on."""
+    out = np.empty_like(p)
+    for f in np.unique(fold):
+        rest = fold != f
+        out[~rest] = temper(p[~rest], fit_temperature(p[rest], y[rest]))
+    return out
+
+
+def calibration(p: np.ndarray, y: np.ndarray, fold: np.ndarray, fitted_on: str, tests: dict | None = None) -> dict:
+    """Temperature fitted on all held-out probabilities `p`, and the 15-bin ECE and NLL before and after: on `p`
+    itself with T cross-fitted over `fold`, and on each (p, y) of `tests` (other held-out sets) with T as fitted."""
+    from pipelines.report import expected_calibration_error as ece
+
+    t = fit_temperature(p, y)
+    after = crossfit_temper(p, y, fold)
+    out = {
+        "temperature": t,
+        "fitted_on": fitted_on,
+        "n": len(y),
+        "ece15_before": round(ece(p, y), 4),
+        "ece15_after_crossfit": round(ece(after, y), 4),
+        "nll_before": round(nll(p, y), 4),
+        "nll_after_crossfit": round(nll(after, y), 4),
+    }
+    for name, (pt, yt) in (tests or {}).items():
+        out[name] = {
+            "n": len(yt),
+            "ece15_before": round(ece(pt, yt), 4),
+            "ece15_after": round(ece(temper(pt, t), yt), 4),
+            "nll_before": round(nll(pt, yt), 4),
+            "nll_after": round(nll(temper(pt, t), yt), 4),
+        }
+    return out
 
 
 # --------------------------------------------------------------------------- text
@@ -390,16 +490,22 @@ def train_text(cfg: dict, seed: int, root, limit, cache_dir) -> tuple[LinearHead
     select_by = cfg.get("select_by", "cv")
     best = choose(results, select_by)
     videos = np.array([r.youtube_key for r in rows])
+    bias_groups = videos if cfg.get("bias_tuning") else None
+    oof = {}  # id(result) → its out-of-fold probabilities and folds, for the temperature
+
+    def held_out(r: dict) -> tuple[np.ndarray, np.ndarray]:
+        use = np.isin(source, r["sources"])
+        splits = [(train[use[train]], test) for train, test in splits_all]
+        return oof_proba(splits, X_sets[r["features"]], y_all, r["C"], cfg, seed, bias_groups)
+
     if cfg.get("bias_tuning"):
         # per-class log-probability offsets for macro-F1, tuned on inner grouped folds of each training side only.
         # The best (variant, C) of every feature set gets a nested estimate on the same outer folds; the shipped
         # head is the best of those by that estimate.
         finalists = [choose([r for r in results if r["features"] == f], select_by) for f in X_sets]
         for r in finalists:
-            use = np.isin(source, r["sources"])
-            splits = [(train[use[train]], test) for train, test in splits_all]
-            est = score_with_bias(splits, X_sets[r["features"]], y_all, videos, r["C"], cfg, seed)
-            r["estimates"]["cv_bias"] = est.summary()
+            oof[id(r)] = held_out(r)
+            r["estimates"]["cv_bias"] = estimate("cv_bias", y_all, *oof[id(r)]).summary()
             log.info(
                 "text  %-20s C=%-5g + bias (nested): %s",
                 r["variant"],
@@ -408,6 +514,8 @@ def train_text(cfg: dict, seed: int, root, limit, cache_dir) -> tuple[LinearHead
             )
         select_by = "cv_bias"
         best = choose(finalists, select_by)
+    p_oof, fold = oof[id(best)] if id(best) in oof else held_out(best)
+    calib = calibration(p_oof, y_all, fold, f"out-of-fold probabilities of the {len(splits_all)} video-grouped folds")
     use = np.isin(source, best["sources"])
     X, y = X_sets[best["features"]][use], y_all[use]
     offsets = inner_bias(X, y, videos[use], best["C"], cfg, seed) if cfg.get("bias_tuning") else None
@@ -431,6 +539,8 @@ def train_text(cfg: dict, seed: int, root, limit, cache_dir) -> tuple[LinearHead
         "variants_tried": [_tried(r_) for r_ in results],
         "limit": limit,
         "licence": "CC BY-NC 4.0 (inherited from the EmoSPeech 2024 / MEACorpus 2023 text): non-commercial use only",
+        "languages": "es, and every language without a head of its own",
+        "calibration": calib,
     }
     if offsets is not None:
         meta["bias_offsets"] = [round(float(v), 4) for v in offsets]
@@ -442,7 +552,195 @@ def train_text(cfg: dict, seed: int, root, limit, cache_dir) -> tuple[LinearHead
     head = final_head(X, y, best["C"], cfg, seed, meta)
     if offsets is not None:
         head = dataclasses.replace(head, intercept=(head.intercept + offsets).astype(np.float32))
-    return head, results, best
+    return dataclasses.replace(head, temperature=calib["temperature"]), results, best
+
+
+# --------------------------------------------------------------------------- English text (official splits)
+
+EN_LICENCES = {
+    D.GOEMOTIONS: "GoEmotions: CC BY 4.0 (Google; credit Demszky et al., ACL 2020)",
+    D.EMOEVENT: "EmoEvent: no licence stated, research use only (cite Plaza-del-Arco et al., LREC 2020)",
+}
+
+
+def read_english(name: str, root) -> D.Loaded[D.TextRow]:
+    """The English rows of an English-capable text dataset, with their official split in `source`."""
+    if name == D.GOEMOTIONS:
+        return D.read_goemotions(root)
+    if name == D.EMOEVENT:
+        return D.read_emoevent_splits(root, "en")
+    raise ValueError(f"no English reader for {name} (known: {D.GOEMOTIONS}, {D.EMOEVENT})")
+
+
+@dataclass
+class SplitData:
+    """The rows of one dataset's official split and their features (feature set name → [n, d])."""
+
+    rows: list[D.TextRow]
+    X: dict[str, np.ndarray]
+
+    @property
+    def y(self) -> np.ndarray:
+        return np.array([r.label for r in self.rows])
+
+
+def english_splits(cfg: dict, seed: int, root, limit, cache_dir) -> dict[str, dict[str, SplitData]]:
+    """dataset → split → rows and features, for the datasets of the `text_en` recipe. A training split may be
+    capped per label (`train_cap_per_label`): GoEmotions has 15k joy and 13k neutral rows, and embedding all of
+    them costs more than they add once classes are weighted; dev and test are kept whole."""
+    from pipelines.features import text_features
+
+    out: dict[str, dict[str, SplitData]] = {}
+    for name, dcfg in cfg["datasets"].items():
+        records = read_english(name, root).records
+        out[name] = {}
+        for split in D.SPLITS:
+            rows = [r for r in records if r.source == split]
+            if split == "train":
+                rows = D.cap_per_label(rows, (dcfg or {}).get("train_cap_per_label"), seed)
+            rows = D.limit_records(rows, limit, seed)
+            texts = [r.text for r in rows]
+            X = {f: text_features(texts, enc, cache_dir, f"{name} {split}") for f, enc in cfg["features"].items()}
+            out[name][split] = SplitData(rows, X)
+    return out
+
+
+def stack_split(data: dict[str, dict[str, SplitData]], names, split: str, feat: str):
+    """Features, labels and dataset index (the "fold" of per-dataset scores) of `split` over datasets `names`."""
+    parts = [data[n][split] for n in names]
+    return (
+        np.concatenate([d.X[feat] for d in parts]),
+        np.concatenate([d.y for d in parts]),
+        np.concatenate([np.full(len(d.rows), k) for k, d in enumerate(parts)]),
+    )
+
+
+def crossfit_bias(p: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray:
+    """`p` with per-class offsets tuned on the other two thirds of the rows (3 stratified folds): an estimate of
+    bias tuning on held-out rows that is not tuned on the rows it scores."""
+    out = np.empty_like(p)
+    for tune, score_rows in D.grouped_folds(y, np.arange(len(y)).astype(str), 3, seed + 1):
+        out[score_rows] = apply_bias(p[score_rows], tune_bias(p[tune], y[tune]))
+    return out
+
+
+def _macro_f1(p: np.ndarray, y: np.ndarray) -> float:
+    return round(pooled_scores(y, np.array(LABELS)[p.argmax(axis=1)])["pooled_macro_f1"], 4)
+
+
+def heldout_summary(p: np.ndarray, y: np.ndarray, n_boot: int, seed: int) -> dict:
+    """Macro-F1 with its bootstrap 95 % CI, accuracy and per-class F1 on one held-out set."""
+    from pipelines.report import bootstrap_ci
+
+    pred = np.array(LABELS)[p.argmax(axis=1)]
+    s = pooled_scores(y, pred)
+    return {
+        "n": len(y),
+        "macro_f1": round(s["pooled_macro_f1"], 4),
+        "macro_f1_ci95": [round(v, 4) for v in bootstrap_ci(y, pred, n_boot, seed)],
+        "accuracy": round(s["pooled_accuracy"], 4),
+        "per_class_f1": s["pooled_per_class_f1"],
+    }
+
+
+def train_text_en(cfg: dict, seed: int, root, limit, cache_dir) -> tuple[LinearHead, list[dict], dict]:
+    """The English words head: the Spanish head's recipe (sentence embeddings → standardise → balanced logistic
+    regression → per-class offsets → temperature) on the official splits. Each (features, variant, C) is fitted on
+    train and scored on dev (mean macro-F1 over the datasets); offsets and temperature are tuned on dev; test is
+    scored once, for the head that ships, which is the train fit itself (not refitted on dev)."""
+    data = english_splits(cfg, seed, root, limit, cache_dir)
+    evals = list(data)
+    n_boot = int(cfg.get("n_boot", 1000))
+    results, fits = [], {}
+    for feat in cfg["features"]:
+        X_dev, y_dev, dev_set = stack_split(data, evals, "dev", feat)
+        for variant, names in cfg["variants"].items():
+            unknown = set(names) - set(evals)
+            if unknown:
+                raise ValueError(f"text_en variant {variant}: datasets {sorted(unknown)} not under `datasets`")
+            X, y, _ = stack_split(data, names, "train", feat)
+            for C in cfg["C"]:
+                model = fit_quiet(make_model(C, cfg, seed), X, y)
+                p_dev = proba_in_label_order(model, X_dev)
+                r = {
+                    "head": "text_en",
+                    "variant": f"{variant} {feat}",
+                    "sources_variant": variant,
+                    "features": feat,
+                    "datasets": list(names),
+                    "C": C,
+                    "estimates": {"dev": estimate("dev", y_dev, p_dev, dev_set, "folds = datasets").summary()},
+                }
+                fits[id(r)] = (model, p_dev)
+                results.append(r)
+                log.info("text_en %-26s C=%-5g %s", r["variant"], C, _short(r))
+    y_dev, dev_set = stack_split(data, evals, "dev", next(iter(cfg["features"])))[1:]
+    select_by = cfg.get("select_by", "dev")
+    best = choose(results, select_by)
+    if cfg.get("bias_tuning"):
+        finalists = [choose([r for r in results if r["features"] == f], select_by) for f in cfg["features"]]
+        for r in finalists:
+            p_b = crossfit_bias(fits[id(r)][1], y_dev, seed)
+            r["estimates"]["dev_bias"] = estimate("dev_bias", y_dev, p_b, dev_set, "folds = datasets").summary()
+            log.info("text_en %-26s C=%-5g + bias (cross-fitted on dev): %s", r["variant"], r["C"], _short(r))
+        select_by = "dev_bias"
+        best = choose(finalists, select_by)
+    model, p_dev = fits[id(best)]
+    feat = best["features"]
+    offsets = tune_bias(p_dev, y_dev) if cfg.get("bias_tuning") else np.zeros(len(LABELS))
+    raw_test = {n: (proba_in_label_order(model, data[n]["test"].X[feat]), data[n]["test"].y) for n in evals}
+    tests = {n: (apply_bias(p, offsets), y) for n, (p, y) in raw_test.items()}
+    y_test, test_set = stack_split(data, evals, "test", feat)[1:]
+    p_test = np.concatenate([p for p, _ in tests.values()])
+    best["estimates"]["test"] = estimate("test", y_test, p_test, test_set, "folds = datasets").summary()
+    dev_folds = np.zeros(len(y_dev), dtype=int)
+    for k, (_, rows) in enumerate(D.grouped_folds(y_dev, np.arange(len(y_dev)).astype(str), 5, seed)):
+        dev_folds[rows] = k
+    calib = calibration(
+        apply_bias(p_dev, offsets),
+        y_dev,
+        dev_folds,
+        "dev probabilities (after the offsets) of the train fit",
+        {f"test {n}": pt for n, pt in tests.items()},
+    )
+    encoders = list(cfg["features"][feat])
+    X, y, _ = stack_split(data, best["datasets"], "train", feat)
+    meta = {
+        "id": f"text-en-{best['sources_variant']}-{'+'.join(ENCODER_TAGS[e] for e in encoders)}"
+        f"-logreg-v{cfg['version']}",
+        "head": "text",
+        "languages": "en",
+        "labels": list(LABELS),
+        "feature": " ⊕ ".join(TEXT_FEATURE_SPECS[e] for e in encoders),
+        "encoders": encoders,
+        "input_dim": int(X.shape[1]),
+        "encoder": " + ".join(TEXT_ENCODERS[e].model_id for e in encoders),
+        "datasets": [f"{n}/train" for n in best["datasets"]],
+        "train_cap_per_label": {n: (cfg["datasets"][n] or {}).get("train_cap_per_label") for n in best["datasets"]},
+        "n_train": len(y),
+        "train_label_counts": label_counts(y),
+        "classifier": _classifier_meta(best["C"], cfg, seed),
+        "cv": best["estimates"],
+        "heldout": {
+            n: {**heldout_summary(p, yt, n_boot, seed), "macro_f1_without_bias": _macro_f1(raw_test[n][0], yt)}
+            for n, (p, yt) in tests.items()
+        },
+        "selected_by": f"{select_by} macro_f1_mean (mean over the datasets' dev sets)",
+        "variants_tried": [_tried(r_) for r_ in results],
+        "limit": limit,
+        "licence": "; ".join(EN_LICENCES[n] for n in best["datasets"]),
+        "calibration": calib,
+    }
+    if cfg.get("bias_tuning"):
+        meta["bias_offsets"] = [round(float(v), 4) for v in offsets]
+        meta["bias_tuning"] = (
+            "per-class offsets added to the intercept (= to the log-probabilities), tuned for macro-F1 by coordinate"
+            " ascent on the dev probabilities of the train fit; estimate dev_bias tunes them on 2/3 of dev and"
+            " scores the other third (3 folds)"
+        )
+    head = final_head(X, y, best["C"], cfg, seed, meta)
+    head = dataclasses.replace(head, intercept=(head.intercept + offsets).astype(np.float32))
+    return dataclasses.replace(head, temperature=calib["temperature"]), results, best
 
 
 # --------------------------------------------------------------------------- report
@@ -474,7 +772,7 @@ def _short(r: dict) -> str:
 
 def table(results: list[dict], chosen: dict[str, dict]) -> str:
     head = (
-        f"{'head':<6}{'variant':<21}{'C':>6}  {'estimate':<18}{'folds':>5}{'n_test':>7}"
+        f"{'head':<8}{'variant':<28}{'C':>6}  {'estimate':<20}{'folds':>5}{'n_test':>7}"
         f"  {'macro-F1 mean±sd':<17}{'pooled F1':>9}{'accuracy':>9}  sel"
     )
     lines = [head, "-" * len(head)]
@@ -482,11 +780,48 @@ def table(results: list[dict], chosen: dict[str, dict]) -> str:
         for name, e in r["estimates"].items():
             mark = "*" if chosen.get(r["head"]) is r else ""
             lines.append(
-                f"{r['head']:<6}{r['variant']:<21}{r['C']:>6g}  {ESTIMATE_NAMES.get(name, name):<18}{e['folds']:>5}"
+                f"{r['head']:<8}{r['variant']:<28}{r['C']:>6g}  {ESTIMATE_NAMES.get(name, name):<20}{e['folds']:>5}"
                 f"{e['n_test']:>7}  {e['macro_f1_mean']:.3f} ± {e['macro_f1_sd']:.3f}    {e['pooled_macro_f1']:>9.3f}"
                 f"{e['accuracy_mean']:>9.3f}  {mark}"
             )
     return "\n".join(lines)
+
+
+def calibrate_voice(config: Path, path: Path, root, cache_dir) -> Path:
+    """Fit the temperature of the voice head at `path` (the `ship` recipe of `config`) on that recipe's
+    out-of-fold probabilities over the speaker-grouped UEM folds (cached by pipelines.voice_recipes when they have
+    been computed before), and write it into the file; ECE before/after cross-fitted over the folds and on the
+    held-out speakers test1 + test2 go into its meta."""
+    from pipelines import voice_recipes as V
+
+    cfg = yaml.safe_load(config.read_text(encoding="utf-8"))
+    name, seed = cfg["ship"], int(cfg["seed"])
+    head = load_voice_head(path)
+    shipped = head.meta.get("recipe", {}).get("name")
+    if shipped != name:
+        raise ValueError(f"{path} was shipped from recipe {shipped!r}, {config} ships {name!r}: ship it first")
+    data = V.VoiceData(root, cache_dir, seed, head.meta.get("limit"))
+    result = V.evaluate(name, cfg["recipes"][name], data, cfg, cache_dir)
+    tests = {"heldout test1+test2": (result.heldout.proba, result.heldout.y_true)} if result.heldout else {}
+    calib = calibration(
+        result.cv.proba,
+        result.cv.y_true,
+        result.cv.fold,
+        f"out-of-fold probabilities of recipe {name} on the {len(np.unique(result.cv.fold))} speaker-grouped UEM"
+        " folds; held-out: the same recipe trained without test1 + test2",
+        tests,
+    )
+    head = dataclasses.replace(head, temperature=calib["temperature"], meta={**head.meta, "calibration": calib})
+    head.save(path)
+    log.info("voice head %s: temperature %.4f → %s", head.model_id, calib["temperature"], path)
+    return path
+
+
+HEADS = {
+    "voice": (train_voice, VOICE_FILE),
+    "text": (train_text, TEXT_FILE),
+    "text_en": (train_text_en, TEXT_EN_FILE),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -494,27 +829,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, default=D.REPO_ROOT / "configs" / "train" / "heads.yaml")
     p.add_argument("--out", type=Path, default=D.REPO_ROOT / "streamer" / "models")
     p.add_argument("--limit", type=int, default=None, help="use at most N records per dataset (tiny runs)")
-    p.add_argument("--heads", nargs="+", choices=["voice", "text"], default=["voice", "text"])
+    p.add_argument("--heads", nargs="+", choices=HEADS, default=list(HEADS))
     p.add_argument("--data-dir", type=Path, default=None, help="default: $EMOTION_DATA_DIR or <repo>/../shared/data")
     p.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default <repo>/.cache/features)")
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--report", type=Path, default=None, help="also write every CV result as JSON here")
+    p.add_argument(
+        "--calibrate-voice",
+        type=Path,
+        nargs="?",
+        const=D.REPO_ROOT / "configs" / "train" / "voice_recipes.yaml",
+        default=None,
+        metavar="VOICE_RECIPES_YAML",
+        help="only fit the temperature of <out>/voice_head.npz (shipped by pipelines.voice_recipes --ship)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.limit is not None and args.limit < len(LABELS):
-        p.error(f"--limit must be at least {len(LABELS)} (one example per label)")
-
     from pipelines.features import DEFAULT_CACHE
 
     cache_dir = None if args.no_cache else (args.cache_dir or DEFAULT_CACHE)
+    if args.calibrate_voice:
+        path = calibrate_voice(args.calibrate_voice, args.out / VOICE_FILE, args.data_dir, cache_dir)
+        print(json.dumps(load_voice_head(path).meta["calibration"], indent=2))
+        return 0
+    if args.limit is not None and args.limit < len(LABELS):
+        p.error(f"--limit must be at least {len(LABELS)} (one example per label)")
+
     cfg = yaml.safe_load(args.config.read_text(encoding="utf-8"))
     seed = int(cfg.get("seed", 0))
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     all_results, chosen, saved = [], {}, []
-    trainers = {"voice": (train_voice, VOICE_FILE), "text": (train_text, TEXT_FILE)}
     for name in args.heads:
-        trainer, filename = trainers[name]
+        trainer, filename = HEADS[name]
         t0 = time.perf_counter()
         head, results, chosen[name] = trainer(cfg[name], seed, args.data_dir, args.limit, cache_dir)
         head.meta["recipe"] = {"config": _rel(args.config), **cfg[name], "seed": seed}
@@ -540,7 +887,6 @@ def main(argv: list[str] | None = None) -> int:
 def _destination(out: Path, filename: str) -> Path:
     """Where a head goes: `out/filename`, except that the package's voice head, when it is a non-linear head
     shipped by `pipelines.voice_recipes --ship`, is not overwritten by this LR recipe (it goes beside it)."""
-    from streamer.classifier import load_voice_head
     from streamer.models import VOICE_HEAD
 
     path = out / filename

@@ -3,10 +3,13 @@
 Heads are plain numpy so inference costs well under a millisecond and the shipped weights are arrays, not pickles:
 `LinearHead` (standardise → linear → softmax, on pooled features) and `AttentionHead` (attention pooling over the
 encoder frames → a small MLP; trained in torch by `pipelines.voice_recipes`, run here in numpy). `load_voice_head`
-picks the class from the file. `pipelines.train_heads` and `pipelines.voice_recipes` write them. The words head's
-input is the concatenation of the sentence encoders its meta names (`e5`: multilingual-e5-small; `use`:
-USE-multilingual v3). Fusion is certainty-weighted and gated by default (`fuse`): words without a clear emotion
-leave the voice alone.
+picks the class from the file. `pipelines.train_heads` and `pipelines.voice_recipes` write them. Every head carries
+a softmax temperature (`temperature` in the file, fitted on out-of-fold predictions by `pipelines.train_heads`; 1.0
+when absent, so older files load unchanged): it makes the probabilities calibrated without changing the argmax,
+and fusion weighs each modality by those probabilities. The words head's input is the concatenation of the
+sentence encoders its meta names (`e5`: multilingual-e5-small; `use`: USE-multilingual v3); the classifier picks
+the words head by the transcript's language (`TEXT_HEADS`, the default head for any other language). Fusion is
+certainty-weighted and gated by default (`fuse`): words without a clear emotion leave the voice alone.
 """
 
 from __future__ import annotations
@@ -19,12 +22,37 @@ from pathlib import Path
 import numpy as np
 
 from streamer.frames import LABELS, Emotion, Transcript
-from streamer.models import TEXT_HEAD, VOICE_HEAD, e5_small_path
+from streamer.models import TEXT_HEAD, TEXT_HEADS, VOICE_HEAD, e5_small_path
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of logits ([K] or [n, K])."""
+    z = np.asarray(z, dtype=np.float64)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def temper(p: np.ndarray, temperature: float) -> np.ndarray:
+    """Probabilities p rescaled by a softmax temperature: softmax(log p / T). T > 1 softens, T < 1 sharpens, the
+    argmax never moves. For a softmax head this equals dividing its logits by T."""
+    if temperature == 1.0:
+        return np.asarray(p, dtype=np.float64)
+    return softmax(np.log(np.clip(np.asarray(p, dtype=np.float64), 1e-300, 1.0)) / temperature)
+
+
+def read_temperature(z, where: str) -> float:
+    """The `temperature` of a head file (1.0 when the file predates calibration); it must be finite and > 0."""
+    if "temperature" not in z:
+        return 1.0
+    t = float(z["temperature"])
+    if not np.isfinite(t) or t <= 0:
+        raise ValueError(f"{where}: temperature {t} is not a positive number")
+    return t
 
 
 @dataclass(frozen=True)
 class LinearHead:
-    """softmax(((x - mean) / scale) @ coef.T + intercept), with its training metadata."""
+    """softmax((((x - mean) / scale) @ coef.T + intercept) / temperature), with its training metadata."""
 
     labels: tuple[str, ...]
     mean: np.ndarray
@@ -32,12 +60,11 @@ class LinearHead:
     coef: np.ndarray
     intercept: np.ndarray
     meta: dict = field(default_factory=dict)
+    temperature: float = 1.0
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         z = ((np.atleast_2d(x) - self.mean) / self.scale) @ self.coef.T + self.intercept
-        z -= z.max(axis=1, keepdims=True)
-        p = np.exp(z)
-        return p / p.sum(axis=1, keepdims=True)
+        return softmax(z / self.temperature)
 
     @property
     def model_id(self) -> str:
@@ -51,6 +78,7 @@ class LinearHead:
             "coef": self.coef.astype(np.float32),
             "intercept": self.intercept.astype(np.float32),
             "meta": np.array(json.dumps(self.meta, sort_keys=True)),
+            "temperature": np.array(self.temperature, dtype=np.float64),
         }
 
     @classmethod
@@ -62,6 +90,7 @@ class LinearHead:
             coef=z["coef"],
             intercept=z["intercept"],
             meta=json.loads(str(z["meta"])),
+            temperature=read_temperature(z, where),
         )
         if head.labels != LABELS:
             raise ValueError(f"{where}: head labels {head.labels} differ from {LABELS}")
@@ -75,7 +104,7 @@ class LinearHead:
         with np.load(path, allow_pickle=False) as z:
             if "kind" in z.files:
                 raise ValueError(f"{path}: a {z['kind']} head, not a linear one (use load_voice_head)")
-            return cls.from_arrays(z, str(path))
+            return cls.from_arrays({k: z[k] for k in z.files}, str(path))
 
     def predict_frames(self, encoder_frames: np.ndarray) -> np.ndarray:
         """Probabilities [6] of one utterance from its encoder frames (mean+std pooled)."""
@@ -108,6 +137,7 @@ class AttentionHead:
     b2: np.ndarray  # [K]
     stats: bool = False
     meta: dict = field(default_factory=dict)
+    temperature: float = 1.0
 
     ARRAYS = ("mean", "scale", "u", "w1", "b1", "ln_gain", "ln_bias", "w2", "b2")
     LN_EPS = 1e-5
@@ -128,9 +158,7 @@ class AttentionHead:
         """Probabilities [K] of one utterance from its encoder frames [T, E] (T ≥ 1)."""
         x = self.w1 @ self.pool(encoder_frames) + self.b1
         x = (x - x.mean()) / np.sqrt(x.var() + self.LN_EPS) * self.ln_gain + self.ln_bias
-        z = self.w2 @ _gelu_tanh(x) + self.b2
-        p = np.exp(z - z.max())
-        return (p / p.sum()).astype(np.float64)
+        return softmax((self.w2 @ _gelu_tanh(x) + self.b2) / self.temperature)
 
     def predict_many(self, sequences: list[np.ndarray]) -> np.ndarray:
         return np.stack([self.predict_frames(s) for s in sequences]) if sequences else np.zeros((0, len(self.labels)))
@@ -145,6 +173,7 @@ class AttentionHead:
             "labels": np.array(self.labels),
             "stats": np.array(self.stats),
             "meta": np.array(json.dumps(self.meta, sort_keys=True)),
+            "temperature": np.array(self.temperature, dtype=np.float64),
             **{k: np.asarray(getattr(self, k), dtype=np.float32) for k in self.ARRAYS},
         }
 
@@ -156,6 +185,7 @@ class AttentionHead:
             labels=tuple(str(v) for v in z["labels"]),
             stats=bool(z["stats"]),
             meta=json.loads(str(z["meta"])),
+            temperature=read_temperature(z, where),
             **{k: z[k] for k in cls.ARRAYS},
         )
         if head.labels != LABELS:
@@ -176,22 +206,28 @@ class AttentionHead:
 @dataclass(frozen=True)
 class EnsembleHead:
     """Soft voting: the weighted mean of its member heads' probabilities (equal weights unless given; members stored
-    in one .npz, keys `m<i>.<name>`)."""
+    in one .npz, keys `m<i>.<name>`), then the ensemble's own temperature (the members keep theirs at 1)."""
 
     members: tuple[LinearHead | AttentionHead, ...]
     meta: dict = field(default_factory=dict)
     weights: tuple[float, ...] | None = None
+    temperature: float = 1.0
 
     def predict_frames(self, encoder_frames: np.ndarray) -> np.ndarray:
         w = np.full(len(self.members), 1 / len(self.members)) if self.weights is None else np.asarray(self.weights)
-        return np.sum([wi * m.predict_frames(encoder_frames) for wi, m in zip(w, self.members, strict=True)], axis=0)
+        p = np.sum([wi * m.predict_frames(encoder_frames) for wi, m in zip(w, self.members, strict=True)], axis=0)
+        return temper(p, self.temperature)
 
     @property
     def model_id(self) -> str:
         return str(self.meta.get("id", "unknown"))
 
     def save(self, path: Path) -> None:
-        arrays = {"kind": np.array("ensemble"), "meta": np.array(json.dumps(self.meta, sort_keys=True))}
+        arrays = {
+            "kind": np.array("ensemble"),
+            "meta": np.array(json.dumps(self.meta, sort_keys=True)),
+            "temperature": np.array(self.temperature, dtype=np.float64),
+        }
         if self.weights is not None:
             arrays["weights"] = np.asarray(self.weights, dtype=np.float64)
         for i, member in enumerate(self.members):
@@ -216,7 +252,7 @@ class EnsembleHead:
                 raise ValueError(
                     f"{path}: {len(weights)} weights summing to {sum(weights):g} for {len(members)} members"
                 )
-            return cls(tuple(members), json.loads(str(z["meta"])), weights)
+            return cls(tuple(members), json.loads(str(z["meta"])), weights, read_temperature(z, str(path)))
 
 
 VoiceHead = LinearHead | AttentionHead | EnsembleHead
@@ -376,19 +412,24 @@ TEXT_ENCODERS = {"e5": TextEncoder, "use": UseEncoder}
 
 class TextModel:
     """The words head with its sentence encoders: the head's input is the concatenation of the encoders named in
-    `meta["encoders"]` (in order; a head without that key is an e5-only head)."""
+    `meta["encoders"]` (in order; a head without that key is an e5-only head). Heads that are given the same
+    `shared` dict share their encoder instances, so several words heads load each encoder once."""
 
-    def __init__(self, head: LinearHead, threads: int = 1) -> None:
+    def __init__(self, head: LinearHead, threads: int = 1, shared: dict | None = None) -> None:
         self.head = head
         self.encoder_names = tuple(head.meta.get("encoders", ["e5"]))
         unknown = [n for n in self.encoder_names if n not in TEXT_ENCODERS]
         if unknown:
             raise ValueError(f"text head {head.model_id}: unknown encoders {unknown} (known: {sorted(TEXT_ENCODERS)})")
-        self.encoders = [TEXT_ENCODERS[n](threads) for n in self.encoder_names]
+        shared = {} if shared is None else shared
+        for name in self.encoder_names:
+            if name not in shared:
+                shared[name] = TEXT_ENCODERS[name](threads)
+        self.encoders = [shared[n] for n in self.encoder_names]
 
     @classmethod
-    def load(cls, path: Path = TEXT_HEAD, threads: int = 1) -> TextModel:
-        return cls(LinearHead.load(path), threads)
+    def load(cls, path: Path = TEXT_HEAD, threads: int = 1, shared: dict | None = None) -> TextModel:
+        return cls(LinearHead.load(path), threads, shared)
 
     @property
     def model_id(self) -> str:
@@ -416,29 +457,55 @@ class ClassifierOptions:
 
 
 class EmotionClassifier:
-    def __init__(self, opts: ClassifierOptions | None = None) -> None:
+    """The voice head, the words heads (`text_model` for Spanish and any language without its own head,
+    `text_models[lang]` for the others, `streamer.models.TEXT_HEADS`) and the fusion rule."""
+
+    def __init__(
+        self,
+        opts: ClassifierOptions | None = None,
+        text_heads: dict[str, Path] | None = None,
+        default_text_head: Path = TEXT_HEAD,
+    ) -> None:
         self.opts = opts or ClassifierOptions()
         if self.opts.fusion not in FUSION_RULES:
             raise ValueError(f"unknown fusion rule {self.opts.fusion!r} (known: {', '.join(FUSION_RULES)})")
         self.voice: VoiceHead = load_voice_head(VOICE_HEAD)
-        self.text_model = TextModel.load(TEXT_HEAD, self.opts.text_threads)
+        encoders: dict = {}
+        self.text_model = TextModel.load(default_text_head, self.opts.text_threads, encoders)
         self.text = self.text_model.head
+        heads = TEXT_HEADS if text_heads is None else text_heads
+        self.text_models = {
+            lang: TextModel.load(path, self.opts.text_threads, encoders) for lang, path in heads.items()
+        }
+
+    def text_model_for(self, language: str | None) -> TextModel:
+        """The words model for a transcript in `language` (a Whisper language code)."""
+        return self.text_models.get(language or "", self.text_model)
+
+    def _model_id(self, text: str) -> str:
+        return f"voice:{self.voice.model_id}+{text}+fusion:{self.opts.fusion}{self.opts.text_weight:g}" + (
+            f"-gate{self.opts.text_gate:g}" if self.opts.fusion == "gated" else ""
+        )
 
     @property
     def model_id(self) -> str:
-        return (
-            f"voice:{self.voice.model_id}+text:{self.text.model_id}"
-            f"+fusion:{self.opts.fusion}{self.opts.text_weight:g}"
-            + (f"-gate{self.opts.text_gate:g}" if self.opts.fusion == "gated" else "")
+        """Every model loaded: `text:` is the default words head, `text-<lang>:` the head of that language."""
+        return self._model_id(
+            "+".join([f"text:{self.text.model_id}", *(f"text-{k}:{m.model_id}" for k, m in self.text_models.items())])
         )
 
-    def classify_text(self, texts: list[str]) -> np.ndarray:
-        return self.text_model.predict_proba(texts)
+    def model_id_for(self, language: str | None) -> str:
+        """The models that classify an utterance in `language`: the voice head, that language's words head, fusion."""
+        return self._model_id(f"text:{self.text_model_for(language).model_id}")
+
+    def classify_text(self, texts: list[str], language: str | None = None) -> np.ndarray:
+        """Words-only probabilities [n, 6] from the words head of `language` (the default head when None)."""
+        return self.text_model_for(language).predict_proba(texts)
 
     def classify(self, transcript: Transcript) -> Emotion:
         t0 = time.perf_counter()
         audio_p = self.voice.predict_frames(transcript.encoder_frames)
-        text_p = self.classify_text([transcript.text])[0] if transcript.text else None
+        text_p = self.classify_text([transcript.text], transcript.language)[0] if transcript.text else None
         fused = fuse(audio_p, text_p, self.opts.fusion, self.opts.text_weight, self.opts.text_gate)
         best = int(np.argmax(fused))
         valence, arousal = valence_arousal(fused)

@@ -94,4 +94,5 @@ def shipped_head(name: str) -> Path:
 
 
 VOICE_HEAD = shipped_head("voice_head")
-TEXT_HEAD = shipped_head("text_head")
+TEXT_HEAD = shipped_head("text_head")  # words head for Spanish and for every language without a head of its own
+TEXT_HEADS = {"en": shipped_head("text_head_en")}  # Whisper language code → its own words head

@@ -1,0 +1,205 @@
+"""Heads' softmax temperature, the expected calibration error, and the words head picked by the transcript's language.
+
+Temperature and ECE are checked on made-up heads and distributions where the right answer is known; routing and
+the English head on the shipped files with the real encoders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines.report import expected_calibration_error
+from streamer.classifier import (
+    AttentionHead,
+    EmotionClassifier,
+    EnsembleHead,
+    LinearHead,
+    TextModel,
+    load_voice_head,
+    softmax,
+    temper,
+)
+from streamer.frames import LABELS, Transcript
+from streamer.models import TEXT_HEAD, TEXT_HEADS, VOICE_HEAD
+
+K = len(LABELS)
+ANGRY_EN = "I am furious! This is the third time I call and nobody fixes anything. It is outrageous."
+HAPPY_EN = "Thank you so much, I am really happy with the package, it made my day!"
+
+
+def linear_head(rng: np.random.Generator, dim: int = 4, temperature: float = 1.0, **meta) -> LinearHead:
+    return LinearHead(
+        LABELS, rng.random(dim), rng.random(dim) + 0.5, rng.normal(size=(K, dim)) * 3, rng.normal(size=K),
+        {"id": "lin", **meta}, temperature,
+    )  # fmt: skip
+
+
+def entropy(p: np.ndarray) -> np.ndarray:
+    return -(p * np.log(p)).sum(axis=-1)
+
+
+# --------------------------------------------------------------------------- temperature
+
+
+def test_linear_head_temperature_is_saved_loaded_and_divides_the_logits(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    head = linear_head(rng, temperature=2.5)
+    head.save(tmp_path / "h.npz")
+    loaded = LinearHead.load(tmp_path / "h.npz")
+    assert loaded.temperature == 2.5
+    x = rng.normal(size=(20, 4))
+    logits = ((x - head.mean) / head.scale) @ head.coef.T + head.intercept
+    np.testing.assert_allclose(loaded.predict_proba(x), softmax(logits / 2.5), atol=1e-5)
+    cold = dataclasses.replace(loaded, temperature=1.0)
+    # softer, same decisions
+    assert (entropy(loaded.predict_proba(x)) > entropy(cold.predict_proba(x))).all()
+    assert (loaded.predict_proba(x).argmax(axis=1) == cold.predict_proba(x).argmax(axis=1)).all()
+    np.testing.assert_allclose(temper(cold.predict_proba(x), 2.5), loaded.predict_proba(x), atol=1e-9)
+
+
+def test_head_files_without_temperature_load_at_one_and_bad_ones_are_refused(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    head = linear_head(rng, temperature=3.0)
+    old = {k: v for k, v in head.arrays().items() if k != "temperature"}  # a file written before calibration
+    np.savez(tmp_path / "old.npz", **old)
+    loaded = LinearHead.load(tmp_path / "old.npz")
+    assert loaded.temperature == 1.0
+    x = rng.normal(size=(3, 4))
+    np.testing.assert_allclose(
+        loaded.predict_proba(x), dataclasses.replace(head, temperature=1.0).predict_proba(x), rtol=1e-5, atol=1e-7
+    )
+    for bad in (0.0, -1.0, np.nan):
+        np.savez(tmp_path / "bad.npz", **{**old, "temperature": np.array(bad)})
+        with pytest.raises(ValueError, match="temperature"):
+            LinearHead.load(tmp_path / "bad.npz")
+
+
+def attention_head(rng: np.random.Generator, temperature: float = 1.0) -> AttentionHead:
+    e, h = 8, 5
+    return AttentionHead(
+        LABELS, rng.normal(size=e), rng.random(e) + 0.5, rng.normal(size=e), rng.normal(size=(h, e)),
+        rng.normal(size=h), rng.random(h) + 0.5, rng.normal(size=h), rng.normal(size=(K, h)) * 2, rng.normal(size=K),
+        meta={"id": "attn"}, temperature=temperature,
+    )  # fmt: skip
+
+
+def test_attention_and_ensemble_heads_apply_their_temperature(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    frames = rng.normal(size=(30, 8)).astype(np.float32)
+    attn = attention_head(rng)
+    hot = dataclasses.replace(attn, temperature=0.5)
+    hot.save(tmp_path / "a.npz")
+    loaded = load_voice_head(tmp_path / "a.npz")
+    assert isinstance(loaded, AttentionHead) and loaded.temperature == 0.5
+    np.testing.assert_allclose(loaded.predict_frames(frames), temper(attn.predict_frames(frames), 0.5), atol=1e-6)
+    assert entropy(loaded.predict_frames(frames)) < entropy(attn.predict_frames(frames))  # sharper
+
+    members = (attn, attention_head(rng))
+    ens = EnsembleHead(members, {"id": "ens"}, (0.25, 0.75), temperature=1.7)
+    ens.save(tmp_path / "e.npz")
+    loaded = load_voice_head(tmp_path / "e.npz")
+    assert isinstance(loaded, EnsembleHead) and loaded.temperature == 1.7
+    assert [m.temperature for m in loaded.members] == [1.0, 1.0]  # the ensemble's own, applied after the vote
+    vote = 0.25 * members[0].predict_frames(frames) + 0.75 * members[1].predict_frames(frames)
+    np.testing.assert_allclose(loaded.predict_frames(frames), temper(vote, 1.7), atol=1e-6)
+
+
+def test_shipped_heads_carry_the_temperature_fitted_on_held_out_predictions() -> None:
+    heads = [
+        load_voice_head(VOICE_HEAD),
+        LinearHead.load(TEXT_HEAD),
+        *(LinearHead.load(p) for p in TEXT_HEADS.values()),
+    ]
+    for head in heads:
+        calib = head.meta["calibration"]
+        assert head.temperature == calib["temperature"] > 0
+        # a temperature far from 1 says the head was mis-calibrated: then calibration must have lowered the ECE
+        # (cross-fitted: measured on rows the temperature was not fitted on); near 1 it must not raise it much
+        if abs(np.log(head.temperature)) > 0.1:
+            assert calib["ece15_after_crossfit"] < calib["ece15_before"], head.model_id
+        assert calib["ece15_after_crossfit"] <= calib["ece15_before"] + 0.005, head.model_id
+
+
+# --------------------------------------------------------------------------- ECE
+
+
+def test_ece_on_known_cases() -> None:
+    joy, sad = LABELS.index("joy"), LABELS.index("sadness")
+
+    def sure(p_top: float, top: int) -> np.ndarray:
+        p = np.full(K, (1 - p_top) / (K - 1))
+        p[top] = p_top
+        return p
+
+    # confidence 0.8 and right 8 times out of 10: calibrated
+    p = np.stack([sure(0.8, joy)] * 10)
+    y = ["joy"] * 8 + ["sadness"] * 2
+    assert expected_calibration_error(p, y) == pytest.approx(0.0, abs=1e-12)
+    # always certain, right half the time: ECE 0.5
+    p = np.stack([sure(1.0, joy)] * 4)
+    assert expected_calibration_error(p, ["joy", "joy", "anger", "fear"]) == pytest.approx(0.5)
+    # two bins: 0.9 (4 rows, 2 right → gap 0.4) and 0.5 (6 rows, 3 right → gap 0): (4/10)·0.4 = 0.16
+    p = np.stack([sure(0.9, joy)] * 4 + [sure(0.5, sad)] * 6)
+    y = ["joy", "joy", "anger", "anger", *["sadness"] * 3, *["fear"] * 3]
+    assert expected_calibration_error(p, y) == pytest.approx(0.16)
+    assert expected_calibration_error(np.zeros((0, K)), []) == 0.0
+
+
+# --------------------------------------------------------------------------- routing by language
+
+
+def constant_text_head(label: str, model_id: str, dim: int = 384) -> LinearHead:
+    """A words head on e5 (384-d) that says `label` with probability ≈ 0.99 whatever the text."""
+    intercept = np.zeros(K)
+    intercept[LABELS.index(label)] = 6.0
+    return LinearHead(LABELS, np.zeros(dim), np.ones(dim), np.zeros((K, dim)), intercept, {"id": model_id})
+
+
+def transcript(text: str, language: str) -> Transcript:
+    frames = np.random.default_rng(0).normal(size=(60, 512)).astype(np.float32)
+    return Transcript(text, language, 1.0, 0.0, -0.2, 1.2, None, frames, 0.0, 0.0)
+
+
+@pytest.mark.slow
+def test_the_words_head_follows_the_transcript_language(tmp_path: Path) -> None:
+    constant_text_head("sadness", "es-head").save(tmp_path / "es.npz")
+    constant_text_head("joy", "en-head").save(tmp_path / "en.npz")
+    clf = EmotionClassifier(text_heads={"en": tmp_path / "en.npz"}, default_text_head=tmp_path / "es.npz")
+    assert clf.text_models["en"].encoders == clf.text_model.encoders  # one e5 for both heads
+    said = {lang: clf.classify(transcript("hola, hello", lang)).text_scores for lang in ("en", "es", "de", "")}
+    assert max(said["en"], key=said["en"].get) == "joy"
+    for lang in ("es", "de", ""):  # Spanish and every language without its own head: the default head
+        assert max(said[lang], key=said[lang].get) == "sadness"
+    assert "text:en-head" in clf.model_id_for("en") and "es-head" not in clf.model_id_for("en")
+    assert "text:es-head" in clf.model_id_for("fr")
+    assert "text:es-head+text-en:en-head" in clf.model_id
+    np.testing.assert_allclose(clf.classify_text(["x"], "en"), clf.text_models["en"].predict_proba(["x"]))
+    np.testing.assert_allclose(clf.classify_text(["x"]), clf.text_model.predict_proba(["x"]))  # no language: default
+    assert clf.classify(transcript("", "en")).text_scores is None  # no words, no words head
+
+
+@pytest.mark.slow
+def test_shipped_english_head_reads_anger_and_joy() -> None:
+    model = TextModel.load(TEXT_HEADS["en"])
+    assert model.head.meta["languages"] == "en" and model.head.meta["limit"] is None
+    p = model.predict_proba([ANGRY_EN, HAPPY_EN])
+    assert p.shape == (2, K) and np.allclose(p.sum(axis=1), 1, atol=1e-6)
+    assert LABELS[int(np.argmax(p[0]))] == "anger"
+    assert LABELS[int(np.argmax(p[1]))] == "joy"
+
+
+@pytest.mark.slow
+def test_shipped_classifier_routes_english_to_the_english_head() -> None:
+    clf = EmotionClassifier()
+    en_id, es_id = clf.text_models["en"].model_id, clf.text.model_id
+    assert en_id != es_id and f"text-en:{en_id}" in clf.model_id
+    angry = clf.classify(transcript(ANGRY_EN, "en"))
+    np.testing.assert_allclose(
+        [angry.text_scores[k] for k in LABELS], clf.text_models["en"].predict_proba([ANGRY_EN])[0], atol=1e-4
+    )
+    assert max(angry.text_scores, key=angry.text_scores.get) == "anger"
+    assert f"text:{en_id}" in clf.model_id_for("en") and f"text:{es_id}" in clf.model_id_for("es")

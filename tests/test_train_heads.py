@@ -1,0 +1,99 @@
+"""Calibration and the English recipe of `pipelines.train_heads`: temperature fitting on cases with a known answer,
+out-of-fold probabilities, and a tiny English training run on the real data (skipped where it is absent)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines import data as D
+from pipelines.report import expected_calibration_error
+from pipelines.train_heads import calibration, crossfit_temper, fit_temperature, oof_proba
+from streamer.classifier import LinearHead, softmax, temper
+from streamer.frames import LABELS
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "train" / "heads.yaml"
+K = len(LABELS)
+
+
+def overconfident(n: int, true_t: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Labels drawn from softmax(z / true_t) and the probabilities softmax(z) that a head reports for them: the
+    head is over-confident by a factor true_t, so the right temperature is true_t."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, K)) * 3
+    truth = softmax(z / true_t)
+    y = np.array([LABELS[rng.choice(K, p=row)] for row in truth])
+    return softmax(z), y
+
+
+def test_fit_temperature_recovers_a_known_over_and_under_confidence() -> None:
+    for true_t in (2.0, 0.5):
+        p, y = overconfident(20_000, true_t)
+        assert fit_temperature(p, y) == pytest.approx(true_t, rel=0.05)
+    p, y = overconfident(20_000, 1.0)
+    assert fit_temperature(p, y) == pytest.approx(1.0, rel=0.05)  # calibrated already: leave it alone
+
+
+def test_calibration_lowers_ece_and_cross_fits_on_other_folds() -> None:
+    p, y = overconfident(6_000, 2.0, seed=1)
+    fold = np.arange(len(y)) % 3
+    calib = calibration(p, y, fold, "synthetic", {"other": overconfident(3_000, 2.0, seed=2)})
+    assert calib["temperature"] == pytest.approx(2.0, rel=0.1)
+    assert calib["ece15_before"] > 0.1 > 0.03 > calib["ece15_after_crossfit"]
+    assert calib["nll_after_crossfit"] < calib["nll_before"]
+    assert calib["other"]["ece15_after"] < calib["other"]["ece15_before"]
+    # each fold is tempered by a T fitted without it: a fold of pure noise does not tune its own T
+    after = crossfit_temper(p, y, fold)
+    for f in range(3):
+        rest = fold != f
+        np.testing.assert_allclose(after[~rest], temper(p[~rest], fit_temperature(p[rest], y[rest])))
+    assert expected_calibration_error(after, y) == pytest.approx(calib["ece15_after_crossfit"], abs=1e-4)
+
+
+def test_oof_proba_scores_every_row_once_and_never_the_extra_rows() -> None:
+    rng = np.random.default_rng(0)
+    y = np.array(LABELS)[rng.integers(0, K, 240)]
+    X = np.eye(K)[[LABELS.index(v) for v in y]] + rng.normal(size=(240, K)) * 0.3
+    groups = np.array([f"g{i % 24}" for i in range(240)])
+    splits = D.grouped_folds(y, groups, 4, seed=0)
+    cfg = {"class_weight": "balanced", "max_iter": 2000}
+    p, fold = oof_proba(splits, X, y, 1.0, cfg, 0)
+    assert p.shape == (240, K) and np.allclose(p.sum(axis=1), 1) and sorted(set(fold)) == [0, 1, 2, 3]
+    assert (np.array(LABELS)[p.argmax(axis=1)] == y).mean() > 0.8
+    # extra rows that all say "fear" pull every training side towards fear, and are never scored themselves
+    X_extra, y_extra = rng.normal(size=(500, K)), np.array(["fear"] * 500)
+    p_extra, _ = oof_proba(splits, X, y, 1.0, cfg, 0, None, X_extra, y_extra, 5.0)
+    assert p_extra.shape == p.shape
+    assert LABELS[2] == "fear"
+    p_light, _ = oof_proba(splits, X, y, 1.0, cfg, 0, None, X_extra, y_extra, 0.2)
+    assert p[:, 2].mean() < p_light[:, 2].mean() < p_extra[:, 2].mean()  # the weight sets how far they pull
+    p_bias, _ = oof_proba(splits, X, y, 1.0, cfg, 0, groups)
+    assert not np.allclose(p_bias, p)  # nested offsets tuned inside each training side
+
+
+@pytest.mark.slow
+def test_tiny_english_training_run_is_deterministic(tmp_path: Path) -> None:
+    for name in (D.GOEMOTIONS, D.EMOEVENT):
+        if not (D.data_dir() / name).is_dir():
+            pytest.skip(f"dataset {name} not found at {D.data_dir() / name} (set EMOTION_DATA_DIR)")
+    from pipelines.train_heads import main
+
+    args = ["--config", str(CONFIG), "--heads", "text_en", "--limit", "30", "--cache-dir", str(tmp_path / "cache")]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    head = LinearHead.load(tmp_path / "a" / "text_head_en.npz")
+    assert head.meta["languages"] == "en" and head.meta["limit"] == 30 and head.labels == LABELS
+    assert set(head.meta["heldout"]) == {D.GOEMOTIONS, D.EMOEVENT}
+    for held in head.meta["heldout"].values():
+        lo, hi = held["macro_f1_ci95"]
+        assert held["n"] == 30 and lo <= held["macro_f1"] <= hi
+    calib = head.meta["calibration"]
+    assert head.temperature == calib["temperature"] > 0
+    assert {f"test {n}" for n in head.meta["heldout"]} <= set(calib)
+    assert {"dev", "test"} <= set(head.meta["cv"]) and len(head.meta["bias_offsets"]) == K
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    again = LinearHead.load(tmp_path / "b" / "text_head_en.npz")
+    np.testing.assert_array_equal(again.coef, head.coef)
+    assert again.meta == head.meta and again.temperature == head.temperature
