@@ -108,7 +108,7 @@ class Engine:
             utterance=utterance,
             transcript=transcript,
             emotion=emotion,
-            models=self.models,
+            models={**self.models, "emotion": self.classifier.model_id_for(transcript.language)},
             ready=time.monotonic(),
             latency=latency,
         )

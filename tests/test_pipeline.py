@@ -154,3 +154,19 @@ async def test_an_utterance_that_waited_too_long_is_classified_from_the_voice(en
         engine.latency_budget_s = 0.0
     assert late.transcript.rejected == "overload" and late.emotion.text_scores is None
     assert fresh.transcript.rejected is None and fresh.transcript.text
+
+
+def test_an_event_names_the_words_head_of_its_language(speak):
+    """English speech goes to the English words head, Spanish to the default one, and each event says which."""
+    from streamer.pipeline import Engine
+    from streamer.recogniser import RecogniserOptions
+
+    engine = Engine(recogniser=RecogniserOptions(language=None))
+    en = engine.process(Utterance.whole(speak("I am so angry, this is completely unacceptable!", "en"), "s"), 0)
+    es = engine.process(Utterance.whole(speak(ANGRY_ES), "s"), 1)
+    assert (en.transcript.language, es.transcript.language) == ("en", "es")
+    en_head, es_head = engine.classifier.text_models["en"].model_id, engine.classifier.text_model.model_id
+    assert en_head in en.models["emotion"] and es_head not in en.models["emotion"]
+    assert es_head in es.models["emotion"] and en_head not in es.models["emotion"]
+    validate(to_wire(en))
+    engine.close()
