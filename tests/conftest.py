@@ -66,8 +66,10 @@ def speak(tmp_path_factory):
 def pink_noise(tmp_path_factory) -> np.ndarray:
     """3 s of pink noise from sox (WebRTC VAD alone calls this speech)."""
     path = tmp_path_factory.mktemp("noise") / "pink.wav"
-    subprocess.run(["sox", "-n", "-r", "16000", "-c", "1", "-b", "16", str(path), "synth", "3", "pinknoise",
-                    "vol", "0.3"], check=True)
+    subprocess.run(
+        ["sox", "-n", "-r", "16000", "-c", "1", "-b", "16", str(path), "synth", "3", "pinknoise", "vol", "0.3"],
+        check=True,
+    )
     audio, _ = sf.read(path, dtype="float32")
     return audio
 

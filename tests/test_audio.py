@@ -8,8 +8,10 @@ from streamer.audio import AudioError, condition, load_audio, pcm16_to_float
 from streamer.frames import SAMPLE_RATE
 
 
-@pytest.mark.parametrize(("ext", "rate", "channels"), [("wav", 8000, 1), ("flac", 44100, 2), ("ogg", 48000, 2),
-                                                        ("mp3", 22050, 1), ("wav", 16000, 6)])
+@pytest.mark.parametrize(
+    ("ext", "rate", "channels"),
+    [("wav", 8000, 1), ("flac", 44100, 2), ("ogg", 48000, 2), ("mp3", 22050, 1), ("wav", 16000, 6)],
+)
 def test_files_of_any_format_rate_and_channels_become_16k_mono(tmp_path, speak, ext, rate, channels):
     speech = speak("Hola, buenos días.")
     src = tmp_path / "src.wav"

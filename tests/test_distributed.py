@@ -82,9 +82,23 @@ class Pool:
         self.logs[name] = log
         with open(log, "w") as out:
             self.procs[name] = subprocess.Popen(
-                [*CLI, "worker", "--broker", BROKER_URL, "--group", self.group, "--id", self.worker_id(name),
-                 "--jobs", f"emotion/v1/jobs/{self.node}/#", "--config", str(self.config)],
-                stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+                [
+                    *CLI,
+                    "worker",
+                    "--broker",
+                    BROKER_URL,
+                    "--group",
+                    self.group,
+                    "--id",
+                    self.worker_id(name),
+                    "--jobs",
+                    f"emotion/v1/jobs/{self.node}/#",
+                    "--config",
+                    str(self.config),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
             )
 
     def worker_id(self, name: str) -> str:
@@ -128,8 +142,9 @@ def pool(broker, node, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("workers")
     config = tmp / "scale-out.yaml"
     # 2 attempts 4 s apart: long enough to see other jobs finish while a poison job waits for its retry.
-    config.write_text("distributed: {max_attempts: 2, retry_delay_s: 4.0, session_expiry_s: 120}\n"
-                      "mqtt: {health_interval_s: 0}\n")
+    config.write_text(
+        "distributed: {max_attempts: 2, retry_delay_s: 4.0, session_expiry_s: 120}\nmqtt: {health_interval_s: 0}\n"
+    )
     workers = Pool(tmp, node, config)
     workers.start("a")
     workers.start("b")
@@ -144,8 +159,12 @@ def pool(broker, node, tmp_path_factory):
 @pytest.fixture(scope="module")
 def speech_file(speak, tmp_path_factory) -> Path:
     """Sixteen short sentences with pauses (as many jobs)."""
-    sentences = ("Buenos días, quiero consultar mi pedido.", "Estoy muy enfadado con este servicio.",
-                 HAPPY_ES, "Tengo mucho miedo de perder mi dinero.")
+    sentences = (
+        "Buenos días, quiero consultar mi pedido.",
+        "Estoy muy enfadado con este servicio.",
+        HAPPY_ES,
+        "Tengo mucho miedo de perder mi dinero.",
+    )
     parts = [silence(0.5)]
     for sentence in sentences * 4:
         parts += [speak(sentence), silence(1.0)]
@@ -156,9 +175,23 @@ def speech_file(speak, tmp_path_factory) -> Path:
 
 def ingest(speech_file: Path, node: str, stream: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [*CLI, "ingest", "--source", f"file:{speech_file}", "--fast", "--broker", BROKER_URL, "--node", node,
-         "--stream", stream],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
+        [
+            *CLI,
+            "ingest",
+            "--source",
+            f"file:{speech_file}",
+            "--fast",
+            "--broker",
+            BROKER_URL,
+            "--node",
+            node,
+            "--stream",
+            stream,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
     )
 
 
@@ -284,4 +317,3 @@ def request_health(collector: Collector, worker_id: str) -> dict:
     answers.wait(lambda: answers.messages, 10, f"{worker_id}'s answer")
     answers.close()
     return json.loads(answers.messages[0][1])["health"]
-

@@ -54,8 +54,10 @@ def test_random_bytes_on_stdin(data, rate, channels):
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.lists(st.tuples(st.integers(1, 6000), st.sampled_from([0.0, 1e-4, 0.5, 1.0, 1e6, np.nan])), max_size=12),
-       st.integers(0, 2**32 - 1))
+@given(
+    st.lists(st.tuples(st.integers(1, 6000), st.sampled_from([0.0, 1e-4, 0.5, 1.0, 1e6, np.nan])), max_size=12),
+    st.integers(0, 2**32 - 1),
+)
 def test_segmenter_on_arbitrary_chunks(pieces, seed):
     rng = np.random.default_rng(seed)
     cutter = Segmenter("fuzz")

@@ -39,8 +39,29 @@ def ulaw(audio: np.ndarray, tmp_path) -> bytes:
     """8 kHz μ-law bytes encoded by sox (an encoder independent of our decoder)."""
     raw = tmp_path / f"{uuid.uuid4().hex}.raw"
     raw.write_bytes(pcm16(audio, 8000))
-    out = subprocess.run(["sox", "-t", "raw", "-r", "8000", "-e", "signed", "-b", "16", "-c", "1", str(raw),
-                          "-t", "raw", "-e", "mu-law", "-"], check=True, capture_output=True)
+    out = subprocess.run(
+        [
+            "sox",
+            "-t",
+            "raw",
+            "-r",
+            "8000",
+            "-e",
+            "signed",
+            "-b",
+            "16",
+            "-c",
+            "1",
+            str(raw),
+            "-t",
+            "raw",
+            "-e",
+            "mu-law",
+            "-",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return out.stdout
 
 
@@ -104,8 +125,9 @@ async def serving(engine, **limits):
         await clear_retained("127.0.0.1", 1883, f"emotion/v1/{engine.node}/status")
 
 
-async def audiosocket_call(port: int, audio: bytes, call_id: str, hangup: bool = True, kind: int = 0x10,
-                           raw: bytes = b"") -> bytes:
+async def audiosocket_call(
+    port: int, audio: bytes, call_id: str, hangup: bool = True, kind: int = 0x10, raw: bytes = b""
+) -> bytes:
     """A real AudioSocket client: UUID frame, 20 ms slin frames, hangup; returns what the server sent back."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(struct.pack(">BH", 0x01, 16) + uuid.UUID(call_id).bytes)
@@ -126,23 +148,48 @@ async def audiosocket_call(port: int, audio: bytes, call_id: str, hangup: bool =
 
 def twilio_messages(call_sid: str, tracks: dict[str, bytes], parameters: dict | None = None) -> list[str]:
     sid = f"MZ{uuid.uuid4().hex}"
-    out = [json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}),
-           json.dumps({"event": "start", "sequenceNumber": "1", "streamSid": sid,
-                       "start": {"accountSid": "AC1", "streamSid": sid, "callSid": call_sid, "tracks": list(tracks),
-                                 "customParameters": parameters or {},
-                                 "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}})]
+    out = [
+        json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}),
+        json.dumps(
+            {
+                "event": "start",
+                "sequenceNumber": "1",
+                "streamSid": sid,
+                "start": {
+                    "accountSid": "AC1",
+                    "streamSid": sid,
+                    "callSid": call_sid,
+                    "tracks": list(tracks),
+                    "customParameters": parameters or {},
+                    "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+                },
+            }
+        ),
+    ]
     chunks = {track: frames(data, 160) for track, data in tracks.items()}
     for i in range(max(len(c) for c in chunks.values())):
         for track, c in chunks.items():
             if i < len(c):
-                out.append(json.dumps({"event": "media", "streamSid": sid, "media": {
-                    "track": track, "chunk": str(i + 1), "timestamp": str(20 * i),
-                    "payload": base64.b64encode(c[i]).decode()}}))
+                out.append(
+                    json.dumps(
+                        {
+                            "event": "media",
+                            "streamSid": sid,
+                            "media": {
+                                "track": track,
+                                "chunk": str(i + 1),
+                                "timestamp": str(20 * i),
+                                "payload": base64.b64encode(c[i]).decode(),
+                            },
+                        }
+                    )
+                )
     return out
 
 
-async def websocket_call(port: int, messages: list, path: str = "/", subprotocols=None, stop: str | None = None,
-                         wait: bool = False):
+async def websocket_call(
+    port: int, messages: list, path: str = "/", subprotocols=None, stop: str | None = None, wait: bool = False
+):
     """A real WebSocket client; sends `stop` or closes (unless it `wait`s for the server to close);
     returns the close code and reason of the closing handshake."""
     async with connect(f"ws://127.0.0.1:{port}{path}", subprotocols=subprotocols, max_size=None) as ws:
@@ -193,15 +240,22 @@ async def test_audiosocket_call_gives_customer_events_and_a_summary(engine, brok
 async def test_twilio_tracks_become_customer_and_agent(engine, broker, speak, tmp_path):
     async with serving(engine) as (_hub, ports, watcher):
         call_sid = f"CA{uuid.uuid4().hex}"
-        tracks = {"inbound": ulaw(utterance(speak, ANGRY_ES), tmp_path),
-                  "outbound": ulaw(utterance(speak, HAPPY_ES), tmp_path)}
-        code, _ = await websocket_call(ports["twilio"], twilio_messages(call_sid, tracks),
-                                       stop=json.dumps({"event": "stop", "stop": {"callSid": call_sid}}))
+        tracks = {
+            "inbound": ulaw(utterance(speak, ANGRY_ES), tmp_path),
+            "outbound": ulaw(utterance(speak, HAPPY_ES), tmp_path),
+        }
+        code, _ = await websocket_call(
+            ports["twilio"],
+            twilio_messages(call_sid, tracks),
+            stop=json.dumps({"event": "stop", "stop": {"callSid": call_sid}}),
+        )
         await watcher.until_ended(call_sid)
     assert code == 1000
     check_call(watcher, call_sid, {"customer", "agent"})
-    texts = {role: " ".join(m["transcript"] for m in watcher.of(call_sid, "event") if m["role"] == role)
-             for role in ("customer", "agent")}
+    texts = {
+        role: " ".join(m["transcript"] for m in watcher.of(call_sid, "event") if m["role"] == role)
+        for role in ("customer", "agent")
+    }
     assert "vez" in texts["customer"] and "gracias" in texts["agent"].lower(), texts
 
 
@@ -224,20 +278,35 @@ async def test_audiohook_session_with_stereo_pcmu(engine, broker, speak, tmp_pat
         conversation, session = str(uuid.uuid4()), str(uuid.uuid4())
         left, right = ulaw(utterance(speak, ANGRY_ES), tmp_path), ulaw(utterance(speak, HAPPY_ES), tmp_path)
         n = max(len(left), len(right))
-        stereo = np.stack([np.frombuffer(left.ljust(n, b"\xff"), np.uint8),
-                           np.frombuffer(right.ljust(n, b"\xff"), np.uint8)], axis=1).tobytes()  # 0xff: μ-law 0
+        stereo = np.stack(
+            [np.frombuffer(left.ljust(n, b"\xff"), np.uint8), np.frombuffer(right.ljust(n, b"\xff"), np.uint8)], axis=1
+        ).tobytes()  # 0xff: μ-law 0
         media = {"type": "audio", "format": "PCMU", "channels": ["external", "internal"], "rate": 8000}
         seq = iter(range(1, 1000))
 
         def control(kind: str, **parameters) -> str:
-            return json.dumps({"version": "2", "id": session, "type": kind, "seq": next(seq), "serverseq": 0,
-                               "position": "PT0S", "parameters": parameters})
+            return json.dumps(
+                {
+                    "version": "2",
+                    "id": session,
+                    "type": kind,
+                    "seq": next(seq),
+                    "serverseq": 0,
+                    "position": "PT0S",
+                    "parameters": parameters,
+                }
+            )
 
         async with connect(f"ws://127.0.0.1:{ports['audiohook']}", additional_headers={"X-API-KEY": "k3y"}) as ws:
-            await ws.send(control("open", organizationId="o", conversationId=conversation,
-                                  participant={"id": "p", "ani": "+34600000000", "dnis": "+34910000000"},
-                                  media=[{"type": "audio", "format": "OPUS", "channels": ["external"], "rate": 48000},
-                                         media]))
+            await ws.send(
+                control(
+                    "open",
+                    organizationId="o",
+                    conversationId=conversation,
+                    participant={"id": "p", "ani": "+34600000000", "dnis": "+34910000000"},
+                    media=[{"type": "audio", "format": "OPUS", "channels": ["external"], "rate": 48000}, media],
+                )
+            )
             opened = json.loads(await ws.recv())
             assert (opened["type"], opened["seq"], opened["clientseq"]) == ("opened", 1, 1)
             assert opened["parameters"]["media"] == [media]
@@ -270,8 +339,13 @@ async def test_twenty_concurrent_calls_each_get_their_events(engine, broker, spe
             if i % 3 == 0:
                 calls.append(audiosocket_call(ports["audiosocket"], slin, call_id))
             elif i % 3 == 1:
-                calls.append(websocket_call(ports["twilio"], twilio_messages(call_id, {"inbound": mulaw}),
-                                            stop=json.dumps({"event": "stop"})))
+                calls.append(
+                    websocket_call(
+                        ports["twilio"],
+                        twilio_messages(call_id, {"inbound": mulaw}),
+                        stop=json.dumps({"event": "stop"}),
+                    )
+                )
             else:
                 meta = json.dumps({"callId": call_id})
                 calls.append(websocket_call(ports["freeswitch"], [meta, *frames(slin, 320)]))
@@ -285,16 +359,24 @@ async def test_twenty_concurrent_calls_each_get_their_events(engine, broker, spe
 @pytest.mark.parametrize("case", ["unknown type", "short frame", "odd audio", "abrupt close"])
 async def test_audiosocket_errors_end_that_call_only(engine, broker, speak, case):
     speech = pcm16(utterance(speak, HAPPY_ES), 8000)
-    raw = {"unknown type": struct.pack(">BH", 0x42, 1) + b"x", "short frame": struct.pack(">BH", 0x10, 320) + b"ab",
-           "odd audio": struct.pack(">BH", 0x10, 3) + b"abc", "abrupt close": b""}[case]
+    raw = {
+        "unknown type": struct.pack(">BH", 0x42, 1) + b"x",
+        "short frame": struct.pack(">BH", 0x10, 320) + b"ab",
+        "odd audio": struct.pack(">BH", 0x10, 3) + b"abc",
+        "abrupt close": b"",
+    }[case]
     async with serving(engine) as (_hub, ports, watcher):
         bad, good = str(uuid.uuid4()), str(uuid.uuid4())
         healthy = asyncio.create_task(audiosocket_call(ports["audiosocket"], speech, good))
         back = await audiosocket_call(ports["audiosocket"], speech[:8000], bad, hangup=False, raw=raw)
         await healthy
         bad_end, good_end = await watcher.until_ended(bad, good)
-    expected = {"unknown type": "unknown frame type 0x42", "short frame": "closed inside a frame",
-                "odd audio": "odd number of bytes", "abrupt close": None}[case]
+    expected = {
+        "unknown type": "unknown frame type 0x42",
+        "short frame": "closed inside a frame",
+        "odd audio": "odd number of bytes",
+        "abrupt close": None,
+    }[case]
     if expected:
         assert bad_end["reason"] == "error" and expected in bad_end["error"]
         assert back == struct.pack(">BH", 0x00, 0)  # we told Asterisk to hang up
@@ -347,8 +429,10 @@ async def test_twilio_errors(engine, broker, speak, tmp_path, case):
         assert ended["reason"] == "disconnected"
     else:
         assert code == 1002 or code == 1009
-        assert ended["reason"] == "error" and {"bad base64": "base64", "oversized": "max_frame_bytes"}[case] in (
-            ended["error"])
+        assert (
+            ended["reason"] == "error"
+            and {"bad base64": "base64", "oversized": "max_frame_bytes"}[case] in (ended["error"])
+        )
 
 
 async def test_freeswitch_errors(engine, broker):
@@ -373,9 +457,11 @@ async def test_token_limits_idle_and_alerts(engine, broker, speak, tmp_path):
         code, reason = await websocket_call(ports["twilio"], messages, wait=True)
         assert code == 1008 and "missing token" in reason
         sid = f"CA{uuid.uuid4().hex}"
-        code, _ = await websocket_call(ports["twilio"], twilio_messages(sid, {"inbound": ulaw(speech, tmp_path)},
-                                                                        {"token": "s3cret"}),
-                                       stop=json.dumps({"event": "stop"}))
+        code, _ = await websocket_call(
+            ports["twilio"],
+            twilio_messages(sid, {"inbound": ulaw(speech, tmp_path)}, {"token": "s3cret"}),
+            stop=json.dumps({"event": "stop"}),
+        )
         (ended,) = await watcher.until_ended(sid)
         assert code == 1000 and "token" not in json.dumps(ended["metadata"])
         alerts = watcher.of(sid, "alert")
@@ -385,8 +471,7 @@ async def test_token_limits_idle_and_alerts(engine, broker, speak, tmp_path):
         async with connect(f"ws://127.0.0.1:{ports['freeswitch']}/?token=s3cret") as ws:
             await ws.send(json.dumps({"callId": idle}))
             await asyncio.sleep(0.2)
-            code, reason = await websocket_call(ports["freeswitch"], [json.dumps({})], path="/?token=s3cret",
-                                                wait=True)
+            code, reason = await websocket_call(ports["freeswitch"], [json.dumps({})], path="/?token=s3cret", wait=True)
             assert code == 1013 and "max_calls" in reason
             (ended,) = await watcher.until_ended(idle, timeout=10)
         assert ended["reason"] == "idle"
@@ -398,8 +483,17 @@ async def test_escalation_rule_needs_hits_within_the_window_and_rearms(engine, t
     await sink.start()
     hub = CallHub(engine, [sink], IngestOptions(escalation=EscalationRule(min_confidence=0.7, hits=2, window=3)))
     call = hub.open("c1", "test", ["inbound", "outbound"])
-    for seq, (role, anger) in enumerate([("customer", 0.9), ("agent", 0.95), ("customer", 0.1), ("customer", 0.1),
-                                         ("customer", 0.8), ("customer", 0.75), ("customer", 0.9)]):
+    for seq, (role, anger) in enumerate(
+        [
+            ("customer", 0.9),
+            ("agent", 0.95),
+            ("customer", 0.1),
+            ("customer", 0.1),
+            ("customer", 0.8),
+            ("customer", 0.75),
+            ("customer", 0.9),
+        ]
+    ):
         event = make_event(f"c1/{role}", seq, engine.node)
         event.call_id, event.role = "c1", role
         event.emotion.scores.update(dict.fromkeys(LABELS, 0.0) | {"anger": anger, "neutral": 1 - anger})
@@ -418,9 +512,24 @@ async def test_serve_command_takes_calls_and_ends_them_on_sigterm(broker, speak,
     node, ports = f"serve{uuid.uuid4().hex[:6]}", [free_port() for _ in range(3)]
     out = tmp_path / "calls.jsonl"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "streamer", "serve", "--audiosocket", f"127.0.0.1:{ports[0]}",
-        "--twilio", f"127.0.0.1:{ports[1]}", "--freeswitch", str(ports[2]), "--broker", "mqtt://127.0.0.1:1883",
-        "--node", node, "--jsonl", str(out), stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "streamer",
+        "serve",
+        "--audiosocket",
+        f"127.0.0.1:{ports[0]}",
+        "--twilio",
+        f"127.0.0.1:{ports[1]}",
+        "--freeswitch",
+        str(ports[2]),
+        "--broker",
+        "mqtt://127.0.0.1:1883",
+        "--node",
+        node,
+        "--jsonl",
+        str(out),
+        stderr=asyncio.subprocess.PIPE,
+    )
     watcher = Watcher(node)
     watching = asyncio.create_task(watcher.run())
     try:
@@ -437,8 +546,9 @@ async def test_serve_command_takes_calls_and_ends_them_on_sigterm(broker, speak,
         await watcher.until_ended(done)
         reader, writer = await asyncio.open_connection("127.0.0.1", ports[0])
         writer.write(struct.pack(">BH", 0x01, 16) + uuid.UUID(open_call).bytes)
-        writer.write(b"".join(struct.pack(">BH", 0x10, 320) + c for c in frames(pcm16(utterance(speak, ANGRY_ES),
-                                                                                         8000), 320)))
+        writer.write(
+            b"".join(struct.pack(">BH", 0x10, 320) + c for c in frames(pcm16(utterance(speak, ANGRY_ES), 8000), 320))
+        )
         await writer.drain()
         async with asyncio.timeout(60):
             while not [m for m in watcher.of(open_call, "lifecycle") if m["type"] == "started"]:

@@ -30,15 +30,21 @@ def fake_home(tmp_path_factory, speak):
     stereo = np.repeat((soxr.resample(audio, SAMPLE_RATE, RATE) * 32767).astype("<i2")[:, None], 2, axis=1)
     (home / "speech.raw").write_bytes(stereo.tobytes())
     (home / ".asoundrc").write_text(
-        "pcm.fakemic {\n type file\n slave.pcm \"null\"\n file \"/dev/null\"\n"
-        f" infile \"{home / 'speech.raw'}\"\n format \"raw\"\n"
-        " hint { show on description \"Fake microphone\" }\n}\n")
+        'pcm.fakemic {\n type file\n slave.pcm "null"\n file "/dev/null"\n'
+        f' infile "{home / "speech.raw"}"\n format "raw"\n'
+        ' hint { show on description "Fake microphone" }\n}\n'
+    )
     return home
 
 
 def emotion_monitor(home, *args, **kwargs):
-    return subprocess.Popen([sys.executable, "-m", "streamer", *args], env={**os.environ, "HOME": str(home)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "streamer", *args],
+        env={**os.environ, "HOME": str(home)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kwargs,
+    )
 
 
 def test_devices_lists_the_fake_microphone(fake_home):
@@ -48,8 +54,19 @@ def test_devices_lists_the_fake_microphone(fake_home):
 
 def test_live_microphone_to_event(fake_home, broker, tmp_path):
     events = tmp_path / "events.jsonl"
-    proc = emotion_monitor(fake_home, "run", "--source", "mic:fake", "--broker", "mqtt://127.0.0.1:1883", "--quiet",
-                           "--node", "mic-test", "--jsonl", str(events))
+    proc = emotion_monitor(
+        fake_home,
+        "run",
+        "--source",
+        "mic:fake",
+        "--broker",
+        "mqtt://127.0.0.1:1883",
+        "--quiet",
+        "--node",
+        "mic-test",
+        "--jsonl",
+        str(events),
+    )
     try:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline and not (events.exists() and events.read_text().strip()):

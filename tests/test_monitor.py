@@ -21,8 +21,9 @@ CLI = [sys.executable, "-m", "streamer"]
 
 
 def cli(*args: str, stdin: bytes | None = None, env: dict | None = None, timeout: float = 240):
-    return subprocess.run([*CLI, *args], input=stdin, capture_output=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [*CLI, *args], input=stdin, capture_output=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -43,8 +44,21 @@ async def test_run_publishes_each_utterance_to_mosquitto(broker, conversation_wa
     await started.wait()
     out = tmp_path / "events.jsonl"
     proc = await asyncio.create_subprocess_exec(
-        *CLI, "run", "--source", f"file:{conversation_wav}", "--fast", "--broker", "mqtt://127.0.0.1:1883",
-        "--node", node, "--stream", stream, "--jsonl", str(out), stderr=asyncio.subprocess.PIPE)
+        *CLI,
+        "run",
+        "--source",
+        f"file:{conversation_wav}",
+        "--fast",
+        "--broker",
+        "mqtt://127.0.0.1:1883",
+        "--node",
+        node,
+        "--stream",
+        stream,
+        "--jsonl",
+        str(out),
+        stderr=asyncio.subprocess.PIPE,
+    )
     _, stderr = await proc.communicate()
     assert proc.returncode == 0, stderr.decode()
     events = [json.loads(payload) for _, payload, _ in await collector]
@@ -67,8 +81,21 @@ def test_stdin_pcm_at_8k(conversation):
     import soxr
 
     pcm8k = (soxr.resample(audio, SAMPLE_RATE, 8000) * 32767).astype("<i2").tobytes()
-    result = cli("run", "--source", "stdin", "--rate", "8000", "--broker", "mqtt://127.0.0.1:1883", "--quiet",
-                 "--stream", "stdin-test", "--jsonl", "-", stdin=pcm8k)
+    result = cli(
+        "run",
+        "--source",
+        "stdin",
+        "--rate",
+        "8000",
+        "--broker",
+        "mqtt://127.0.0.1:1883",
+        "--quiet",
+        "--stream",
+        "stdin-test",
+        "--jsonl",
+        "-",
+        stdin=pcm8k,
+    )
     assert result.returncode == 0, result.stderr.decode()
     events = [json.loads(line) for line in result.stdout.decode().splitlines()]
     assert len(events) == 2
@@ -120,8 +147,9 @@ def test_classify_text(tmp_path):
     with open(src, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["id", "text"])
-        writer.writerows([[1, ANGRY_ES], [2, HAPPY_ES], [3, ""],
-                          [4, "Me siento muy triste y solo desde que murió mi padre."]])
+        writer.writerows(
+            [[1, ANGRY_ES], [2, HAPPY_ES], [3, ""], [4, "Me siento muy triste y solo desde que murió mi padre."]]
+        )
     out = tmp_path / "out.jsonl"
     result = cli("classify-text", "--csv", str(src), "--column", "text", "--jsonl", str(out))
     assert result.returncode == 0, result.stderr.decode()
@@ -138,8 +166,15 @@ def test_classify_text(tmp_path):
 def test_devices_and_install_service(tmp_path):
     result = cli("devices")
     assert result.returncode == 0 and result.stdout
-    result = cli("install-service", "--", "--source", "mic:USB", "--broker", "mqtt://h:1883",
-                 env={"XDG_CONFIG_HOME": str(tmp_path)})
+    result = cli(
+        "install-service",
+        "--",
+        "--source",
+        "mic:USB",
+        "--broker",
+        "mqtt://h:1883",
+        env={"XDG_CONFIG_HOME": str(tmp_path)},
+    )
     assert result.returncode == 0, result.stderr.decode()
     unit = (tmp_path / "systemd" / "user" / "emotion-monitor.service").read_text()
     assert "run --source mic:USB --broker mqtt://h:1883" in unit

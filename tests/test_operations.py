@@ -19,9 +19,14 @@ from streamer.sources import FileSource
 from tests.conftest import free_port, silence
 from tests.test_pipeline import ListSink
 
-SENTENCES = ["El tren de las ocho llega siempre con retraso.", "Mañana iremos al mercado a comprar fruta.",
-             "La biblioteca cierra a las nueve de la noche.", "Mi hermano trabaja en un hospital de Madrid.",
-             "Este verano queremos viajar a la costa.", "El perro del vecino ladra todas las mañanas."]
+SENTENCES = [
+    "El tren de las ocho llega siempre con retraso.",
+    "Mañana iremos al mercado a comprar fruta.",
+    "La biblioteca cierra a las nueve de la noche.",
+    "Mi hermano trabaja en un hospital de Madrid.",
+    "Este verano queremos viajar a la costa.",
+    "El perro del vecino ladra todas las mañanas.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +39,13 @@ def many_utterances(speak, tmp_path_factory):
 async def test_overload_sheds_to_voice_only_then_drops_oldest(engine, many_utterances):
     """Played as fast as possible, the recogniser falls behind: no reader stall, every outcome counted."""
     sink = ListSink()
-    stats = await run_stream(FileSource(many_utterances, realtime=False), engine, [sink], "busy",
-                             options=PipelineOptions(voice_only_backlog=1, max_backlog=3))
+    stats = await run_stream(
+        FileSource(many_utterances, realtime=False),
+        engine,
+        [sink],
+        "busy",
+        options=PipelineOptions(voice_only_backlog=1, max_backlog=3),
+    )
     assert stats.events + stats.dropped + stats.failed == stats.utterances + stats.dropped
     assert stats.voice_only >= 1 and stats.events >= 3
     assert [e.seq for e in sink.events] == list(range(stats.events))
@@ -43,15 +53,36 @@ async def test_overload_sheds_to_voice_only_then_drops_oldest(engine, many_utter
     assert len(shed) == stats.voice_only
     assert all(e.emotion.text_scores is None and e.emotion.scores == e.emotion.audio_scores for e in shed)
     unhurried = ListSink()
-    calm = await run_stream(FileSource(many_utterances, realtime=False), engine, [unhurried], "calm",
-                            options=PipelineOptions(voice_only_backlog=100, max_backlog=100))
+    calm = await run_stream(
+        FileSource(many_utterances, realtime=False),
+        engine,
+        [unhurried],
+        "calm",
+        options=PipelineOptions(voice_only_backlog=100, max_backlog=100),
+    )
     assert calm.voice_only == calm.dropped == 0 and calm.events == stats.utterances + stats.dropped
 
 
 def start_monitor(path, *args):
-    return subprocess.Popen([sys.executable, "-m", "streamer", "run", "--source", f"file:{path}", "--quiet",
-                             "--broker", "mqtt://127.0.0.1:1883", "--node", "ops-test", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy())
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "streamer",
+            "run",
+            "--source",
+            f"file:{path}",
+            "--quiet",
+            "--broker",
+            "mqtt://127.0.0.1:1883",
+            "--node",
+            "ops-test",
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=os.environ.copy(),
+    )
 
 
 def wait_for_lines(proc, count: int, timeout: float = 90) -> list[str]:
@@ -67,8 +98,7 @@ def wait_for_lines(proc, count: int, timeout: float = 90) -> list[str]:
 def test_sigterm_finishes_the_utterance_in_progress(speak, tmp_path, broker):
     path = tmp_path / "two.wav"
     second = speak("Mañana iremos al mercado a comprar fruta y verdura para toda la semana.")
-    sf.write(path, np.concatenate([silence(0.5), speak(SENTENCES[0]), silence(1.0), second, silence(5.0)]),
-             SAMPLE_RATE)
+    sf.write(path, np.concatenate([silence(0.5), speak(SENTENCES[0]), silence(1.0), second, silence(5.0)]), SAMPLE_RATE)
     proc = start_monitor(path, "--jsonl", "-")
     try:
         assert len(wait_for_lines(proc, 1)) == 1  # first sentence published, real time
@@ -109,8 +139,11 @@ def test_metrics_and_healthz(many_utterances, broker, tmp_path):
         assert "emotion_monitor_events_published_total" in metrics and "emotion_monitor_spool_size" in metrics
         assert get(f"http://127.0.0.1:{port}/nope")[0] == 404
         time.sleep(1.0)
-        retained = subprocess.run(["mosquitto_sub", "-t", "emotion/v1/ops-test/health", "-C", "1", "-W", "10"],
-                                  capture_output=True, timeout=20)
+        retained = subprocess.run(
+            ["mosquitto_sub", "-t", "emotion/v1/ops-test/health", "-C", "1", "-W", "10"],
+            capture_output=True,
+            timeout=20,
+        )
         published = json.loads(retained.stdout)  # the counts are also published, retained, over MQTT
         assert published["utterances"]["processed"] >= 1 and published["mqtt_connected"] is True
     finally:
@@ -143,8 +176,13 @@ async def test_every_utterance_arrives_once_across_two_broker_restarts(engine, m
 
     try:
         chaos = asyncio.create_task(outages())
-        stats = await run_stream(FileSource(many_utterances, realtime=True), engine, [sink], "s",
-                                 options=PipelineOptions(voice_only_backlog=100, max_backlog=100))
+        stats = await run_stream(
+            FileSource(many_utterances, realtime=True),
+            engine,
+            [sink],
+            "s",
+            options=PipelineOptions(voice_only_backlog=100, max_backlog=100),
+        )
         await chaos
         seqs: list[int] = []
         while len(set(seqs)) < stats.events:  # QoS 1 may deliver a message twice

@@ -41,8 +41,9 @@ def test_shipped_heads_load_with_expected_shapes():
 
 def test_head_round_trip(tmp_path):
     rng = np.random.default_rng(1)
-    head = LinearHead(LABELS, rng.random(4), rng.random(4) + 0.5, rng.standard_normal((6, 4)), rng.standard_normal(6),
-                      {"id": "x"})
+    head = LinearHead(
+        LABELS, rng.random(4), rng.random(4) + 0.5, rng.standard_normal((6, 4)), rng.standard_normal(6), {"id": "x"}
+    )
     head.save(tmp_path / "h.npz")
     loaded = LinearHead.load(tmp_path / "h.npz")
     x = rng.standard_normal((5, 4))

@@ -263,8 +263,17 @@ def test_tiny_text_recipes_run_writes_the_table(tmp_path: Path) -> None:
     args = ["--limit", "60", "--quick", "--folds", "3", "--out", str(out), "--cache-dir", str(tmp_path / "c")]
     assert main(args) == 0
     md = out.read_text()
-    for recipe in ("e5", "use", "e5+use", "tfidf", "avg(e5,use,tfidf)", "e5+emoevent", "tfidf+emoevent", "e5+bias",
-                   "avg(e5,use)+bias"):
+    for recipe in (
+        "e5",
+        "use",
+        "e5+use",
+        "tfidf",
+        "avg(e5,use,tfidf)",
+        "e5+emoevent",
+        "tfidf+emoevent",
+        "e5+bias",
+        "avg(e5,use)+bias",
+    ):
         assert f"| `{recipe}` |" in md
     assert "--limit 60" in md
 
@@ -290,7 +299,7 @@ def test_emoevent_reader_maps_others_and_drops_surprise(tmp_path: Path) -> None:
     folder.mkdir()
     (folder / "emoevent_es.csv").write_text(
         "id\ttweet\temotion\toffensive\n"
-        "1\tUSER qué \"alegría\" HASHTAG... URL\tjoy\t0\n"
+        '1\tUSER qué "alegría" HASHTAG... URL\tjoy\t0\n'
         "2\tNo me lo esperaba\tsurprise\t0\n"
         "3\tHoy hay partido\tothers\t0\n"
         "4\tUSER URL\tanger\t0\n",

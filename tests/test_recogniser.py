@@ -19,8 +19,7 @@ def recogniser():
 
 
 def test_spanish_speech_is_transcribed_with_one_encoder_pass(recogniser, speak):
-    audio = np.concatenate([silence(0.3), speak("Buenos días, quiero consultar el estado de mi pedido"),
-                            silence(0.3)])
+    audio = np.concatenate([silence(0.3), speak("Buenos días, quiero consultar el estado de mi pedido"), silence(0.3)])
     t = recogniser.recognise(utterance(audio))
     words = t.text.lower()
     assert t.rejected is None
@@ -46,11 +45,17 @@ def test_silence_and_noise_give_no_text(recogniser, pink_noise):
 
 
 def test_long_audio_is_recognised_in_30_s_pieces(recogniser, speak):
-    sentences = ["El tren de las ocho llega siempre con retraso.", "Mañana iremos al mercado a comprar fruta.",
-                 "La biblioteca cierra a las nueve de la noche.", "Mi hermano trabaja en un hospital de Madrid.",
-                 "Este verano queremos viajar a la costa.", "El perro del vecino ladra todas las mañanas.",
-                 "Necesito cambiar la rueda de la bicicleta.", "Hoy hace mucho calor en la ciudad.",
-                 "Los niños juegan en el parque después del colegio."]
+    sentences = [
+        "El tren de las ocho llega siempre con retraso.",
+        "Mañana iremos al mercado a comprar fruta.",
+        "La biblioteca cierra a las nueve de la noche.",
+        "Mi hermano trabaja en un hospital de Madrid.",
+        "Este verano queremos viajar a la costa.",
+        "El perro del vecino ladra todas las mañanas.",
+        "Necesito cambiar la rueda de la bicicleta.",
+        "Hoy hace mucho calor en la ciudad.",
+        "Los niños juegan en el parque después del colegio.",
+    ]
     audio = np.concatenate([np.concatenate([speak(s), silence(0.8)]) for s in sentences])
     assert len(audio) > 30 * SAMPLE_RATE
     t = recogniser.recognise(utterance(audio))
@@ -66,7 +71,8 @@ def test_guard_rules():
     assert guard("hola", 0.9, -1.5, 2.0, opts) == "no_speech"
     assert guard("tú, " * 40, 0.1, -0.3, 10.0, opts) == "repetition"
     assert guard("una frase muy larga que no cabe en medio segundo de voz", 0.1, -0.3, 0.5, opts) == (
-        "longer_than_speech")
+        "longer_than_speech"
+    )
     assert guard("hola, buenos días", 0.1, -0.3, 1.5, opts) is None
     assert compression_ratio("abc") < compression_ratio("abc" * 50)
 
@@ -94,12 +100,19 @@ def test_any_local_model_directory_can_be_configured(speak):
 
 def test_a_batch_of_streams_gives_what_each_utterance_gives_alone(recogniser, speak, pink_noise):
     """Batched recognition (one encoder and one decoder call for several streams) changes no result."""
-    long = np.concatenate([speak("El tren de las ocho llega siempre con retraso."), silence(29.0),
-                           speak("Hoy hace mucho calor en la ciudad.")])
-    items = [(utterance(speak("Buenos días, quiero consultar el estado de mi pedido")), True),
-             (utterance(speak("Estoy harto de esperar")), False),  # voice only: encoded, not decoded
-             (utterance(pink_noise, 0.0), True),
-             (utterance(long), True)]  # two pieces, one in the 30 s group and one in the 10 s group
+    long = np.concatenate(
+        [
+            speak("El tren de las ocho llega siempre con retraso."),
+            silence(29.0),
+            speak("Hoy hace mucho calor en la ciudad."),
+        ]
+    )
+    items = [
+        (utterance(speak("Buenos días, quiero consultar el estado de mi pedido")), True),
+        (utterance(speak("Estoy harto de esperar")), False),  # voice only: encoded, not decoded
+        (utterance(pink_noise, 0.0), True),
+        (utterance(long), True),
+    ]  # two pieces, one in the 30 s group and one in the 10 s group
     batched = recogniser.recognise_batch(items)
     for (u, decode), together in zip(items, batched, strict=True):
         alone = recogniser.recognise(u, decode)

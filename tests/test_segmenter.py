@@ -76,6 +76,7 @@ def test_a_tentative_utterance_precedes_each_final_one_with_the_same_audio(conve
 
 def test_speech_that_resumes_supersedes_the_tentative_cut(speak):
     """A pause longer than speculate_ms but shorter than the hangover: a guess, then one longer utterance."""
+
     def trim(x):  # espeak-ng pads its clips with silence of its own
         active = np.flatnonzero(np.abs(x) > 1e-3)
         return x[active[0] : active[-1] + 1]
@@ -92,8 +93,9 @@ def test_speech_that_resumes_supersedes_the_tentative_cut(speak):
 def test_long_speech_sends_interim_utterances_every_second(speak):
     """While someone speaks, the speech so far goes out about once a second, as interim cuts of the same segment."""
     speech = speak("No entiendo por qué me cobran dos veces el mismo recibo, es la tercera vez que llamo")
-    out = segment(np.concatenate([silence(0.5), speech, silence(1.0)]), opts=SegmenterOptions(interim_s=1.0),
-                  tentative=True)
+    out = segment(
+        np.concatenate([silence(0.5), speech, silence(1.0)]), opts=SegmenterOptions(interim_s=1.0), tentative=True
+    )
     (final,) = [u for u in out if not u.tentative]
     interims = [u for u in out if u.interim]
     assert len(interims) >= int(final.duration_s) - 1 and all(u.tentative for u in interims)
