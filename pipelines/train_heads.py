@@ -149,6 +149,30 @@ def score(splits, X_eval, y_eval, X_extra, y_extra, C, cfg, seed, name) -> Estim
     )
 
 
+def shipped_head(
+    X: np.ndarray,
+    y: np.ndarray,
+    C: float,
+    cfg: dict,
+    seed: int,
+    meta: dict,
+    offsets: np.ndarray | None,
+    tuned_on: str,
+    calib: dict,
+) -> LinearHead:
+    """The final fit on all rows, with its per-class offsets (when tuned, `tuned_on` says on what) and temperature."""
+    if offsets is not None:
+        meta["bias_offsets"] = [round(float(v), 4) for v in offsets]
+        meta["bias_tuning"] = (
+            "per-class offsets added to the intercept (= to the log-probabilities), tuned for macro-F1 by coordinate"
+            f" ascent on {tuned_on}"
+        )
+    head = final_head(X, y, C, cfg, seed, meta)
+    if offsets is not None:
+        head = dataclasses.replace(head, intercept=(head.intercept + offsets).astype(np.float32))
+    return dataclasses.replace(head, temperature=calib["temperature"])
+
+
 def final_head(X: np.ndarray, y: np.ndarray, C: float, cfg: dict, seed: int, meta: dict) -> LinearHead:
     missing = sorted(set(LABELS) - set(y))
     if missing:
@@ -542,17 +566,11 @@ def train_text(cfg: dict, seed: int, root, limit, cache_dir) -> tuple[LinearHead
         "languages": "es, and every language without a head of its own",
         "calibration": calib,
     }
-    if offsets is not None:
-        meta["bias_offsets"] = [round(float(v), 4) for v in offsets]
-        meta["bias_tuning"] = (
-            "per-class offsets added to the intercept (= to the log-probabilities), tuned for macro-F1 by coordinate"
-            " ascent on out-of-fold probabilities of 3 video-grouped folds of the training rows; estimate cv_bias is"
-            " nested (offsets tuned inside each outer training side)"
-        )
-    head = final_head(X, y, best["C"], cfg, seed, meta)
-    if offsets is not None:
-        head = dataclasses.replace(head, intercept=(head.intercept + offsets).astype(np.float32))
-    return dataclasses.replace(head, temperature=calib["temperature"]), results, best
+    tuned_on = (
+        "out-of-fold probabilities of 3 video-grouped folds of the training rows; estimate cv_bias is nested"
+        " (offsets tuned inside each outer training side)"
+    )
+    return shipped_head(X, y, best["C"], cfg, seed, meta, offsets, tuned_on, calib), results, best
 
 
 # --------------------------------------------------------------------------- English text (official splits)
@@ -731,16 +749,12 @@ def train_text_en(cfg: dict, seed: int, root, limit, cache_dir) -> tuple[LinearH
         "licence": "; ".join(EN_LICENCES[n] for n in best["datasets"]),
         "calibration": calib,
     }
-    if cfg.get("bias_tuning"):
-        meta["bias_offsets"] = [round(float(v), 4) for v in offsets]
-        meta["bias_tuning"] = (
-            "per-class offsets added to the intercept (= to the log-probabilities), tuned for macro-F1 by coordinate"
-            " ascent on the dev probabilities of the train fit; estimate dev_bias tunes them on 2/3 of dev and"
-            " scores the other third (3 folds)"
-        )
-    head = final_head(X, y, best["C"], cfg, seed, meta)
-    head = dataclasses.replace(head, intercept=(head.intercept + offsets).astype(np.float32))
-    return dataclasses.replace(head, temperature=calib["temperature"]), results, best
+    tuned_on = (
+        "the dev probabilities of the train fit; estimate dev_bias tunes them on 2/3 of dev and scores the other"
+        " third (3 folds)"
+    )
+    offsets = offsets if cfg.get("bias_tuning") else None
+    return shipped_head(X, y, best["C"], cfg, seed, meta, offsets, tuned_on, calib), results, best
 
 
 # --------------------------------------------------------------------------- report
