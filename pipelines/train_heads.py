@@ -149,6 +149,26 @@ def score(splits, X_eval, y_eval, X_extra, y_extra, C, cfg, seed, name) -> Estim
     )
 
 
+def _text_head_meta(
+    prefix: str, best: dict, encoders: list[str], X: np.ndarray, y: np.ndarray, cfg: dict, seed: int
+) -> dict:
+    """What every words head records about itself: id, features, training rows, classifier and its estimates."""
+    return {
+        "id": f"{prefix}-{best['sources_variant']}-{'+'.join(ENCODER_TAGS[e] for e in encoders)}"
+        f"-logreg-v{cfg['version']}",
+        "head": "text",
+        "labels": list(LABELS),
+        "feature": " ⊕ ".join(TEXT_FEATURE_SPECS[e] for e in encoders),
+        "encoders": encoders,
+        "input_dim": int(X.shape[1]),
+        "encoder": " + ".join(TEXT_ENCODERS[e].model_id for e in encoders),
+        "n_train": len(y),
+        "train_label_counts": label_counts(y),
+        "classifier": _classifier_meta(best["C"], cfg, seed),
+        "cv": best["estimates"],
+    }
+
+
 def shipped_head(
     X: np.ndarray,
     y: np.ndarray,
@@ -545,19 +565,8 @@ def train_text(cfg: dict, seed: int, root, limit, cache_dir) -> tuple[LinearHead
     offsets = inner_bias(X, y, videos[use], best["C"], cfg, seed) if cfg.get("bias_tuning") else None
     encoders = list(feature_sets[best["features"]])
     meta = {
-        "id": f"text-emospeech-{best['sources_variant']}-{'+'.join(ENCODER_TAGS[e] for e in encoders)}"
-        f"-logreg-v{cfg['version']}",
-        "head": "text",
-        "labels": list(LABELS),
-        "feature": " ⊕ ".join(TEXT_FEATURE_SPECS[e] for e in encoders),
-        "encoders": encoders,
-        "input_dim": int(X.shape[1]),
-        "encoder": " + ".join(TEXT_ENCODERS[e].model_id for e in encoders),
+        **_text_head_meta("text-emospeech", best, encoders, X, y, cfg, seed),
         "datasets": best["datasets"],
-        "n_train": len(y),
-        "train_label_counts": label_counts(y),
-        "classifier": _classifier_meta(best["C"], cfg, seed),
-        "cv": best["estimates"],
         "cv_grouping": "youtube_key, folds over train+extra; every variant scored on the same rows",
         "selected_by": f"{select_by} macro_f1_mean",
         "variants_tried": [_tried(r_) for r_ in results],
@@ -724,21 +733,10 @@ def train_text_en(cfg: dict, seed: int, root, limit, cache_dir) -> tuple[LinearH
     encoders = list(cfg["features"][feat])
     X, y, _ = stack_split(data, best["datasets"], "train", feat)
     meta = {
-        "id": f"text-en-{best['sources_variant']}-{'+'.join(ENCODER_TAGS[e] for e in encoders)}"
-        f"-logreg-v{cfg['version']}",
-        "head": "text",
+        **_text_head_meta("text-en", best, encoders, X, y, cfg, seed),
         "languages": "en",
-        "labels": list(LABELS),
-        "feature": " ⊕ ".join(TEXT_FEATURE_SPECS[e] for e in encoders),
-        "encoders": encoders,
-        "input_dim": int(X.shape[1]),
-        "encoder": " + ".join(TEXT_ENCODERS[e].model_id for e in encoders),
         "datasets": [f"{n}/train" for n in best["datasets"]],
         "train_cap_per_label": {n: (cfg["datasets"][n] or {}).get("train_cap_per_label") for n in best["datasets"]},
-        "n_train": len(y),
-        "train_label_counts": label_counts(y),
-        "classifier": _classifier_meta(best["C"], cfg, seed),
-        "cv": best["estimates"],
         "heldout": {
             n: {**heldout_summary(p, yt, n_boot, seed), "macro_f1_without_bias": _macro_f1(raw_test[n][0], yt)}
             for n, (p, yt) in tests.items()
