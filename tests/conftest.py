@@ -20,6 +20,18 @@ BROKER = ("127.0.0.1", 1883)
 
 ANGRY_ES = "Estoy harto, es la tercera vez que llamo y nadie me soluciona nada. Es una vergüenza."
 HAPPY_ES = "Muchas gracias, estoy muy contento con el paquete."
+# Emotion-neutral everyday sentences: material for long or many utterances
+NEUTRAL_ES = [
+    "El tren de las ocho llega siempre con retraso.",
+    "Mañana iremos al mercado a comprar fruta.",
+    "La biblioteca cierra a las nueve de la noche.",
+    "Mi hermano trabaja en un hospital de Madrid.",
+    "Este verano queremos viajar a la costa.",
+    "El perro del vecino ladra todas las mañanas.",
+    "Necesito cambiar la rueda de la bicicleta.",
+    "Hoy hace mucho calor en la ciudad.",
+    "Los niños juegan en el parque después del colegio.",
+]
 
 
 def silence(seconds: float) -> np.ndarray:

@@ -16,17 +16,10 @@ import soundfile as sf
 from streamer.frames import SAMPLE_RATE
 from streamer.pipeline import PipelineOptions, run_stream
 from streamer.sources import FileSource
-from tests.conftest import free_port, silence
+from tests.conftest import NEUTRAL_ES, free_port, silence
 from tests.test_pipeline import ListSink
 
-SENTENCES = [
-    "El tren de las ocho llega siempre con retraso.",
-    "Mañana iremos al mercado a comprar fruta.",
-    "La biblioteca cierra a las nueve de la noche.",
-    "Mi hermano trabaja en un hospital de Madrid.",
-    "Este verano queremos viajar a la costa.",
-    "El perro del vecino ladra todas las mañanas.",
-]
+SENTENCES = NEUTRAL_ES[:6]
 
 
 @pytest.fixture(scope="module")

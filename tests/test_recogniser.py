@@ -6,7 +6,7 @@ import pytest
 from streamer.frames import SAMPLE_RATE, Utterance
 from streamer.models import ModelFileError, whisper_base_dir
 from streamer.recogniser import Recogniser, RecogniserOptions, compression_ratio, guard
-from tests.conftest import silence
+from tests.conftest import NEUTRAL_ES, silence
 
 
 def utterance(audio: np.ndarray, speech_s: float | None = None) -> Utterance:
@@ -45,18 +45,7 @@ def test_silence_and_noise_give_no_text(recogniser, pink_noise):
 
 
 def test_long_audio_is_recognised_in_30_s_pieces(recogniser, speak):
-    sentences = [
-        "El tren de las ocho llega siempre con retraso.",
-        "Mañana iremos al mercado a comprar fruta.",
-        "La biblioteca cierra a las nueve de la noche.",
-        "Mi hermano trabaja en un hospital de Madrid.",
-        "Este verano queremos viajar a la costa.",
-        "El perro del vecino ladra todas las mañanas.",
-        "Necesito cambiar la rueda de la bicicleta.",
-        "Hoy hace mucho calor en la ciudad.",
-        "Los niños juegan en el parque después del colegio.",
-    ]
-    audio = np.concatenate([np.concatenate([speak(s), silence(0.8)]) for s in sentences])
+    audio = np.concatenate([np.concatenate([speak(s), silence(0.8)]) for s in NEUTRAL_ES])
     assert len(audio) > 30 * SAMPLE_RATE
     t = recogniser.recognise(utterance(audio))
     assert t.encoder_frames.shape[0] == int(np.ceil(len(audio) / 320))
