@@ -121,13 +121,13 @@ def main() -> None:
         speeches = [("espeak", 0)] + ([("uem", args.uem)] if args.uem and bench_live.has_uem() else [])
         for speech, clips in speeches:
             for run in range(args.repeat):
-                live = argparse.Namespace(broker=args.broker, uem=clips, pause=1.5, streams=1, workdir="/tmp")
+                live = bench_live.build_parser().parse_args(["--broker", args.broker, "--uem", str(clips)])
                 result = asyncio.run(bench_live.bench(live)) | {"speech": speech}
                 bench_live.report(result, str(out / f"live_{speech}_run{run}.json"))
         if bench_live.has_uem():  # the naive comparison runs on UEM clips
             naive = [sys.executable, "-m", "pipelines.bench_naive", "--json", str(out / "bench_naive.json")]
             subprocess.run(naive, check=True)
-        sweep = argparse.Namespace(broker=args.broker, seconds=args.seconds, config=None)
+        sweep = bench_calls.build_parser().parse_args(["--broker", args.broker, "--seconds", str(args.seconds)])
         clips = [bench_live.speak(s) for s in bench_live.SENTENCES]
         for calls in args.calls:
             bench_live.report(asyncio.run(bench_calls.bench(calls, sweep, clips)), str(out / f"calls_{calls}.json"))

@@ -238,7 +238,8 @@ async def bench(calls: int, args: argparse.Namespace, clips: list[np.ndarray]) -
     }
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; `bench_all` parses its own runs with it too, so the two never drift apart."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--broker", default="mqtt://127.0.0.1:1883")
     parser.add_argument("--calls", type=int, nargs="+", default=[1, 8, 16])
@@ -248,7 +249,11 @@ def main() -> None:
     parser.add_argument("--servers", type=int, default=1, help="`serve` processes sharing the calls (and the GPU)")
     parser.add_argument("--stagger", type=float, default=0.37, help="seconds between the starts of two calls")
     parser.add_argument("--json-dir", help="write calls_<N>.json here")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     clips = bench_clips(args)
     for calls in args.calls:
         result = asyncio.run(bench(calls, args, clips))

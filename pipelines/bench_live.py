@@ -4,7 +4,8 @@ The stream is Spanish speech (espeak-ng sentences, or UEM clips with `--uem`) se
 real time through the real pipeline. Ground-truth speech ends come from the samples, not from the VAD.
 Prints p50/p95/max latency, the stage breakdown and CPU seconds per second of audio; `--json` saves them.
 
-    .venv/bin/python -m pipelines.bench_live [--broker mqtt://127.0.0.1:1883] [--uem N] [--streams N] [--json OUT]
+    .venv/bin/python -m pipelines.bench_live [--broker mqtt://127.0.0.1:1883] [--uem N] [--streams N]
+                                             [--speculate-ms MS] [--json OUT]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from streamer.demo import DEMO_SENTENCES, speak
 from streamer.frames import SAMPLE_RATE
 from streamer.pipeline import Engine, run_stream
 from streamer.publisher import MqttOptions, MqttSink
+from streamer.segmenter import SegmenterOptions
 from streamer.sources import FileSource
 
 SENTENCES = (
@@ -134,7 +136,8 @@ async def bench(args: argparse.Namespace) -> dict:
     await sink.start()
     await sink.connected.wait()
     cpu0, wall0 = time.process_time(), time.monotonic()
-    all_stats = await asyncio.gather(*(run_stream(src, engine, [sink], name) for name, src in sources.items()))
+    cutter = SegmenterOptions() if args.speculate_ms is None else SegmenterOptions(speculate_ms=args.speculate_ms)
+    all_stats = await asyncio.gather(*(run_stream(src, engine, [sink], name, cutter) for name, src in sources.items()))
     cpu = time.process_time() - cpu0
     await sink.close()
     await asyncio.sleep(0.5)
@@ -180,15 +183,21 @@ def report(result: dict, path: str | None) -> None:
         Path(path).write_text(text + "\n")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; `bench_all` parses its own runs with it too, so the two never drift apart."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--broker", default="mqtt://127.0.0.1:1883")
     add_clip_arguments(parser)
     parser.add_argument("--pause", type=float, default=1.5, help="seconds of silence between utterances")
     parser.add_argument("--streams", type=int, default=1, help="live streams at once, sharing one engine")
+    parser.add_argument("--speculate-ms", type=int, help="the segmenter's speculate_ms (default: its default)")
     parser.add_argument("--workdir", default="/tmp")
     parser.add_argument("--json", help="write the figures here")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     result = asyncio.run(bench(args))
     report(result, args.json)
 

@@ -33,6 +33,7 @@ class _Job:
     seq: int
     decode: bool
     future: asyncio.Future[EmotionEvent]
+    spare: bool  # a guess (speculation, interim): runs only on a spare worker, after every waiting final
 
 
 class Engine:
@@ -41,7 +42,8 @@ class Engine:
     Utterances from all streams wait in one queue; whenever the worker thread is free it takes every waiting
     utterance, at most one per stream and `max_batch` in all, oldest first, and recognises them in one batch.
     A stream has at most one utterance waiting here (its own backlog stays in its `run_stream`), so a
-    talkative stream cannot starve the others, and each stream's events stay in order.
+    talkative stream cannot starve the others, and each stream's events stay in order. Guesses (speculative and
+    interim utterances) go after every final, and are only sent while a worker is spare (`has_spare_worker`).
     """
 
     def __init__(
@@ -64,7 +66,8 @@ class Engine:
         self._executor = ThreadPoolExecutor(max_workers=self.recogniser.workers, thread_name_prefix="engine")
         self._waiting: list[_Job] = []
         self._batchers: set[asyncio.Task] = set()  # one loop per model replica
-        self._busy: set[str] = set()  # streams with an utterance in a running batch: theirs wait, in order
+        self._busy: set[str] = set()  # streams with a final in a running batch: their next final waits, in order
+        self._running = 0  # batches being processed
         self.in_flight = 0
         self.batches = 0
         self.batched = 0  # utterances processed in batches; batched / batches = mean batch size
@@ -113,9 +116,14 @@ class Engine:
             latency=latency,
         )
 
-    async def aprocess(self, utterance: Utterance, seq: int, decode: bool = True) -> EmotionEvent:
+    def has_spare_worker(self) -> bool:
+        """True when a guess would start now without delaying any final: no final waits and a worker is free."""
+        return self._running < self.recogniser.workers and all(job.spare for job in self._waiting)
+
+    async def aprocess(self, utterance: Utterance, seq: int, decode: bool = True, spare: bool = False) -> EmotionEvent:
+        """The event for `utterance`; `spare` marks a guess, which yields to every final (see the class doc)."""
         loop = asyncio.get_running_loop()
-        job = _Job(utterance, seq, decode, loop.create_future())
+        job = _Job(utterance, seq, decode, loop.create_future(), spare)
         self._waiting.append(job)
         self._batchers = {t for t in self._batchers if not t.done() and t.get_loop() is loop}
         if len(self._batchers) < self.recogniser.workers:
@@ -130,17 +138,17 @@ class Engine:
         batch: list[_Job] = []
         streams: set[str] = set()
         now = time.monotonic()
-        for job in list(self._waiting):
-            if job.future.done():  # its stream stopped waiting (cancelled)
+        for job in sorted(self._waiting, key=lambda job: job.spare):  # finals first, each kind oldest first
+            if job.future.done():  # its stream stopped waiting (cancelled, or a superseded guess)
                 self._waiting.remove(job)
             elif job.utterance.stream not in streams | self._busy and len(batch) < self.max_batch:
                 streams.add(job.utterance.stream)
                 late = now - job.utterance.emitted + self._decode_s > self.latency_budget_s
-                if self.latency_budget_s and late:
+                if self.latency_budget_s and late and not job.spare:
                     job.decode = False  # overloaded: the voice now beats the words too late
                 batch.append(job)
                 self._waiting.remove(job)
-        self._busy |= streams
+        self._busy |= {job.utterance.stream for job in batch if not job.spare}
         return batch
 
     async def _run_batches(self) -> None:
@@ -148,10 +156,12 @@ class Engine:
         while batch := self._take_batch():
             items = [(job.utterance, job.seq, job.decode) for job in batch]
             started = time.monotonic()
+            self._running += 1
             try:
                 outcomes = await loop.run_in_executor(self._executor, self.process_batch, items)
             finally:
-                self._busy -= {job.utterance.stream for job in batch}
+                self._running -= 1
+                self._busy -= {job.utterance.stream for job in batch if not job.spare}
             if any(job.decode for job in batch):
                 self._decode_s += 0.3 * (time.monotonic() - started - self._decode_s)
             self.batches += 1
@@ -251,7 +261,7 @@ async def run_stream(
 
     async def run_interim(utterance: Utterance) -> None:
         try:
-            event = await engine.aprocess(utterance, 0, decode=False)
+            event = await engine.aprocess(utterance, 0, decode=False, spare=True)
         except Exception:
             log.debug("stream %s: interim of segment %d failed", stream, utterance.segment_id, exc_info=True)
             return
@@ -261,18 +271,24 @@ async def run_stream(
             emit(event)
 
     def interim(utterance: Utterance) -> None:
-        """Voice-only emotion of the speech so far, only when the engine is idle (never at a final's expense)."""
+        """Voice-only emotion of the speech so far, only on a spare worker (never at a final's expense)."""
         nonlocal interim_task
-        if backlog or engine.in_flight or (interim_task and not interim_task.done()):
+        if backlog or not engine.has_spare_worker() or (interim_task and not interim_task.done()):
             return
         interim_task = asyncio.create_task(run_interim(utterance))
 
     def speculate(utterance: Utterance) -> None:
-        """Recognise a tentative utterance while the hangover runs, but only when the engine is idle."""
+        """Recognise a tentative utterance while the hangover runs, on a spare worker only. It supersedes the
+        stream's previous guess (speech resumed after it), which is dropped if it has not started yet."""
         nonlocal speculation
-        if backlog or engine.in_flight:
+        if backlog:  # the guess in hand may be for the final waiting there
             return
-        future = asyncio.ensure_future(engine.aprocess(utterance, 0))
+        if speculation:
+            speculation[1].cancel()
+            speculation = None
+        if not engine.has_spare_worker():
+            return
+        future = asyncio.ensure_future(engine.aprocess(utterance, 0, spare=True))
         future.add_done_callback(lambda f: f.cancelled() or f.exception())  # a superseded guess may fail quietly
         speculation = (utterance, future)
 
@@ -281,6 +297,8 @@ async def run_stream(
         nonlocal speculation
         guess, speculation = speculation, None
         if guess is None or not guess[0].same_cut(utterance):
+            if guess:
+                guess[1].cancel()
             return None
         try:
             event = await guess[1]

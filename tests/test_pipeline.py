@@ -122,6 +122,42 @@ async def test_engine_batches_fairly_across_streams(engine, speak):
     assert [(e.stream, e.seq) for e in events] == [("a", 1), ("a", 2), ("a", 3), ("b", 1)]
 
 
+async def test_finals_go_before_guesses_and_guesses_wait_for_a_spare_worker(engine, speak):
+    """A guess (speculation, interim) queued before a final runs after it; while a final waits, no worker is spare."""
+    speech = speak(HAPPY_ES)
+    done: list[str] = []
+    workers, max_batch = engine.recogniser.workers, engine.max_batch
+    engine.recogniser.workers, engine.max_batch = 1, 1  # one batcher, one utterance per batch: a strict order
+
+    def job(stream: str, spare: bool):
+        task = asyncio.ensure_future(engine.aprocess(Utterance.whole(speech, stream), 0, spare=spare))
+        task.add_done_callback(lambda _: done.append(stream))
+        return task
+
+    try:
+        assert engine.has_spare_worker()
+        tasks = [job("guess", True), job("final", False)]
+        await asyncio.sleep(0)  # both jobs are queued, no batch has started yet
+        assert not engine.has_spare_worker()
+        await asyncio.gather(*tasks)
+    finally:
+        engine.recogniser.workers, engine.max_batch = workers, max_batch
+    assert done == ["final", "guess"]
+    assert engine.has_spare_worker()
+
+
+async def test_a_live_stream_reuses_the_recognition_run_during_the_hangover(engine, speak, tmp_path):
+    """Realtime input on an idle engine: the final event is the speculative one (no queueing after the cut)."""
+    path = tmp_path / "two.wav"
+    sentences = [speak(HAPPY_ES), speak(ANGRY_ES)]
+    sf.write(path, np.concatenate([silence(0.5), sentences[0], silence(1.5), sentences[1], silence(1.5)]), SAMPLE_RATE)
+    sink = ListSink()
+    await run_stream(FileSource(path, realtime=True), engine, [sink], "spec", SegmenterOptions(interim_s=0))
+    assert len(sink.events) >= 2 and all(e.transcript.text for e in sink.events)
+    for e in sink.events:  # queue is 0 only for a confirmed speculation, which was ready before the cut or soon after
+        assert e.latency.queue == 0.0 and (e.ready - e.utterance.emitted) * 1000 < e.latency.asr, e.latency
+
+
 async def test_interim_events_come_before_the_final_one(engine, speak, tmp_path):
     """A long sentence: voice-only interim events (final false) precede the final event of the same segment."""
     path = tmp_path / "long.wav"
