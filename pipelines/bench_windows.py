@@ -2,9 +2,10 @@
 
 Whisper was trained on 30 s windows; shorter padding is cheaper on a CPU but may change the transcript and the
 voice emotion. For each window this measures, on the same clips, the wall time per utterance of one
-`Recogniser.recognise_batch` call (median over repeats) at each batch size, the mel-spectrogram share of it,
-how far the transcript and the voice head's label agree with the 30 s window, and writes JSON, a markdown table
-and a PNG curve (cost vs. agreement). It runs on the device `--device` names (auto: CUDA when there is one).
+`Recogniser.recognise_batch` call (median over repeats) at each batch size, the mel-spectrogram share of it, its
+split into encoding and greedy decoding (with the decoder's cost per generated token), how far the transcript
+and the voice head's label agree with the 30 s window, and writes JSON, a markdown table and a PNG curve
+(cost vs. agreement). It runs on the device `--device` names (auto: CUDA when there is one).
 
     .venv/bin/python -m pipelines.bench_windows [--windows 0 5 10 20 30] [--batches 1 2 4] [--uem N] [--out docs/bench]
 """
@@ -39,19 +40,26 @@ def timed_batches(recogniser: Recogniser, utterances: list[Utterance], batch: in
     """Median wall ms per utterance of `recognise_batch` over batches of `batch` clips, and the mel share."""
     items = [(utterances[i % len(utterances)], True) for i in range(batch)]
     recogniser.recognise_batch(items)  # warm-up (allocations, CUDA kernels)
-    walls, mels = [], []
+    walls, mels, encodes, decodes = [], [], [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        recogniser.recognise_batch(items)
+        transcripts = recogniser.recognise_batch(items)
         walls.append((time.perf_counter() - t0) * 1000 / batch)
+        encodes.append(transcripts[0].encode_ms / batch)  # each member carries its whole batch's times
+        decodes.append(transcripts[0].decode_ms / batch)
         t0 = time.perf_counter()
         for utterance, _ in items:
             recogniser._whisper.feature_extractor(np.zeros(recogniser._window(len(utterance.audio)), np.float32))
         mels.append((time.perf_counter() - t0) * 1000 / batch)
+    tokenizer = recogniser._tokenizer(recogniser.opts.language or "es")
+    tokens = sum(len(tokenizer.encode(t.text)) + 1 for t in transcripts) / batch  # + end of text
     return {
         "batch": batch,
         "ms_per_utterance": round(statistics.median(walls), 2),
         "mel_ms_per_utterance": round(statistics.median(mels), 2),
+        "encode_ms_per_utterance": round(statistics.median(encodes), 2),
+        "decode_ms_per_utterance": round(statistics.median(decodes), 2),
+        "tokens_per_utterance": round(tokens, 1),
     }
 
 
@@ -115,6 +123,22 @@ def write_outputs(result: dict, out: Path) -> None:
             + " | ".join(cells)
             + " |"
         )
+    lines += [
+        "",
+        f"Where the time goes at batch {batches[0]}: encoder pass and greedy decoding (ms per utterance), and the "
+        "decoder's cost per generated token (it is about the same for every window: the decoder runs once per token).",
+        "",
+        "| window s | encode ms | decode ms | tokens | decode ms per token |",
+        "|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        b = row["batches"][0]
+        if "encode_ms_per_utterance" in b:
+            per_token = b["decode_ms_per_utterance"] / max(b["tokens_per_utterance"], 1)
+            lines.append(
+                f"| {row['window_s']:g} | {b['encode_ms_per_utterance']:.1f} | {b['decode_ms_per_utterance']:.1f} | "
+                f"{b['tokens_per_utterance']:.1f} | {per_token:.1f} |"
+            )
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(6, 4))
     for k, batch in enumerate(batches):

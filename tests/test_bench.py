@@ -32,7 +32,11 @@ def test_window_benchmark_compares_with_the_native_window(speak, tmp_path):
     assert (native["window_s"], native["transcript_agreement"], native["voice_label_agreement"]) == (30.0, 1.0, 1.0)
     assert 0.0 <= short["transcript_agreement"] <= 1.0 and [b["batch"] for b in short["batches"]] == [1, 2]
     assert all(b["ms_per_utterance"] > b["mel_ms_per_utterance"] > 0 for b in short["batches"])
+    assert all(b["decode_ms_per_utterance"] > 0 and b["tokens_per_utterance"] >= 3 for b in short["batches"])
     bench_windows.write_outputs(result, tmp_path)
-    assert "| 10 |" in (tmp_path / "windows_cpu.md").read_text()
+    assert (
+        "| 10 |" in (tmp_path / "windows_cpu.md").read_text()
+        and "decode ms per token" in (tmp_path / "windows_cpu.md").read_text()
+    )
     assert (tmp_path / "windows_cpu.png").stat().st_size > 10_000
     assert bench_windows.word_agreement("hola qué tal", "hola que tal") == 2 / 3
