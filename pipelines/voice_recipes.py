@@ -13,7 +13,10 @@ EmoDB is only ever added to training sides. Recipes (see `configs/train/voice_re
   padding; `stats: true` appends the attention-weighted std; `augment: true` swaps each training clip for its
   cached augmented copy (speed / noise / reverberation, re-encoded by Whisper) with p = 0.3 per epoch;
 - `mfcc_mlp`: CogniCIC's voice branch, MFCC mean → MLP;
-- `window`: the encoder input padded to 10 s (the runtime), 30 s (Whisper's training length) or unpadded (0).
+- `window`: the encoder input padded to 10 s (the runtime), 30 s (Whisper's training length) or unpadded (0);
+- `stream_norm: true`: the frames normalised per speaker (CMVN; training side: each speaker's own statistics; test
+  side: each speaker is a stream, and a clip is normalised by the statistics of that speaker's *earlier* clips,
+  shrunk toward the training side's global ones), scored also on mostly-neutral and transductive histories.
 
 Training uses one torch thread and is deterministic for a seed. The frames are those of `Recogniser._encode`, the
 single encoder pass the runtime makes; they are cached (float16) under `.cache/features/`.
@@ -344,13 +347,15 @@ def recipe_inputs(rc: dict, data: VoiceData, cfg: dict) -> Inputs:
     y_extra = np.array([c.label for n in others for c in data.clips[n]])
     if model == "mfcc_mlp":
         return Inputs(data.mfcc(ev), _stack([data.mfcc(n) for n in others], 128), y_extra)
-    if model == "logreg":
+    if model == "logreg" and not rc.get("stream_norm"):
         get = data.pooled
         empty = 1024
-    elif model == "attention":
+    elif model in ("attention", "logreg"):  # a stream-norm LR pools after normalising the frames
         get, empty = data.frames, None
     else:
         raise ValueError(f"unknown model {model!r} (known: logreg, attention, mfcc_mlp)")
+    if rc.get("stream_norm") and not cfg.get("stream_norm"):
+        raise ValueError("a stream_norm recipe needs the config's `stream_norm` settings")
 
     def many(names, aug=None):
         parts = [get(n, window, aug) for n in names]
@@ -396,7 +401,8 @@ def fitter(rc: dict, cfg: dict, seed: int) -> Callable:
     return fit_attn
 
 
-AUG_TEST = "CV, augmented test clips"
+AUG_VIEW = "augmented test clips"
+AUG_TEST = f"CV, {AUG_VIEW}"
 RESULTS_VERSION = 2  # bump when a change to the training code should invalidate cached recipe results
 
 
@@ -411,6 +417,8 @@ def _result_key(rc: dict, data: VoiceData, cfg: dict, robust: bool = False) -> s
     import json
 
     shared = {k: cfg[k] for k in ("seed", "eval_dataset", "cv_folds", "heldout_speakers", "logreg", "attention", "mlp")}
+    if rc.get("stream_norm"):
+        shared["stream_norm"] = cfg["stream_norm"]
     parts = [RESULTS_VERSION, rc, shared] + ([{"robust": True}] if robust else [])
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode())
     for name in sorted(rc["datasets"]):
@@ -482,6 +490,24 @@ def ensemble(name: str, rc: dict, data: VoiceData, cfg: dict, cache_dir: Path | 
     return RecipeResult(name, describe(rc), preds["cv"], preds.get("heldout"), extras, more)
 
 
+Split = tuple[list | np.ndarray, list | None, dict[str, list | np.ndarray]]
+Splitter = Callable[[str, np.ndarray, np.ndarray], Split]
+MAIN = ""  # the view whose predictions fill a recipe's own CV / held-out columns
+
+
+def plain_splits(inp: Inputs, test_aug: list | np.ndarray | None) -> Splitter:
+    """`split(kind, train, test) → (training rows, their augmented copies, {view: test rows})` for a recipe that
+    uses the rows as they are; the CV test clips are also scored on their augmented copies when `test_aug` is given."""
+
+    def split(kind: str, train: np.ndarray, test: np.ndarray) -> Split:
+        views = {MAIN: _take(inp.ev, test)}
+        if test_aug is not None and kind == "cv":
+            views[AUG_VIEW] = _take(test_aug, test)
+        return _cat(_take(inp.ev, train), inp.extra), inp.train_aug(train), views
+
+    return split
+
+
 def _evaluate(name: str, rc: dict, data: VoiceData, cfg: dict) -> RecipeResult:
     seed = int(cfg["seed"])
     inp = recipe_inputs(rc, data, cfg)
@@ -489,44 +515,44 @@ def _evaluate(name: str, rc: dict, data: VoiceData, cfg: dict) -> RecipeResult:
     cv_splits, heldout_splits = splits_for(data, cfg)
     fit = fitter(rc, cfg, seed)
     labels = np.array(LABELS)
+    if rc.get("stream_norm"):
+        split = stream_norm_splits(inp, rc, data, cfg)
+    else:
+        # robustness: the same fits also score the test clips' augmented copies (other noise / room / speed)
+        test_aug = None
+        if _robust(name, rc, cfg):
+            get = data.pooled if rc["model"] == "logreg" else data.frames
+            test_aug = get(cfg["eval_dataset"], 10.0, 0)
+        split = plain_splits(inp, test_aug)
     t0 = time.perf_counter()
     predict_s, n_pred = 0.0, 0
-    preds = {}
-    # robustness: the same fits also score the test clips' augmented copies (other noise / room / speed)
-    test_aug = None
-    if _robust(name, rc, cfg):
-        get = data.pooled if rc["model"] == "logreg" else data.frames
-        test_aug = get(cfg["eval_dataset"], 10.0, 0)
-    aug_parts: list = []
+    preds, more = {}, {}
     for kind, splits in (("cv", cv_splits), ("heldout", heldout_splits)):
-        y_true, y_pred, folds, probas = [], [], [], []
+        parts: dict[str, list] = {}  # view → [(y_true, proba, fold)] per split
         for k, (train, test) in enumerate(splits):
-            rows = _cat(_take(inp.ev, train), inp.extra)
-            y = np.concatenate([y_ev[train], inp.y_extra])
-            predict = fit(rows, y, inp.train_aug(train))
-            t1 = time.perf_counter()
-            p = predict(_take(inp.ev, test))
-            predict_s += time.perf_counter() - t1
-            n_pred += len(test)
-            y_true.extend(y_ev[test])
-            y_pred.extend(labels[p.argmax(axis=1)])
-            probas.append(p)
-            folds.extend([k] * len(test))
-            if test_aug is not None and kind == "cv":
-                aug_parts.append((y_ev[test], predict(_take(test_aug, test)), np.full(len(test), k)))
-        if splits:
-            preds[kind] = Predictions(np.array(y_true), np.array(y_pred), np.array(folds), np.concatenate(probas))
+            rows, aug, views = split(kind, train, test)
+            predict = fit(rows, np.concatenate([y_ev[train], inp.y_extra]), aug)
+            for view, test_rows in views.items():
+                t1 = time.perf_counter()
+                p = predict(test_rows)
+                if view == MAIN:
+                    predict_s += time.perf_counter() - t1
+                    n_pred += len(test)
+                parts.setdefault(view, []).append((y_ev[test], p, np.full(len(test), k)))
+        for view, got in parts.items():
+            proba = np.concatenate([p for _, p, _ in got])
+            pred = Predictions(
+                np.concatenate([t for t, _, _ in got]),
+                labels[proba.argmax(axis=1)],
+                np.concatenate([f for _, _, f in got]),
+                proba,
+            )
+            if view == MAIN:
+                preds[kind] = pred
+            else:
+                more[view_key(kind, view)] = pred
         log.info("%-16s %s done (%.0f s so far)", name, kind, time.perf_counter() - t0)
     seconds = time.perf_counter() - t0
-    more = {}
-    if aug_parts:
-        p_aug = np.concatenate([p for _, p, _ in aug_parts])
-        more[AUG_TEST] = Predictions(
-            np.concatenate([t for t, _, _ in aug_parts]),
-            labels[p_aug.argmax(axis=1)],
-            np.concatenate([f for _, _, f in aug_parts]),
-            p_aug,
-        )
     return RecipeResult(
         name=name,
         description=describe(rc),
@@ -540,6 +566,190 @@ def _evaluate(name: str, rc: dict, data: VoiceData, cfg: dict) -> RecipeResult:
     )
 
 
+def view_key(kind: str, view: str) -> str:
+    """The `more` key of a test view: the augmented CV clips keep their column; the stream-normalisation views are
+    hidden keys (`kind|view`) that `stream_columns` folds into summary columns."""
+    return AUG_TEST if (kind, view) == ("cv", AUG_VIEW) else f"{kind}|{view}"
+
+
+# --------------------------------------------------------------------------- stream-adaptive (speaker) normalisation
+# In live use a stream (a microphone, one side of a call) is one speaker, so the runtime can keep running sums of the
+# frames of that stream's past utterances and normalise the next one by them: per-speaker CMVN, made causal.
+
+CAUSAL, SKEWED, TRANSDUCTIVE = "causal", "skewed", "transductive"
+
+
+@dataclass(frozen=True)
+class FrameSums:
+    """Per clip: frame count, sum and sum of squares (float64) — all a stream has to keep of its past clips."""
+
+    n: np.ndarray  # [clips]
+    s: np.ndarray  # [clips, E]
+    q: np.ndarray  # [clips, E]
+
+    @classmethod
+    def of(cls, seqs: list[np.ndarray]) -> FrameSums:
+        wide = [np.asarray(x, dtype=np.float64) for x in seqs]
+        return cls(
+            np.array([len(x) for x in wide], dtype=np.float64),
+            np.stack([x.sum(axis=0) for x in wide]),
+            np.stack([np.square(x).sum(axis=0) for x in wide]),
+        )
+
+    def take(self, idx: np.ndarray) -> FrameSums:
+        return FrameSums(self.n[idx], self.s[idx], self.q[idx])
+
+    def join(self, other: FrameSums) -> FrameSums:
+        return FrameSums(*(np.concatenate([a, b]) for a, b in zip(self.fields(), other.fields(), strict=True)))
+
+    def fields(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.n, self.s, self.q
+
+    def moments(self, idx: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Frame mean and variance over clips `idx` (all when None), every frame weighted alike."""
+        n, s, q = self.fields() if idx is None else self.take(idx).fields()
+        total = n.sum()
+        mean = s.sum(axis=0) / total
+        return mean, np.maximum(q.sum(axis=0) / total - mean**2, 0.0)
+
+
+def shrunk_stats(
+    sums: FrameSums, history: np.ndarray, prior: tuple[np.ndarray, np.ndarray], n0: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, var) to normalise a clip by: the moments of its stream's `history` clips, shrunk toward the `prior`
+    (the training side's global moments) with weight k / (k + n0) for k clips seen, so a stream's first clip gets the
+    prior and a long stream its own statistics; n0 = 0 uses the history alone (training speakers, transductive)."""
+    k = len(history)
+    if k == 0:
+        return prior
+    mean, var = sums.moments(history)
+    w = k / (k + n0)
+    return w * mean + (1 - w) * prior[0], w * var + (1 - w) * prior[1]
+
+
+def stream_histories(
+    groups: np.ndarray, y: np.ndarray, view: str, rng: np.random.Generator | None, neutral_share: float = 0.65
+) -> list[np.ndarray]:
+    """For each clip, the indices of the clips its stream (group = speaker) has heard before it.
+
+    `causal`: each group's clips in a random order, clip k has heard clips 0..k-1 — acted corpora give every speaker
+    each emotion alike, which flatters the statistics; `skewed`: clip k has heard min(k, cap) other clips of its
+    group, `neutral_share` of them neutral, as a real, mostly neutral stream (cap: what the group's clips allow);
+    `transductive`: every clip of the group, itself included (an upper bound; the training side's own stats)."""
+    out: list[np.ndarray] = [np.zeros(0, int)] * len(groups)
+    for g in sorted(set(groups.tolist())):  # sorted: the draws depend only on the groups and the generator's seed
+        members = np.flatnonzero(groups == g)
+        if view == TRANSDUCTIVE:
+            for i in members:
+                out[i] = members
+            continue
+        order = rng.permutation(members)
+        for k, i in enumerate(order):
+            if view == CAUSAL:
+                out[i] = order[:k]
+                continue
+            others = order[order != i]
+            neutral, other = others[y[others] == "neutral"], others[y[others] != "neutral"]
+            m = min(k, int(len(neutral) / neutral_share), int(len(other) / (1 - neutral_share)))
+            n_neutral = round(neutral_share * m)
+            picked = [rng.choice(neutral, n_neutral, replace=False), rng.choice(other, m - n_neutral, replace=False)]
+            out[i] = np.concatenate(picked)
+    return out
+
+
+def normalise_clips(
+    seqs: list[np.ndarray],
+    sums: FrameSums,
+    histories: list[np.ndarray],
+    prior: tuple[np.ndarray, np.ndarray],
+    n0: float,
+    std: bool,
+) -> list[np.ndarray]:
+    """Each clip's frames minus its stream statistics' mean (and over their std when `std`), float16 like the cache."""
+    out = []
+    for x, history in zip(seqs, histories, strict=True):
+        mean, var = shrunk_stats(sums, history, prior, n0)
+        scale = np.sqrt(np.maximum(var, 1e-10)) if std else 1.0
+        out.append(((np.asarray(x, dtype=np.float64) - mean) / scale).astype(np.float16))
+    return out
+
+
+def _pooled(seqs: list[np.ndarray]) -> np.ndarray:
+    return np.stack([voice_features(s) for s in seqs])
+
+
+def stream_norm_splits(inp: Inputs, rc: dict, data: VoiceData, cfg: dict) -> Splitter:
+    """`split` (as `plain_splits`) for a `stream_norm` recipe. Training side: every speaker's clips (EmoDB too, and
+    the augmented copies) normalised by that speaker's own frame statistics. Test side, views: `causal j` (the main
+    view is order 0), `skewed j` for `orders` random orders per speaker, and `transductive`; the prior is the
+    training side's global frame moments. LR recipes are pooled (mean+std) after normalising."""
+    sn = cfg["stream_norm"]
+    n0, std, orders, share = float(sn["n0"]), bool(sn.get("std", True)), int(sn["orders"]), float(sn["neutral_share"])
+    ev = cfg["eval_dataset"]
+    others = [n for n in rc["datasets"] if n != ev]
+    ev_groups = np.array([f"{ev}/{c.speaker}" for c in data.clips[ev]])
+    extra_groups = np.array([f"{n}/{c.speaker}" for n in others for c in data.clips[n]], dtype=ev_groups.dtype)
+    y_ev = data.labels(ev)
+    ev_sums, extra_sums = FrameSums.of(inp.ev), FrameSums.of(list(inp.extra))
+    pool = _pooled if rc["model"] == "logreg" else list
+    seed = int(cfg["seed"])
+
+    def split(kind: str, train: np.ndarray, test: np.ndarray) -> Split:
+        sums = ev_sums.take(train).join(extra_sums)
+        y_train = np.concatenate([y_ev[train], inp.y_extra])
+        own = stream_histories(np.concatenate([ev_groups[train], extra_groups]), y_train, TRANSDUCTIVE, None)
+        prior = sums.moments()
+        rows = pool(normalise_clips(_cat(_take(inp.ev, train), inp.extra), sums, own, prior, 0, std))
+        aug = inp.train_aug(train)
+        aug = [pool(normalise_clips(copy, sums, own, prior, 0, std)) for copy in aug] if aug else None
+        seqs, test_sums, groups, y = _take(inp.ev, test), ev_sums.take(test), ev_groups[test], y_ev[test]
+
+        def view(how: str, j: int, shrink: float) -> np.ndarray | list:
+            rng = np.random.default_rng([seed, j, (CAUSAL, SKEWED, TRANSDUCTIVE).index(how)])
+            histories = stream_histories(groups, y, how, rng, share)
+            return pool(normalise_clips(seqs, test_sums, histories, prior, shrink, std))
+
+        views = {MAIN if j == 0 else f"{CAUSAL} {j}": view(CAUSAL, j, n0) for j in range(orders)}
+        views |= {f"{SKEWED} {j}": view(SKEWED, j, n0) for j in range(orders)}
+        views[TRANSDUCTIVE] = view(TRANSDUCTIVE, 0, 0)
+        return rows, aug, views
+
+    return split
+
+
+def stream_columns(result: RecipeResult) -> RecipeResult:
+    """Fold the hidden stream-normalisation views of a result into three table columns (mean over the random orders
+    ± their sd, of the CV fold-mean macro-F1 / the held-out pooled macro-F1); the main columns are order 0."""
+    from pipelines.report import macro_f1
+
+    hidden = {k: v for k, v in result.more.items() if "|" in k}
+    if not hidden:
+        return result
+
+    def score(kind: str, pred: Predictions) -> float:
+        return float(np.mean(pred.fold_f1())) if kind == "cv" else macro_f1(pred.y_true, pred.y_pred)
+
+    def cell(how: str) -> str:
+        parts = []
+        for kind in ("cv", "heldout"):
+            main = getattr(result, kind) if how == CAUSAL else None
+            got = [score(kind, p) for k, p in hidden.items() if k.startswith(f"{kind}|{how}")]
+            got = ([score(kind, main)] if main is not None else []) + got
+            parts.append(f"{np.mean(got):.3f}" + (f" ± {np.std(got):.3f}" if len(got) > 1 else ""))
+        return " / ".join(parts)
+
+    result.more = {k: v for k, v in result.more.items() if k not in hidden}
+    result.extras = {**result.extras, **{column: cell(how) for how, column in STREAM_COLUMNS.items()}}
+    return result
+
+
+STREAM_COLUMNS = {
+    CAUSAL: "stream norm, causal history: CV / held-out macro-F1 (mean ± sd over orders)",
+    SKEWED: "stream norm, mostly-neutral history: CV / held-out",
+    TRANSDUCTIVE: "stream norm, transductive (upper bound): CV / held-out",
+}
+
+
 def describe(rc: dict) -> str:
     if rc["model"] == "ensemble":
         return "mean of the probabilities of " + " and ".join(f"`{m}`" for m in rc["members"])
@@ -550,11 +760,13 @@ def describe(rc: dict) -> str:
     }[rc["model"]]
     data = "UEM+EmoDB" if D.EMODB in rc["datasets"] else "UEM"
     window = "" if rc["model"] == "mfcc_mlp" else f", window {_window(rc.get('window', 10))}"
+    norm = "; frames normalised per speaker / stream (causal at test)" if rc.get("stream_norm") else ""
     copies = int(rc.get("augment") or 0)
     if not copies:
-        return f"{model}; {data}{window}"
+        return f"{model}; {data}{window}{norm}"
     what = f"{copies} aug cop{'y' if copies == 1 else 'ies'}"
-    return f"{model}; {data}{window}, + {what}" + (" as extra rows" if rc["model"] == "logreg" else " (p 0.3)")
+    how = " as extra rows" if rc["model"] == "logreg" else " (p 0.3)"
+    return f"{model}; {data}{window}, + {what}{how}{norm}"
 
 
 def _window(w: float) -> str:
@@ -605,6 +817,8 @@ def fit_final(name: str, cfg: dict, data: VoiceData) -> tuple[LinearHead | Atten
         return EnsembleHead(tuple(heads), {"id": name}, tuple(weights)), info
     if rc["model"] not in ("logreg", "attention"):
         raise ValueError(f"{name}: a {rc['model']} recipe cannot be shipped (the runtime has only encoder frames)")
+    if rc.get("stream_norm"):
+        raise ValueError(f"{name}: a stream_norm recipe cannot be shipped (the runtime keeps no stream statistics)")
     inp = recipe_inputs(rc, data, cfg)
     y = np.concatenate([data.labels(cfg["eval_dataset"]), inp.y_extra])
     rows = _cat(inp.ev, inp.extra)
@@ -741,6 +955,7 @@ def main(argv: list[str] | None = None) -> int:
     windows = sorted({float(w) for w in cfg.get("cost_windows", [])} | {float(r.get("window", 10)) for r in used})
     costs = {} if args.no_cost else encoder_cost(data, windows, int(cfg.get("encoder_cost_clips", 24)), seed)
     for name, r in zip(names, results, strict=True):
+        stream_columns(r)
         rc = cfg["recipes"][name]
         if rc["model"] == "ensemble":
             rc = cfg["recipes"][rc["members"][0]]
@@ -801,7 +1016,7 @@ def _notes(cfg: dict, data: VoiceData, total: float, costs: dict[float, float]) 
         else "Shipped: none of these (the config's `ship` is null)."
     )
     return (
-        shipped + "\n\n" + cost_table + f"Skipped input (counted, never silent): {skipped}.\n\n"
+        shipped + "\n\n" + cost_table + _stream_note(cfg) + f"Skipped input (counted, never silent): {skipped}.\n\n"
         f"Attention heads: hidden {a['hidden']}, dropout {a['dropout']}, AdamW lr {a['lr']} wd {a['weight_decay']},"
         f" {a['epochs']} epochs of batch {a['batch']}, random {a['crop_frames']}-frame crops with repeat"
         " padding, lr × 0.9 after 5 epochs without a lower training loss, class-weighted cross-entropy,"
@@ -819,6 +1034,29 @@ def _notes(cfg: dict, data: VoiceData, total: float, costs: dict[float, float]) 
         " same folds is mildly optimistic. test1 and test2 are also inside the CV folds. The CI resamples clips,"
         " which are not independent within a speaker, so it is narrower than a speaker-level interval."
         f" Run time of this table: {total:.0f} s."
+    )
+
+
+def _stream_note(cfg: dict) -> str:
+    sn = cfg.get("stream_norm")
+    if not sn or not any(rc.get("stream_norm") for rc in cfg["recipes"].values()):
+        return ""
+    return (
+        "Stream normalisation (`-sn`, issue #3): in live use a stream (a microphone, one side of a call) is one"
+        " speaker, so the runtime could keep running sums of the encoder frames of the stream's past utterances"
+        " and normalise the next one by them. Training side: each speaker's frames (UEM and EmoDB; the augmented"
+        " copies by their clean clips' statistics) minus that speaker's frame mean, over its frame std. Test side,"
+        " causal: each unseen speaker's clips in a random order; clip k is normalised by the frame moments of"
+        " clips 0..k-1, shrunk toward the training side's global moments with weight"
+        f" k / (k + {sn['n0']}) (n0 set once, not tuned; clip 0 gets the global ones). The main CV / held-out"
+        " columns are order 0; the `causal history` column is the mean ± sd over"
+        f" {sn['orders']} random orders (CV: fold-mean macro-F1; held-out: pooled macro-F1). Acted corpora give"
+        " each speaker every emotion alike, which flatters a stream's statistics; the `mostly-neutral history`"
+        f" column draws each clip's history ({sn['orders']} draws) from the other clips of its speaker with"
+        f" {100 * float(sn['neutral_share']):.0f} % neutral ones, min(k, cap) clips (cap: UEM has only ~12"
+        " neutral clips per speaker, so at most ~18), as a real, mostly neutral stream would have heard."
+        " `transductive`: all clips of the speaker, the clip itself included, no shrinkage: an upper bound that"
+        " no live stream has. Ensembles of `-sn` members use the same histories for every member.\n\n"
     )
 
 

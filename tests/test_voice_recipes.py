@@ -196,6 +196,81 @@ def test_mfcc_mean_shape() -> None:
         assert m.shape == (128,) and np.isfinite(m).all()
 
 
+# --------------------------------------------------------------------------- stream (speaker) normalisation
+
+
+def one_stream(n: int = 12, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """n clips of two speakers (offset frames, as speakers differ), half of them neutral."""
+    rng = np.random.default_rng(seed)
+    seqs = [rng.normal(3.0 * (i % 2), 1 + i % 3, (int(rng.integers(5, 30)), 8)) for i in range(n)]
+    groups = np.array([f"spk{i % 2}" for i in range(n)])
+    y = np.array(["neutral" if i % 4 < 2 else LABELS[i % len(LABELS)] for i in range(n)])
+    return seqs, groups, y
+
+
+def causal_norm(seqs: list[np.ndarray], groups: np.ndarray, y: np.ndarray, n0: float) -> list[np.ndarray]:
+    sums = V.FrameSums.of(seqs)
+    histories = V.stream_histories(groups, y, V.CAUSAL, np.random.default_rng(5))
+    prior = (np.zeros(8), np.ones(8))
+    return V.normalise_clips(seqs, sums, histories, prior, n0, std=True)
+
+
+def test_causal_histories_hold_only_earlier_clips_of_the_same_stream() -> None:
+    _, groups, y = one_stream()
+    histories = V.stream_histories(groups, y, V.CAUSAL, np.random.default_rng(0))
+    for g in set(groups):
+        members = np.flatnonzero(groups == g)
+        assert sorted(len(histories[i]) for i in members) == list(range(len(members)))  # an order of the stream
+        for i in members:
+            assert i not in histories[i] and set(groups[histories[i]]) <= {g}
+            assert all(set(histories[j]) < set(histories[i]) for j in histories[i])  # the past's past, nothing else
+
+
+def test_causal_normaliser_ignores_future_clips() -> None:
+    """Changing the stream's last clip (or the other stream) changes no other clip's normalised frames."""
+    seqs, groups, y = one_stream()
+    before = causal_norm(seqs, groups, y, n0=2)
+    histories = V.stream_histories(groups, y, V.CAUSAL, np.random.default_rng(5))
+    last = max(np.flatnonzero(groups == "spk0"), key=lambda i: len(histories[i]))
+    changed = list(seqs)
+    changed[last] = seqs[last] * 50 + 7
+    after = causal_norm(changed, groups, y, n0=2)
+    for i in range(len(seqs)):
+        if i != last:
+            np.testing.assert_array_equal(after[i], before[i])
+    # whereas the transductive (upper-bound) view does use them
+    sums_b, sums_a = V.FrameSums.of(seqs), V.FrameSums.of(changed)
+    all_clips = V.stream_histories(groups, y, V.TRANSDUCTIVE, None)
+    first = next(i for i in np.flatnonzero(groups == "spk0") if i != last)
+    assert not np.allclose(sums_b.moments(all_clips[first])[0], sums_a.moments(all_clips[first])[0])
+
+
+def test_shrinkage_starts_at_the_prior_and_moves_to_the_stream() -> None:
+    seqs, _, _ = one_stream()
+    sums = V.FrameSums.of(seqs)
+    prior = (np.full(8, 10.0), np.full(8, 4.0))
+    mean, var = V.shrunk_stats(sums, np.zeros(0, int), prior, n0=5)
+    np.testing.assert_array_equal(mean, prior[0])
+    np.testing.assert_array_equal(var, prior[1])
+    own = np.array([0, 2, 4, 6, 8])
+    frames = np.concatenate([seqs[i] for i in own])
+    np.testing.assert_allclose(V.shrunk_stats(sums, own, prior, n0=0)[0], frames.mean(axis=0))
+    np.testing.assert_allclose(V.shrunk_stats(sums, own, prior, n0=0)[1], frames.var(axis=0))
+    half = V.shrunk_stats(sums, own, prior, n0=len(own))[0]  # k = n0: halfway
+    np.testing.assert_allclose(half, (frames.mean(axis=0) + prior[0]) / 2)
+
+
+def test_skewed_history_is_mostly_neutral_and_excludes_the_clip() -> None:
+    groups = np.array(["a"] * 60)
+    y = np.array(["neutral"] * 20 + ["anger", "joy", "sadness", "fear"] * 10)
+    histories = V.stream_histories(groups, y, V.SKEWED, np.random.default_rng(0), neutral_share=0.65)
+    longest = max(histories, key=len)
+    assert len(longest) == int(20 / 0.65)  # a non-neutral clip's: all 20 neutral clips can be in its history
+    assert np.mean(y[longest] == "neutral") == pytest.approx(0.65, abs=0.03)
+    assert all(i not in h and len(set(h)) == len(h) for i, h in enumerate(histories))
+    assert min(len(h) for h in histories) == 0  # the stream's first clip has heard nothing
+
+
 # --------------------------------------------------------------------------- every recipe on a tiny generated set
 
 
@@ -229,6 +304,9 @@ def fake_data(tmp_path: Path) -> V.VoiceData:
         "attn-stats-w0",
         "ens-lr+attn+aug",
         "attn+aug2",
+        "meanstd-lr-sn",
+        "attn+aug-sn",
+        "ens-lr+attn+aug-sn",
     ],
 )
 def test_each_recipe_runs_on_a_tiny_generated_set(tmp_path: Path, recipe: str) -> None:
@@ -243,6 +321,10 @@ def test_each_recipe_runs_on_a_tiny_generated_set(tmp_path: Path, recipe: str) -
     assert float(result.extras["head ms/utt"]) < 5
     if recipe in ("meanstd-lr", "attn+aug", "ens-lr+attn+aug"):  # scored on augmented test clips too
         assert len(result.more[V.AUG_TEST].y_true) == n_uem
+    if recipe.endswith("-sn"):  # stream normalisation: hidden views folded into three summary columns
+        assert {"cv|causal 1", "cv|skewed 0", "heldout|transductive"} <= set(result.more)
+        V.stream_columns(result)
+        assert not result.more and all(" / " in result.extras[c] for c in V.STREAM_COLUMNS.values())
 
 
 def test_recipe_results_are_cached(tmp_path: Path, monkeypatch) -> None:
@@ -329,6 +411,8 @@ def test_fit_final_builds_a_shippable_ensemble(tmp_path: Path) -> None:
     np.testing.assert_allclose(load_voice_head(path).predict_frames(frames), head.predict_frames(frames), atol=1e-6)
     with pytest.raises(ValueError, match="cannot be shipped"):
         V.fit_final("mfcc-mlp", cfg, fake_data(tmp_path))
+    with pytest.raises(ValueError, match="stream_norm recipe cannot be shipped"):
+        V.fit_final("attn+aug-sn", cfg, fake_data(tmp_path))
 
 
 def test_nested_ensemble_is_flattened_with_weights(tmp_path: Path) -> None:
