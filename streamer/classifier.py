@@ -9,7 +9,9 @@ when absent, so older files load unchanged): it makes the probabilities calibrat
 and fusion weighs each modality by those probabilities. The words head's input is the concatenation of the
 sentence encoders its meta names (`e5`: multilingual-e5-small; `use`: USE-multilingual v3); the classifier picks
 the words head by the transcript's language (`TEXT_HEADS`, the default head for any other language). Fusion is
-certainty-weighted and gated by default (`fuse`): words without a clear emotion leave the voice alone.
+certainty-weighted and gated by default (`fuse`): words without a clear emotion leave the voice alone. A voice head
+file may carry a stream-adaptive normalisation (`streamer.adaptation`): its frames are then normalised by the
+stream's past utterances first.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from streamer.adaptation import FrameMoments, StreamNorm
 from streamer.frames import LABELS, Emotion, Transcript
 from streamer.models import TEXT_HEAD, TEXT_HEADS, VOICE_HEAD, e5_small_path
 
@@ -470,6 +473,7 @@ class EmotionClassifier:
         if self.opts.fusion not in FUSION_RULES:
             raise ValueError(f"unknown fusion rule {self.opts.fusion!r} (known: {', '.join(FUSION_RULES)})")
         self.voice: VoiceHead = load_voice_head(VOICE_HEAD)
+        self.norm = StreamNorm.load(VOICE_HEAD)  # None: the head takes raw frames
         encoders: dict = {}
         self.text_model = TextModel.load(default_text_head, self.opts.text_threads, encoders)
         self.text = self.text_model.head
@@ -502,9 +506,11 @@ class EmotionClassifier:
         """Words-only probabilities [n, 6] from the words head of `language` (the default head when None)."""
         return self.text_model_for(language).predict_proba(texts)
 
-    def classify(self, transcript: Transcript) -> Emotion:
+    def classify(self, transcript: Transcript, history: FrameMoments | None = None) -> Emotion:
+        """Voice, words and their fusion; `history` is the stream's past utterances (`streamer.adaptation`)."""
         t0 = time.perf_counter()
-        audio_p = self.voice.predict_frames(transcript.encoder_frames)
+        frames = transcript.encoder_frames
+        audio_p = self.voice.predict_frames(frames if self.norm is None else self.norm.apply(frames, history))
         text_p = self.classify_text([transcript.text], transcript.language)[0] if transcript.text else None
         fused = fuse(audio_p, text_p, self.opts.fusion, self.opts.text_weight, self.opts.text_gate)
         best = int(np.argmax(fused))

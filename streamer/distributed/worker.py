@@ -158,6 +158,7 @@ class Worker(MqttSink):
             event.node = job.node
             event_topic, wire = self._wire(event)
             await client.publish(event_topic, wire, qos=1, properties=self._properties(event_topic))
+            self.engine.remember(event)  # this worker's share of the stream (its jobs may go to several workers)
             self.stats.events += 1
             self.published += 1
             HEALTH.count("processed")

@@ -1,0 +1,97 @@
+"""Stream-adaptive normalisation: running moments, shrinkage, the head-file format and the engine's per-stream state."""
+
+import shutil
+
+import numpy as np
+import pytest
+
+from streamer.adaptation import FrameMoments, StreamHistories, StreamNorm, shrink
+from streamer.frames import SAMPLE_RATE, Utterance
+from streamer.models import VOICE_HEAD
+from streamer.pipeline import run_stream
+from streamer.sources import FileSource
+from tests.conftest import ANGRY_ES, HAPPY_ES, silence
+
+RNG = np.random.default_rng(0)
+
+
+def test_running_moments_equal_those_of_all_frames_together():
+    clips = [RNG.standard_normal((n, 4)) * 3 + 1 for n in (5, 11, 2)]
+    moments = FrameMoments.of(clips[0]).add(clips[1]).add(clips[2])
+    every = np.concatenate(clips)
+    assert moments.utterances == 3 and moments.frames == 18
+    np.testing.assert_allclose(moments.moments()[0], every.mean(axis=0))
+    np.testing.assert_allclose(moments.moments()[1], every.var(axis=0))
+
+
+def test_shrinkage_starts_at_the_prior_and_moves_to_the_stream():
+    prior, own = (np.zeros(2), np.ones(2)), (np.full(2, 4.0), np.full(2, 9.0))
+    assert shrink(0, own, prior, 5) is prior
+    np.testing.assert_allclose(shrink(5, own, prior, 5)[0], 2.0)  # k = n0: halfway
+    np.testing.assert_allclose(shrink(3, own, prior, 0)[1], 9.0)  # n0 = 0: the stream's own
+    norm = StreamNorm(np.zeros(2), np.full(2, 4.0), n0=5)
+    np.testing.assert_allclose(norm.apply(np.array([[2.0, -2.0]]), None), [[1.0, -1.0]])  # no history: the prior
+
+
+def test_a_head_file_carries_its_normalisation(tmp_path):
+    path = tmp_path / "voice.npz"
+    shutil.copy(VOICE_HEAD, path)
+    assert (StreamNorm.load(path) is None) == (StreamNorm.load(VOICE_HEAD) is None)
+    norm = StreamNorm(RNG.standard_normal(512), RNG.random(512) + 0.5, n0=5.0, std=True)
+    norm.save_into(path)
+    norm.save_into(path)  # replacing, not duplicating
+    back = StreamNorm.load(path)
+    assert back is not None and back.n0 == 5.0 and back.std
+    np.testing.assert_array_equal(back.mean, norm.mean)
+    with np.load(path) as z, np.load(VOICE_HEAD) as shipped:  # the head's own arrays are untouched
+        assert set(z.files) - set(shipped.files) <= {f"norm.{k}" for k in ("mean", "var", "n0", "std")}
+    StreamNorm(np.zeros(3), np.ones(4), n0=5).save_into(path)
+    with pytest.raises(ValueError, match="bad stream normalisation"):
+        StreamNorm.load(path)
+
+
+def test_histories_are_per_stream_and_bounded():
+    histories = StreamHistories(max_streams=2)
+    for stream in ("a", "b", "a", "c"):
+        histories.remember(stream, RNG.standard_normal((3, 4)))
+    assert histories.get("b") is None and len(histories) == 2  # b was the least recently heard
+    assert histories.get("a").utterances == 2 and histories.get("c").utterances == 1
+    histories.remember("a", np.zeros((0, 4)))  # nothing heard: nothing counted
+    histories.forget("a")
+    assert histories.get("a") is None
+
+
+@pytest.fixture
+def adapting(engine):
+    """The shared engine with a stream normalisation (the training side's moments of nothing in particular)."""
+    before = engine.classifier.norm
+    engine.classifier.norm = StreamNorm(np.zeros(512), np.ones(512), n0=1.0, std=False)
+    yield engine
+    engine.classifier.norm = before
+
+
+def test_the_voice_sees_frames_normalised_by_the_streams_past(adapting, speak):
+    transcript = adapting.recogniser.recognise(Utterance.whole(speak(ANGRY_ES), "s"))
+    history = FrameMoments.of(adapting.recogniser.recognise(Utterance.whole(speak(HAPPY_ES), "s")).encoder_frames)
+    first = adapting.classifier.classify(transcript).audio_scores
+    later = adapting.classifier.classify(transcript, history).audio_scores
+    assert first != later  # the stream's statistics moved the voice's probabilities
+
+
+async def test_a_stream_builds_its_history_and_forgets_it_when_it_ends(adapting, speak, tmp_path):
+    import soundfile as sf
+
+    path = tmp_path / "two.wav"
+    sf.write(
+        path, np.concatenate([silence(0.5), speak(HAPPY_ES), silence(1.0), speak(ANGRY_ES), silence(1.0)]), SAMPLE_RATE
+    )
+    seen = []
+
+    class Probe:
+        def send(self, event):
+            seen.append(adapting.histories.get("adapt"))
+
+    stats = await run_stream(FileSource(path, realtime=False), adapting, [Probe()], "adapt")
+    assert stats.events >= 2 and seen[0] is not None  # remembered before the first event went out
+    assert [h.utterances for h in seen] == list(range(1, stats.events + 1))
+    assert adapting.histories.get("adapt") is None  # forgotten when the stream ended
