@@ -618,13 +618,11 @@ def shrunk_stats(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(mean, var) to normalise a clip by: the moments of its stream's `history` clips, shrunk toward the `prior`
     (the training side's global moments) with weight k / (k + n0) for k clips seen, so a stream's first clip gets the
-    prior and a long stream its own statistics; n0 = 0 uses the history alone (training speakers, transductive)."""
-    k = len(history)
-    if k == 0:
-        return prior
-    mean, var = sums.moments(history)
-    w = k / (k + n0)
-    return w * mean + (1 - w) * prior[0], w * var + (1 - w) * prior[1]
+    prior and a long stream its own statistics; n0 = 0 uses the history alone (training speakers, transductive).
+    The shrinkage is the runtime's own (`streamer.adaptation.shrink`)."""
+    from streamer.adaptation import shrink
+
+    return shrink(len(history), sums.moments(history) if len(history) else prior, prior, n0)
 
 
 def stream_histories(

@@ -260,6 +260,22 @@ def test_shrinkage_starts_at_the_prior_and_moves_to_the_stream() -> None:
     np.testing.assert_allclose(half, (frames.mean(axis=0) + prior[0]) / 2)
 
 
+def test_pipeline_normalisation_equals_the_runtimes() -> None:
+    """A stream's clips normalised by the pipeline (causal history) as `streamer.adaptation` does at run time."""
+    from streamer.adaptation import FrameMoments, StreamNorm
+
+    seqs, groups, y = one_stream()
+    histories = V.stream_histories(groups, y, V.CAUSAL, np.random.default_rng(5))
+    prior = (np.full(8, 0.5), np.full(8, 2.0))
+    ours = V.normalise_clips(seqs, V.FrameSums.of(seqs), histories, prior, n0=5, std=True)
+    norm = StreamNorm(prior[0], prior[1], n0=5)
+    for g in set(groups):
+        state = None  # the runtime's per-stream moments, fed in the stream's order
+        for i in sorted(np.flatnonzero(groups == g), key=lambda i: len(histories[i])):
+            np.testing.assert_allclose(ours[i], norm.apply(seqs[i], state), rtol=2e-3, atol=2e-3)  # ours: float16
+            state = FrameMoments.of(seqs[i]) if state is None else state.add(seqs[i])
+
+
 def test_skewed_history_is_mostly_neutral_and_excludes_the_clip() -> None:
     groups = np.array(["a"] * 60)
     y = np.array(["neutral"] * 20 + ["anger", "joy", "sadness", "fear"] * 10)
