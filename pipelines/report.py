@@ -164,7 +164,8 @@ def summarise(pred: Predictions, n_boot: int, seed: int) -> dict:
 
 
 def slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    """A file name for a recipe: ASCII letters, digits and -_. only (α and the like become _)."""
+    return "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "_" for c in name)
 
 
 def write_predictions(pred: Predictions, path: Path) -> Path:
