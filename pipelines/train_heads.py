@@ -803,8 +803,10 @@ def calibrate_voice(config: Path, path: Path, root, cache_dir) -> Path:
     """Fit the temperature of the voice head at `path` (the `ship` recipe of `config`) on that recipe's
     out-of-fold probabilities over the speaker-grouped UEM folds (cached by pipelines.voice_recipes when they have
     been computed before), and write it into the file; ECE before/after cross-fitted over the folds and on the
-    held-out speakers test1 + test2 go into its meta."""
+    held-out speakers test1 + test2 go into its meta. A stream-normalised head (`norm.*` arrays) is calibrated on
+    the causal-history predictions (order 0), also scored on the mostly-neutral histories, and keeps its arrays."""
     from pipelines import voice_recipes as V
+    from streamer.adaptation import StreamNorm
 
     cfg = yaml.safe_load(config.read_text(encoding="utf-8"))
     name, seed = cfg["ship"], int(cfg["seed"])
@@ -813,18 +815,28 @@ def calibrate_voice(config: Path, path: Path, root, cache_dir) -> Path:
     if shipped != name:
         raise ValueError(f"{path} was shipped from recipe {shipped!r}, {config} ships {name!r}: ship it first")
     data = V.VoiceData(root, cache_dir, seed, head.meta.get("limit"))
+    norm = StreamNorm.load(path)
     result = V.evaluate(name, cfg["recipes"][name], data, cfg, cache_dir)
     tests = {"heldout test1+test2": (result.heldout.proba, result.heldout.y_true)} if result.heldout else {}
+    view = ""
+    if norm is not None:
+        view = " (causal stream histories, order 0)"
+        for kind, label in (("cv", "cv"), ("heldout", "heldout test1+test2")):
+            skewed = result.more.get(f"{kind}|{V.SKEWED} 0")
+            if skewed is not None:
+                tests[f"{label}, mostly-neutral history"] = (skewed.proba, skewed.y_true)
     calib = calibration(
         result.cv.proba,
         result.cv.y_true,
         result.cv.fold,
-        f"out-of-fold probabilities of recipe {name} on the {len(np.unique(result.cv.fold))} speaker-grouped UEM"
-        " folds; held-out: the same recipe trained without test1 + test2",
+        f"out-of-fold probabilities of recipe {name}{view} on the {len(np.unique(result.cv.fold))} speaker-grouped"
+        " UEM folds; held-out: the same recipe trained without test1 + test2",
         tests,
     )
     head = dataclasses.replace(head, temperature=calib["temperature"], meta={**head.meta, "calibration": calib})
     head.save(path)
+    if norm is not None:
+        norm.save_into(path)
     log.info("voice head %s: temperature %.4f → %s", head.model_id, calib["temperature"], path)
     return path
 

@@ -16,7 +16,8 @@ EmoDB is only ever added to training sides. Recipes (see `configs/train/voice_re
 - `window`: the encoder input padded to 10 s (the runtime), 30 s (Whisper's training length) or unpadded (0);
 - `stream_norm: true`: the frames normalised per speaker (CMVN; training side: each speaker's own statistics; test
   side: each speaker is a stream, and a clip is normalised by the statistics of that speaker's *earlier* clips,
-  shrunk toward the training side's global ones), scored also on mostly-neutral and transductive histories.
+  shrunk toward the training side's global ones), scored also on mostly-neutral and transductive histories;
+  `--ship` of such a recipe writes the runtime's `streamer.adaptation.StreamNorm` (the prior) into the head file.
 
 Training uses one torch thread and is deterministic for a seed. The frames are those of `Recogniser._encode`, the
 single encoder pass the runtime makes; they are cached (float16) under `.cache/features/`.
@@ -676,36 +677,71 @@ def _pooled(seqs: list[np.ndarray]) -> np.ndarray:
     return np.stack([voice_features(s) for s in seqs])
 
 
+@dataclass
+class SpeakerNormalised:
+    """The training side of a `stream_norm` recipe: every speaker's clips (UEM and the extra datasets, and their
+    augmented copies by the clean clips' statistics) normalised by that speaker's own frame moments, and the prior,
+    the global moments of the raw clean training frames (every frame weighted alike). LR recipes are pooled
+    (mean+std) after normalising."""
+
+    inp: Inputs
+    ev_sums: FrameSums
+    extra_sums: FrameSums
+    ev_groups: np.ndarray
+    extra_groups: np.ndarray
+    y_ev: np.ndarray
+    std: bool
+    pool: Callable
+
+    @classmethod
+    def of(cls, inp: Inputs, rc: dict, data: VoiceData, cfg: dict) -> SpeakerNormalised:
+        ev = cfg["eval_dataset"]
+        others = [n for n in rc["datasets"] if n != ev]
+        ev_groups = np.array([f"{ev}/{c.speaker}" for c in data.clips[ev]])
+        extra_groups = np.array([f"{n}/{c.speaker}" for n in others for c in data.clips[n]], dtype=ev_groups.dtype)
+        return cls(
+            inp,
+            FrameSums.of(inp.ev),
+            FrameSums.of(list(inp.extra)),
+            ev_groups,
+            extra_groups,
+            data.labels(ev),
+            bool(cfg["stream_norm"].get("std", True)),
+            _pooled if rc["model"] == "logreg" else list,
+        )
+
+    def training(self, train: np.ndarray) -> tuple[list | np.ndarray, list | None, tuple[np.ndarray, np.ndarray]]:
+        """(rows, their augmented copies or None, prior (mean, var)) for the evaluation clips `train` + extras."""
+        inp = self.inp
+        sums = self.ev_sums.take(train).join(self.extra_sums)
+        y_train = np.concatenate([self.y_ev[train], inp.y_extra])
+        groups = np.concatenate([self.ev_groups[train], self.extra_groups])
+        own = stream_histories(groups, y_train, TRANSDUCTIVE, None)
+        prior = sums.moments()
+        rows = self.pool(normalise_clips(_cat(_take(inp.ev, train), inp.extra), sums, own, prior, 0, self.std))
+        aug = inp.train_aug(train)
+        aug = [self.pool(normalise_clips(copy, sums, own, prior, 0, self.std)) for copy in aug] if aug else None
+        return rows, aug, prior
+
+
 def stream_norm_splits(inp: Inputs, rc: dict, data: VoiceData, cfg: dict) -> Splitter:
-    """`split` (as `plain_splits`) for a `stream_norm` recipe. Training side: every speaker's clips (EmoDB too, and
-    the augmented copies) normalised by that speaker's own frame statistics. Test side, views: `causal j` (the main
-    view is order 0), `skewed j` for `orders` random orders per speaker, and `transductive`; the prior is the
-    training side's global frame moments. LR recipes are pooled (mean+std) after normalising."""
+    """`split` (as `plain_splits`) for a `stream_norm` recipe. Training side: `SpeakerNormalised`. Test side, views:
+    `causal j` (the main view is order 0), `skewed j` for `orders` random orders per speaker, and `transductive`;
+    the prior is the training side's global frame moments."""
     sn = cfg["stream_norm"]
-    n0, std, orders, share = float(sn["n0"]), bool(sn.get("std", True)), int(sn["orders"]), float(sn["neutral_share"])
-    ev = cfg["eval_dataset"]
-    others = [n for n in rc["datasets"] if n != ev]
-    ev_groups = np.array([f"{ev}/{c.speaker}" for c in data.clips[ev]])
-    extra_groups = np.array([f"{n}/{c.speaker}" for n in others for c in data.clips[n]], dtype=ev_groups.dtype)
-    y_ev = data.labels(ev)
-    ev_sums, extra_sums = FrameSums.of(inp.ev), FrameSums.of(list(inp.extra))
-    pool = _pooled if rc["model"] == "logreg" else list
+    n0, orders, share = float(sn["n0"]), int(sn["orders"]), float(sn["neutral_share"])
+    side = SpeakerNormalised.of(inp, rc, data, cfg)
     seed = int(cfg["seed"])
 
     def split(kind: str, train: np.ndarray, test: np.ndarray) -> Split:
-        sums = ev_sums.take(train).join(extra_sums)
-        y_train = np.concatenate([y_ev[train], inp.y_extra])
-        own = stream_histories(np.concatenate([ev_groups[train], extra_groups]), y_train, TRANSDUCTIVE, None)
-        prior = sums.moments()
-        rows = pool(normalise_clips(_cat(_take(inp.ev, train), inp.extra), sums, own, prior, 0, std))
-        aug = inp.train_aug(train)
-        aug = [pool(normalise_clips(copy, sums, own, prior, 0, std)) for copy in aug] if aug else None
-        seqs, test_sums, groups, y = _take(inp.ev, test), ev_sums.take(test), ev_groups[test], y_ev[test]
+        rows, aug, prior = side.training(train)
+        seqs, test_sums = _take(inp.ev, test), side.ev_sums.take(test)
+        groups, y = side.ev_groups[test], side.y_ev[test]
 
         def view(how: str, j: int, shrink: float) -> np.ndarray | list:
             rng = np.random.default_rng([seed, j, (CAUSAL, SKEWED, TRANSDUCTIVE).index(how)])
             histories = stream_histories(groups, y, how, rng, share)
-            return pool(normalise_clips(seqs, test_sums, histories, prior, shrink, std))
+            return side.pool(normalise_clips(seqs, test_sums, histories, prior, shrink, side.std))
 
         views = {MAIN if j == 0 else f"{CAUSAL} {j}": view(CAUSAL, j, n0) for j in range(orders)}
         views |= {f"{SKEWED} {j}": view(SKEWED, j, n0) for j in range(orders)}
@@ -795,11 +831,20 @@ def encoder_cost(data: VoiceData, windows: list[float], n: int, seed: int) -> di
 
 
 def fit_final(name: str, cfg: dict, data: VoiceData) -> tuple[LinearHead | AttentionHead | EnsembleHead, dict]:
-    """Recipe `name` refitted on all its data (all 16 UEM speakers + extras): the head and its meta entries."""
+    """Recipe `name` refitted on all its data (all 16 UEM speakers + extras): the head and its meta entries.
+
+    A `stream_norm` recipe trains on every speaker's frames normalised by that speaker's own moments (as the CV
+    training sides do) and `info["norm"]` is the `StreamNorm` the runtime applies before the head: the prior is
+    the global frame mean / variance of the raw clean training frames, n0 and std from the config's `stream_norm`.
+    `info["norm"]` is None otherwise; `write_head` saves both. An ensemble's members must agree on it (the runtime
+    normalises the frames once, before every member)."""
     rc = cfg["recipes"][name]
     seed = int(cfg["seed"])
     if rc["model"] == "ensemble":
         parts = [fit_final(m, cfg, data) for m in rc["members"]]
+        norms = [i.pop("norm") for _, i in parts]
+        if not all(_same_norm(norms[0], n) for n in norms[1:]):
+            raise ValueError(f"{name}: members differ in stream normalisation (all or none, on the same data)")
         # flattened: a member that is itself an ensemble contributes its members at its share of the weight
         heads, weights = [], []
         for head, _ in parts:
@@ -812,15 +857,14 @@ def fit_final(name: str, cfg: dict, data: VoiceData) -> tuple[LinearHead | Atten
         info["encoder_window_s"] = parts[0][1]["encoder_window_s"]
         if len({i["encoder_window_s"] for _, i in parts}) > 1:
             raise ValueError(f"{name}: members use different encoder windows")
+        if norms[0] is not None:
+            info["stream_norm"] = parts[0][1]["stream_norm"]
+        info["norm"] = norms[0]
         return EnsembleHead(tuple(heads), {"id": name}, tuple(weights)), info
     if rc["model"] not in ("logreg", "attention"):
         raise ValueError(f"{name}: a {rc['model']} recipe cannot be shipped (the runtime has only encoder frames)")
-    if rc.get("stream_norm"):
-        raise ValueError(f"{name}: a stream_norm recipe cannot be shipped (the runtime keeps no stream statistics)")
     inp = recipe_inputs(rc, data, cfg)
     y = np.concatenate([data.labels(cfg["eval_dataset"]), inp.y_extra])
-    rows = _cat(inp.ev, inp.extra)
-    aug = inp.train_aug()
     window = float(rc.get("window", 10))
     info = {
         "recipe_name": name,
@@ -829,7 +873,27 @@ def fit_final(name: str, cfg: dict, data: VoiceData) -> tuple[LinearHead | Atten
         "n_train": len(y),
         "train_label_counts": label_counts(y),
         "augment_copies": int(rc.get("augment") or 0),
+        "norm": None,
     }
+    if rc.get("stream_norm"):
+        from streamer.adaptation import StreamNorm
+
+        sn = cfg["stream_norm"]
+        side = SpeakerNormalised.of(inp, rc, data, cfg)
+        rows, aug, prior = side.training(np.arange(len(inp.ev)))
+        info["norm"] = StreamNorm(prior[0], prior[1], float(sn["n0"]), bool(sn.get("std", True)))
+        info["stream_norm"] = {
+            "training": "each speaker's frames (UEM, EmoDB; augmented copies by their clean clip's statistics) minus"
+            " that speaker's frame mean" + (", over its frame std" if info["norm"].std else ""),
+            "runtime": "streamer.adaptation.StreamNorm (arrays norm.* in this file): a stream's utterance k is"
+            " normalised by the frame moments of its utterances 0..k-1, shrunk toward the prior with weight k/(k+n0)",
+            "prior": "global frame mean / variance of the raw clean training frames, every frame weighted alike",
+            "prior_frames": int(side.ev_sums.n.sum() + side.extra_sums.n.sum()),
+            "n0": float(sn["n0"]),
+            "std": bool(sn.get("std", True)),
+        }
+    else:
+        rows, aug = _cat(inp.ev, inp.extra), inp.train_aug()
     t0 = time.perf_counter()
     if rc["model"] == "logreg":
         X, yy = (np.concatenate([rows, *aug]), np.tile(y, 1 + len(aug))) if aug else (rows, y)
@@ -850,12 +914,30 @@ def fit_final(name: str, cfg: dict, data: VoiceData) -> tuple[LinearHead | Atten
     return head, info
 
 
+def _same_norm(a, b) -> bool:
+    if a is None or b is None:
+        return a is b
+    return (a.n0, a.std) == (b.n0, b.std) and np.array_equal(a.mean, b.mean) and np.array_equal(a.var, b.var)
+
+
+def write_head(head: LinearHead | AttentionHead | EnsembleHead, norm, path: Path) -> Path:
+    """Save a voice head, with its stream normalisation (`streamer.adaptation.StreamNorm`, arrays `norm.*`) when
+    it has one: arrays only, no pickles."""
+    head.save(path)
+    if norm is not None:
+        norm.save_into(path)
+    return path
+
+
 def ship(name: str, cfg: dict, data: VoiceData, out: Path, result: RecipeResult | None, config: Path) -> Path:
-    """Refit `name` on all its data and save it as the package's voice head, estimates and recipe in its meta."""
+    """Refit `name` on all its data and save it as the package's voice head (with its stream normalisation for a
+    `stream_norm` recipe), estimates and recipe in its meta. The temperature is 1: fit it with
+    `python -m pipelines.train_heads --calibrate-voice` afterwards."""
     import dataclasses
 
     seed = int(cfg["seed"])
     head, info = fit_final(name, cfg, data)
+    norm = info.pop("norm")
     estimates = {}
     if result is not None:
         for kind, pred in (("cv", result.cv), ("heldout", result.heldout)):
@@ -870,11 +952,15 @@ def ship(name: str, cfg: dict, data: VoiceData, out: Path, result: RecipeResult 
                     "pooled_macro_f1": round(s["pooled_f1"], 4),
                     "pooled_macro_f1_ci95": [round(v, 4) for v in s["ci"]],
                 }
+        if norm is not None:  # the main CV / held-out rows are the causal history, order 0
+            estimates["view"] = "causal stream history (each test speaker's clips in a random order), order 0"
+            columns = stream_columns(dataclasses.replace(result, more=dict(result.more))).extras
+            estimates["stream_norm"] = {how: columns[c] for how, c in STREAM_COLUMNS.items() if c in columns}
     rec = data.featurizer(float(info["encoder_window_s"])).recogniser
     datasets = info["datasets"]
     meta = {
         "id": f"voice-{'+'.join('uem' if n == D.UEM else 'emodb' for n in datasets)}-whisperbase"
-        f"-w{info['encoder_window_s']:g}-{name}-v2",
+        f"-w{info['encoder_window_s']:g}-{name}-v{3 if norm is not None else 2}",
         "head": "voice",
         "kind": type(head).__name__,
         "labels": list(LABELS),
@@ -885,7 +971,8 @@ def ship(name: str, cfg: dict, data: VoiceData, out: Path, result: RecipeResult 
         **info,
         "cv": estimates,
         "selected_by": "cv macro_f1_mean above the previous head's, held-out not worse, among the recipes of"
-        " docs/models/voice_recipes.md (chosen after seeing them: mildly optimistic)",
+        " docs/models/voice_recipes.md (chosen after seeing them: mildly optimistic)"
+        + ("; stream-normalised: scored with causal stream histories" if norm is not None else ""),
         "limit": data.limit,
         "seed": seed,
         "licence": "; ".join(VOICE_LICENCES[n] for n in datasets),
@@ -893,9 +980,7 @@ def ship(name: str, cfg: dict, data: VoiceData, out: Path, result: RecipeResult 
     }
     head = dataclasses.replace(head, meta=meta)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "voice_head.npz"
-    head.save(path)
-    return path
+    return write_head(head, norm, out / "voice_head.npz")
 
 
 def _recipe_closure(name: str, cfg: dict) -> dict:

@@ -425,10 +425,48 @@ def test_fit_final_builds_a_shippable_ensemble(tmp_path: Path) -> None:
     head.save(path)
     frames = np.random.default_rng(0).normal(size=(30, E)).astype(np.float32)
     np.testing.assert_allclose(load_voice_head(path).predict_frames(frames), head.predict_frames(frames), atol=1e-6)
+    assert info["norm"] is None  # raw frames: no stream normalisation
     with pytest.raises(ValueError, match="cannot be shipped"):
         V.fit_final("mfcc-mlp", cfg, fake_data(tmp_path))
-    with pytest.raises(ValueError, match="stream_norm recipe cannot be shipped"):
-        V.fit_final("attn+aug-sn", cfg, fake_data(tmp_path))
+
+
+def test_fit_final_of_a_stream_norm_recipe_writes_its_normalisation(tmp_path: Path) -> None:
+    """An `-sn` ensemble refitted on speaker-normalised frames, and the runtime's `StreamNorm` in its file: the prior
+    is the raw clean training frames' global mean / variance (every frame alike), n0 and std from the config."""
+    from streamer.adaptation import FrameMoments, StreamNorm
+    from streamer.classifier import EnsembleHead
+
+    cfg = tiny_cfg()
+    data = fake_data(tmp_path)
+    head, info = V.fit_final("ens-lr+attn+aug-sn", cfg, data)
+    norm = info.pop("norm")
+    assert isinstance(head, EnsembleHead) and isinstance(norm, StreamNorm)
+    assert norm.n0 == CONFIG["stream_norm"]["n0"] == 5 and norm.std and norm.mean.shape == norm.var.shape == (E,)
+    raw = np.concatenate([np.asarray(s, np.float64) for n in (D.UEM, D.EMODB) for s in data.frames(n, 10.0)])
+    np.testing.assert_allclose(norm.mean, raw.mean(axis=0), atol=1e-9)
+    np.testing.assert_allclose(norm.var, raw.var(axis=0), rtol=1e-6)
+    assert info["stream_norm"]["n0"] == 5 and info["stream_norm"]["prior_frames"] == len(raw)
+    assert all("norm" not in m for m in info["members"])
+    # the members learned on each speaker's own normalised frames: the attention head's standardiser is ~ (0, 1)
+    attn = next(m for m in head.members if not isinstance(m, LinearHead))
+    assert np.abs(attn.mean).max() < 0.02 and np.abs(attn.scale - 1).max() < 0.02
+
+    path = V.write_head(head, norm, tmp_path / "voice_head.npz")
+    back = StreamNorm.load(path)
+    assert back is not None and back.n0 == 5 and back.std
+    np.testing.assert_array_equal(back.mean, norm.mean)
+    np.testing.assert_array_equal(back.var, norm.var)
+    loaded = load_voice_head(path)
+    frames = np.random.default_rng(0).normal(size=(30, E)).astype(np.float32)
+    history = FrameMoments.of(frames[:10])
+    np.testing.assert_allclose(
+        loaded.predict_frames(back.apply(frames, history)), head.predict_frames(norm.apply(frames, history)), atol=1e-6
+    )
+
+    # every member normalised alike, or none: the runtime normalises the frames once, before all of them
+    cfg["recipes"] = {**cfg["recipes"], "mixed": {"model": "ensemble", "members": ["meanstd-lr", "attn+aug-sn"]}}
+    with pytest.raises(ValueError, match="differ in stream normalisation"):
+        V.fit_final("mixed", cfg, fake_data(tmp_path))
 
 
 def test_nested_ensemble_is_flattened_with_weights(tmp_path: Path) -> None:
@@ -446,3 +484,30 @@ def test_nested_ensemble_is_flattened_with_weights(tmp_path: Path) -> None:
     frames = np.random.default_rng(0).normal(size=(30, E)).astype(np.float32)
     expected = sum(w * m.predict_frames(frames) for w, m in zip(head.weights, head.members, strict=True))
     np.testing.assert_allclose(load_voice_head(path).predict_frames(frames), expected, atol=1e-6)
+
+
+def test_calibrating_a_stream_normalised_head_keeps_its_normalisation(tmp_path: Path, monkeypatch) -> None:
+    """`train_heads --calibrate-voice` rewrites the head file with its temperature: the `norm.*` arrays stay, and
+    the temperature is fitted on the causal-history predictions, also scored on the mostly-neutral histories."""
+    import dataclasses
+
+    from pipelines import train_heads as T
+    from streamer.adaptation import StreamNorm
+
+    name = "ens-lr+attn+aug-sn"
+    cfg = {**tiny_cfg(), "ship": name}
+    config = tmp_path / "voice.yaml"
+    config.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    head, info = V.fit_final(name, cfg, fake_data(tmp_path))
+    norm = info.pop("norm")
+    head = dataclasses.replace(head, meta={"id": "x", "recipe": {"name": name}, "limit": None})
+    path = V.write_head(head, norm, tmp_path / "voice_head.npz")
+    data = fake_data(tmp_path)
+    monkeypatch.setattr(V, "VoiceData", lambda *a: data)
+    T.calibrate_voice(config, path, None, None)
+    back, calibrated = StreamNorm.load(path), load_voice_head(path)
+    assert back is not None and back.n0 == norm.n0
+    np.testing.assert_array_equal(back.mean, norm.mean)
+    calib = calibrated.meta["calibration"]
+    assert calibrated.temperature == calib["temperature"] > 0 and "causal" in calib["fitted_on"]
+    assert "cv, mostly-neutral history" in calib and "heldout test1+test2" in calib
