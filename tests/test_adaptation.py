@@ -50,6 +50,21 @@ def test_a_head_file_carries_its_normalisation(tmp_path):
         StreamNorm.load(path)
 
 
+def test_the_shipped_voice_head_carries_its_stream_normalisation():
+    """The shipped voice head (`ens-lr+attn+aug-x3-sn`) was trained on speaker-normalised frames, so its file must
+    carry the runtime's normalisation: the raw training frames' 512-d prior, n0 5, divided by the std."""
+    from streamer.classifier import load_voice_head
+
+    norm = StreamNorm.load(VOICE_HEAD)
+    assert norm is not None, "the shipped voice head has no norm.* arrays"
+    assert norm.n0 == 5.0 and norm.std
+    assert norm.mean.shape == norm.var.shape == (512,)
+    assert np.isfinite(norm.mean).all() and (norm.var > 0).all()
+    meta = load_voice_head(VOICE_HEAD).meta
+    assert meta["recipe"]["name"].endswith("-sn") and meta["stream_norm"]["n0"] == norm.n0
+    assert meta["stream_norm"]["std"] == norm.std
+
+
 def test_histories_are_per_stream_and_bounded():
     histories = StreamHistories(max_streams=2)
     for stream in ("a", "b", "a", "c"):
