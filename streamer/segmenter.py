@@ -32,7 +32,7 @@ class SegmenterOptions:
     hangover_ms: int = 320
     # After this much silence a tentative utterance is handed on, so recognition overlaps the rest of the
     # hangover; it is used if the silence lasts and thrown away if speech resumes. 0 = off.
-    speculate_ms: int = 128
+    speculate_ms: int = 96
     pre_roll_ms: int = 250
     tail_ms: int = 100
     min_speech_ms: int = 250
