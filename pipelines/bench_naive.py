@@ -56,7 +56,7 @@ def main() -> None:
         segments, _ = whisper.transcribe(u.audio, language="es", vad_filter=True)
         text = " ".join(s.text for s in segments).strip()
         frames = padded._encode(u.audio)[1]  # the second, separate encoder pass
-        engine.classifier.voice.predict_frames(frames)
+        engine.classifier.classify_voice(frames)
         if text:
             engine.classifier.classify_text([text])
 

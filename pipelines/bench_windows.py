@@ -23,8 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.bench_live import add_clip_arguments, bench_clips
+from streamer.adaptation import StreamNorm
 from streamer.classifier import load_voice_head
 from streamer.frames import Utterance
+from streamer.models import VOICE_HEAD
 from streamer.recogniser import Recogniser, RecogniserOptions
 from streamer.segmenter import speech_seconds
 
@@ -65,13 +67,18 @@ def timed_batches(recogniser: Recogniser, utterances: list[Utterance], batch: in
 
 def measure(args: argparse.Namespace, clips: list[np.ndarray]) -> dict:
     utterances = [Utterance.whole(c, "bench", speech_seconds(c)) for c in clips]
-    head = load_voice_head()
+    head, norm = load_voice_head(), StreamNorm.load(VOICE_HEAD)
+
+    def voice_input(frames: np.ndarray) -> np.ndarray:
+        """What the head sees for a stream's first utterance (each clip here is a stream of its own)."""
+        return frames if norm is None else norm.apply(frames, None)
+
     rows, reference = [], None
     for window in sorted(args.windows, reverse=True):  # 30 s first: the reference the others are compared with
         recogniser = Recogniser(RecogniserOptions(device=args.device, encoder_window_s=window))
         transcripts = recogniser.recognise_batch([(u, True) for u in utterances])
         texts = [t.text for t in transcripts]
-        labels = [int(np.argmax(head.predict_frames(t.encoder_frames))) for t in transcripts]
+        labels = [int(np.argmax(head.predict_frames(voice_input(t.encoder_frames)))) for t in transcripts]
         reference = reference or (texts, labels)
         rows.append(
             {

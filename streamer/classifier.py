@@ -506,11 +506,15 @@ class EmotionClassifier:
         """Words-only probabilities [n, 6] from the words head of `language` (the default head when None)."""
         return self.text_model_for(language).predict_proba(texts)
 
+    def classify_voice(self, encoder_frames: np.ndarray, history: FrameMoments | None = None) -> np.ndarray:
+        """Voice-only probabilities [6]; the frames are normalised by the stream's `history` when the head says so."""
+        frames = encoder_frames if self.norm is None else self.norm.apply(encoder_frames, history)
+        return self.voice.predict_frames(frames)
+
     def classify(self, transcript: Transcript, history: FrameMoments | None = None) -> Emotion:
         """Voice, words and their fusion; `history` is the stream's past utterances (`streamer.adaptation`)."""
         t0 = time.perf_counter()
-        frames = transcript.encoder_frames
-        audio_p = self.voice.predict_frames(frames if self.norm is None else self.norm.apply(frames, history))
+        audio_p = self.classify_voice(transcript.encoder_frames, history)
         text_p = self.classify_text([transcript.text], transcript.language)[0] if transcript.text else None
         fused = fuse(audio_p, text_p, self.opts.fusion, self.opts.text_weight, self.opts.text_gate)
         best = int(np.argmax(fused))
