@@ -49,6 +49,7 @@ from pipelines.train_heads import (
     make_model,
     proba_in_label_order,
 )
+from streamer.adaptation import FrameMoments, StreamNorm
 from streamer.classifier import AttentionHead, EnsembleHead, LinearHead, voice_features
 from streamer.frames import LABELS
 
@@ -606,12 +607,16 @@ class FrameSums:
     def fields(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self.n, self.s, self.q
 
+    def history(self, idx: np.ndarray) -> FrameMoments | None:
+        """Clips `idx` as the runtime keeps a stream's past (`streamer.adaptation.FrameMoments`); None when empty."""
+        if len(idx) == 0:
+            return None
+        n, s, q = self.take(idx).fields()
+        return FrameMoments(len(idx), int(n.sum()), s.sum(axis=0), q.sum(axis=0))
+
     def moments(self, idx: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Frame mean and variance over clips `idx` (all when None), every frame weighted alike."""
-        n, s, q = self.fields() if idx is None else self.take(idx).fields()
-        total = n.sum()
-        mean = s.sum(axis=0) / total
-        return mean, np.maximum(q.sum(axis=0) / total - mean**2, 0.0)
+        return self.history(np.arange(len(self.n)) if idx is None else idx).moments()
 
 
 def shrunk_stats(
@@ -620,10 +625,8 @@ def shrunk_stats(
     """(mean, var) to normalise a clip by: the moments of its stream's `history` clips, shrunk toward the `prior`
     (the training side's global moments) with weight k / (k + n0) for k clips seen, so a stream's first clip gets the
     prior and a long stream its own statistics; n0 = 0 uses the history alone (training speakers, transductive).
-    The shrinkage is the runtime's own (`streamer.adaptation.shrink`)."""
-    from streamer.adaptation import shrink
-
-    return shrink(len(history), sums.moments(history) if len(history) else prior, prior, n0)
+    The runtime's own rule (`streamer.adaptation.StreamNorm`)."""
+    return StreamNorm(prior[0], prior[1], n0).stats(sums.history(history))
 
 
 def stream_histories(
@@ -664,13 +667,9 @@ def normalise_clips(
     n0: float,
     std: bool,
 ) -> list[np.ndarray]:
-    """Each clip's frames minus its stream statistics' mean (and over their std when `std`), float16 like the cache."""
-    out = []
-    for x, history in zip(seqs, histories, strict=True):
-        mean, var = shrunk_stats(sums, history, prior, n0)
-        scale = np.sqrt(np.maximum(var, 1e-10)) if std else 1.0
-        out.append(((np.asarray(x, dtype=np.float64) - mean) / scale).astype(np.float16))
-    return out
+    """Each clip's frames normalised as the runtime does (`StreamNorm.apply`) by its history, float16 like the cache."""
+    norm = StreamNorm(prior[0], prior[1], n0, std)
+    return [norm.apply(x, sums.history(h), np.float16) for x, h in zip(seqs, histories, strict=True)]
 
 
 def _pooled(seqs: list[np.ndarray]) -> np.ndarray:
@@ -876,8 +875,6 @@ def fit_final(name: str, cfg: dict, data: VoiceData) -> tuple[LinearHead | Atten
         "norm": None,
     }
     if rc.get("stream_norm"):
-        from streamer.adaptation import StreamNorm
-
         sn = cfg["stream_norm"]
         side = SpeakerNormalised.of(inp, rc, data, cfg)
         rows, aug, prior = side.training(np.arange(len(inp.ev)))

@@ -71,11 +71,12 @@ class StreamNorm:
             return self.mean, self.var
         return shrink(history.utterances, history.moments(), (self.mean, self.var), self.n0)
 
-    def apply(self, encoder_frames: np.ndarray, history: FrameMoments | None) -> np.ndarray:
-        """The frames normalised by the stream's statistics so far (the prior when `history` is None)."""
+    def apply(self, encoder_frames: np.ndarray, history: FrameMoments | None, dtype: type = np.float32) -> np.ndarray:
+        """The frames normalised by the stream's statistics so far (the prior when `history` is None), computed in
+        float64 and cast once to `dtype` (training caches frames as float16)."""
         mean, var = self.stats(history)
         scale = np.sqrt(np.maximum(var, 1e-10)) if self.std else 1.0
-        return ((np.asarray(encoder_frames, dtype=np.float64) - mean) / scale).astype(np.float32)
+        return ((np.asarray(encoder_frames, dtype=np.float64) - mean) / scale).astype(dtype)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {
