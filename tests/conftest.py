@@ -6,13 +6,14 @@ import os
 import shutil
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 
-from streamer.frames import SAMPLE_RATE
+from streamer.frames import LABELS, SAMPLE_RATE, Emotion, EmotionEvent, Transcript, Utterance
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("EMOTION_DATA_DIR", REPO.parent / "shared" / "data"))
@@ -32,6 +33,69 @@ NEUTRAL_ES = [
     "Hoy hace mucho calor en la ciudad.",
     "Los niños juegan en el parque después del colegio.",
 ]
+
+
+def make_event(
+    stream: str,
+    seq: int,
+    node: str = "test",
+    *,
+    label: str = "anger",
+    confidence: float = 0.1667,
+    text: str | None = None,
+    incongruent: bool = False,
+    final: bool = True,
+) -> EmotionEvent:
+    """A complete event built from the real dataclasses, for the sinks' tests (the model stages are tested elsewhere):
+    `label` at `confidence`, the rest shared evenly; the transcript is `frase <seq>` unless `text` is given."""
+    now = time.monotonic()
+    scores = {lab: confidence if lab == label else round((1 - confidence) / 5, 4) for lab in LABELS}
+    utterance = Utterance(
+        stream=stream,
+        segment_id=seq,
+        audio=np.zeros(1600, np.float32),
+        start_s=seq * 2.0,
+        end_s=seq * 2.0 + 1.0,
+        speech_end_arrived=now - 0.4,
+        emitted=now - 0.1,
+        wall_end=time.time(),
+        speech_s=0.8,
+        source="test",
+    )
+    transcript = Transcript(
+        text=f"frase {seq}" if text is None else text,
+        language="es",
+        language_probability=1.0,
+        no_speech_prob=0.01,
+        avg_logprob=-0.2,
+        compression_ratio=1.0,
+        rejected=None,
+        encoder_frames=np.zeros((50, 512), np.float32),
+        encode_ms=80.0,
+        decode_ms=50.0,
+    )
+    emotion = Emotion(
+        scores=scores,
+        audio_scores=scores,
+        text_scores=scores,
+        label=label,
+        confidence=confidence,
+        valence=-0.2,
+        arousal=0.28,
+        incongruent=incongruent,
+        ms=10.0,
+    )
+    return EmotionEvent(
+        node=node,
+        stream=stream,
+        seq=seq,
+        utterance=utterance,
+        transcript=transcript,
+        emotion=emotion,
+        models={"asr": "a", "emotion": "b"},
+        ready=now,
+        final=final,
+    )
 
 
 def silence(seconds: float) -> np.ndarray:

@@ -13,7 +13,8 @@ from streamer.event import SCHEMA_ID, state_topic, status_topic
 from streamer.homeassistant import discovery_topic
 from streamer.metrics import HEALTH
 from streamer.publisher import MqttOptions, MqttSink
-from tests.test_publisher import clear_retained, make_event
+from tests.conftest import make_event
+from tests.test_publisher import clear_retained
 
 V5 = aiomqtt.ProtocolVersion.V5
 

@@ -23,8 +23,8 @@ from streamer.frames import LABELS, SAMPLE_RATE
 from streamer.ingest import start_listeners
 from streamer.ingest.calls import CallHub, EscalationRule, IngestOptions
 from streamer.publisher import JsonlSink, MqttOptions, MqttSink
-from tests.conftest import ANGRY_ES, HAPPY_ES, free_port, silence
-from tests.test_publisher import clear_retained, make_event
+from tests.conftest import ANGRY_ES, HAPPY_ES, free_port, make_event, silence
+from tests.test_publisher import clear_retained
 
 pytestmark = pytest.mark.slow
 

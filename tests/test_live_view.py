@@ -5,73 +5,19 @@ from __future__ import annotations
 import io
 import logging
 import sys
-import time
 
-import numpy as np
 from rich.console import Console
 
-from streamer.frames import LABELS, Emotion, EmotionEvent, Transcript, Utterance
 from streamer.live_view import ConsoleSink
-
-
-def make_event(
-    stream: str, seq: int, label: str, confidence: float, text: str, incongruent: bool = False, final: bool = True
-) -> EmotionEvent:
-    now = time.monotonic()
-    scores = {lab: confidence if lab == label else (1 - confidence) / 5 for lab in LABELS}
-    utterance = Utterance(
-        stream=stream,
-        segment_id=seq,
-        audio=np.zeros(1600, np.float32),
-        start_s=seq * 2.0,
-        end_s=seq * 2.0 + 1.5,
-        speech_end_arrived=now - 0.4,
-        emitted=now - 0.1,
-        wall_end=time.time(),
-        speech_s=1.4,
-    )
-    transcript = Transcript(
-        text=text,
-        language="es",
-        language_probability=1.0,
-        no_speech_prob=0.01,
-        avg_logprob=-0.3,
-        compression_ratio=1.2,
-        rejected=None,
-        encoder_frames=np.zeros((1, 512), np.float32),
-        encode_ms=80.0,
-        decode_ms=50.0,
-    )
-    emotion = Emotion(
-        scores=scores,
-        audio_scores=scores,
-        text_scores=scores,
-        label=label,
-        confidence=confidence,
-        valence=0.0,
-        arousal=0.0,
-        incongruent=incongruent,
-        ms=10.0,
-    )
-    return EmotionEvent(
-        node="n",
-        stream=stream,
-        seq=seq,
-        utterance=utterance,
-        transcript=transcript,
-        emotion=emotion,
-        models={},
-        ready=now,
-        final=final,
-    )
+from tests.conftest import make_event
 
 
 async def test_plain_lines_when_not_a_terminal():
     out = io.StringIO()
     sink = ConsoleSink(Console(file=out, width=60))  # narrower than a line: still one line per utterance
     await sink.start()
-    sink.send(make_event("desk", 0, "anger", 0.81, "¡Estoy harto de esperar!"))
-    sink.send(make_event("desk", 1, "joy", 0.64, "Qué tristeza todo", incongruent=True))
+    sink.send(make_event("desk", 0, label="anger", confidence=0.81, text="¡Estoy harto de esperar!"))
+    sink.send(make_event("desk", 1, label="joy", confidence=0.64, text="Qué tristeza todo", incongruent=True))
     await sink.close()
     text = out.getvalue()
     lines = text.splitlines()
@@ -89,9 +35,9 @@ async def test_live_table_on_a_terminal():
     logging.getLogger().addHandler(handler)
     await sink.start()
     for seq, (label, conf) in enumerate([("neutral", 0.6), ("anger", 0.7), ("anger", 0.9)]):
-        sink.send(make_event("customer", seq, label, conf, f"cliente {seq}"))
-    sink.send(make_event("agent", 0, "joy", 0.66, "Con mucho gusto le ayudo.", incongruent=True))
-    sink.send(make_event("agent", 1, "sadness", 0.5, "un momento", final=False))
+        sink.send(make_event("customer", seq, label=label, confidence=conf, text=f"cliente {seq}"))
+    sink.send(make_event("agent", 0, label="joy", confidence=0.66, text="Con mucho gusto le ayudo.", incongruent=True))
+    sink.send(make_event("agent", 1, label="sadness", confidence=0.5, text="un momento", final=False))
     logging.getLogger("emotion-monitor.test").warning("a log record while the table is shown")
     await sink.close()
     logging.getLogger().removeHandler(handler)
@@ -117,7 +63,7 @@ async def test_live_table_on_a_terminal():
 async def test_no_transcripts_when_they_are_private():
     out = io.StringIO()
     sink = ConsoleSink(Console(file=out, width=200), show_transcript=False)
-    sink.send(make_event("desk", 0, "fear", 0.7, "mi secreto"))
+    sink.send(make_event("desk", 0, label="fear", confidence=0.7, text="mi secreto"))
     recorder = Console(record=True, width=160, file=io.StringIO())
     recorder.print(sink.table())
     assert "mi secreto" not in out.getvalue() + recorder.export_text()

@@ -8,64 +8,11 @@ import time
 import uuid
 
 import aiomqtt
-import numpy as np
 import pytest
 
 from streamer.event import event_topic, status_topic, topic_safe, validate
-from streamer.frames import LABELS, Emotion, EmotionEvent, Transcript, Utterance
 from streamer.publisher import JsonlSink, MqttOptions, MqttSink, is_listening, parse_broker_url, resolve_broker
-from tests.conftest import free_port
-
-
-def make_event(stream: str, seq: int, node: str = "test") -> EmotionEvent:
-    """A complete event built from the real dataclasses (the model stages are tested elsewhere)."""
-    now = time.monotonic()
-    scores = dict.fromkeys(LABELS, round(1 / 6, 4))
-    utterance = Utterance(
-        stream=stream,
-        segment_id=seq,
-        audio=np.zeros(1600, np.float32),
-        start_s=seq * 2.0,
-        end_s=seq * 2.0 + 1.0,
-        speech_end_arrived=now,
-        emitted=now,
-        wall_end=time.time(),
-        speech_s=0.8,
-        source="test",
-    )
-    transcript = Transcript(
-        text=f"frase {seq}",
-        language="es",
-        language_probability=1.0,
-        no_speech_prob=0.01,
-        avg_logprob=-0.2,
-        compression_ratio=1.0,
-        rejected=None,
-        encoder_frames=np.zeros((50, 512), np.float32),
-        encode_ms=1.0,
-        decode_ms=1.0,
-    )
-    emotion = Emotion(
-        scores=scores,
-        audio_scores=scores,
-        text_scores=scores,
-        label="anger",
-        confidence=0.1667,
-        valence=-0.2,
-        arousal=0.28,
-        incongruent=False,
-        ms=0.1,
-    )
-    return EmotionEvent(
-        node=node,
-        stream=stream,
-        seq=seq,
-        utterance=utterance,
-        transcript=transcript,
-        emotion=emotion,
-        models={"asr": "a", "emotion": "b"},
-        ready=now,
-    )
+from tests.conftest import free_port, make_event
 
 
 async def receive(
