@@ -113,9 +113,11 @@ async def _monitoring(config: MonitorConfig, jsonl: str | None, live: bool, extr
 async def _run(args: argparse.Namespace, config: MonitorConfig) -> int:
     from streamer.live_view import ConsoleSink
     from streamer.pipeline import run_stream
+    from streamer.recogniser import for_one_stream
     from streamer.sources import open_source
 
     source = open_source(_source_spec(config.source), realtime=not args.fast, rate=args.rate, channels=args.channels)
+    config.recogniser = for_one_stream(config.recogniser)
     console = () if args.quiet else (ConsoleSink(show_transcript=config.mqtt.publish_transcript),)
     stats = None
     async with _monitoring(config, args.jsonl, not args.fast, console) as (engine, url, sinks):

@@ -39,6 +39,8 @@ class Utterance:
     emitted: float  # monotonic time at which the segmenter closed the utterance
     wall_end: float  # UTC epoch seconds of the utterance end
     speech_s: float  # seconds the VAD judged speech (for the hallucination guard)
+    pad_s: float = 0.0  # silence taken to follow the audio: the voice head also pools the encoder frames of this
+    # much of the silence padding (the segmenter keeps a short tail so recognition can start early)
     source: str = ""
     tentative: bool = False  # sent before the hangover ended: may be superseded by a longer utterance
     interim: bool = False  # the speech so far of an utterance still going on (voice-only interim event)

@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -26,6 +26,10 @@ from streamer.segmenter import Segmenter, SegmenterOptions
 from streamer.sources import Source
 
 log = logging.getLogger(__name__)
+
+
+class Superseded(Exception):
+    """A guess dropped after its encoder pass because speech went on: it was neither decoded nor classified."""
 
 
 @dataclass
@@ -73,6 +77,7 @@ class Engine:
         self.in_flight = 0
         self.batches = 0
         self.batched = 0  # utterances processed in batches; batched / batches = mean batch size
+        self.superseded = 0  # guesses dropped after their encoder pass (speech went on)
 
     def process(self, utterance: Utterance, seq: int, decode: bool = True) -> EmotionEvent:
         """One utterance, synchronously (offline analysis and benchmarks)."""
@@ -81,17 +86,24 @@ class Engine:
             raise outcome
         return outcome
 
-    def process_batch(self, items: list[tuple[Utterance, int, bool]]) -> list[EmotionEvent | Exception]:
-        """Events for a batch; an utterance that breaks the batch is retried alone so only it fails."""
+    def process_batch(
+        self, items: list[tuple[Utterance, int, bool]], wanted: Callable[[int], bool] = lambda i: True
+    ) -> list[EmotionEvent | Exception]:
+        """Events for a batch; an utterance that breaks the batch is retried alone so only it fails. Items no
+        longer `wanted` once encoded (superseded guesses) are neither decoded nor classified."""
         started = time.monotonic()
         try:
-            transcripts = self.recogniser.recognise_batch([(u, decode) for u, _, decode in items])
+            transcripts = self.recogniser.recognise_batch([(u, decode) for u, _, decode in items], wanted)
         except Exception as e:
             if len(items) == 1:
                 return [e]
             return [outcome for item in items for outcome in self.process_batch([item])]
         outcomes: list[EmotionEvent | Exception] = []
         for (utterance, seq, _), transcript in zip(items, transcripts, strict=True):
+            if transcript.rejected == "superseded":
+                self.superseded += 1
+                outcomes.append(Superseded(f"stream {utterance.stream} segment {utterance.segment_id}"))
+                continue
             try:
                 outcomes.append(self._event(utterance, seq, transcript, started))
             except Exception as e:
@@ -168,7 +180,11 @@ class Engine:
             started = time.monotonic()
             self._running += 1
             try:
-                outcomes = await loop.run_in_executor(self._executor, self.process_batch, items)
+                # a guess whose stream dropped it (speech went on) while it was being encoded is not decoded;
+                # Future.done() only reads a flag, so asking it from the worker thread is safe
+                outcomes = await loop.run_in_executor(
+                    self._executor, self.process_batch, items, lambda i: not batch[i].future.done()
+                )
             finally:
                 self._running -= 1
                 self._busy -= {job.utterance.stream for job in batch if not job.spare}
@@ -287,15 +303,21 @@ async def run_stream(
             return
         interim_task = asyncio.create_task(run_interim(utterance))
 
-    def speculate(utterance: Utterance) -> None:
-        """Recognise a tentative utterance while the hangover runs, on a spare worker only. It supersedes the
-        stream's previous guess (speech resumed after it), which is dropped if it has not started yet."""
+    def drop_speculation() -> None:
+        """Speech went on after the guess: it is dropped if it has not started, and not decoded if it is
+        being encoded."""
         nonlocal speculation
-        if backlog:  # the guess in hand may be for the final waiting there
-            return
         if speculation:
             speculation[1].cancel()
             speculation = None
+
+    def speculate(utterance: Utterance) -> None:
+        """Recognise a tentative utterance while the hangover runs, on a spare worker only. It supersedes the
+        stream's previous guess."""
+        nonlocal speculation
+        if backlog:  # the guess in hand may be for the final waiting there
+            return
+        drop_speculation()
         if not engine.has_spare_worker():
             return
         future = asyncio.ensure_future(engine.aprocess(utterance, 0, spare=True))
@@ -329,6 +351,8 @@ async def run_stream(
                             interim(utterance)
                         else:
                             (speculate if utterance.tentative else enqueue)(utterance)
+                    if speculation and cutter.spoke_after(speculation[0]):
+                        drop_speculation()
         except asyncio.CancelledError:
             log.info("stream %s: stopping, finishing %d waiting utterances", stream, len(backlog))
         except Exception as e:  # a broken source ends its own stream only

@@ -4,6 +4,10 @@ WebRTC alone fires on noise; Silero alone is slower and misses nothing WebRTC wo
 counts as speech only when both agree. An utterance opens after `start_windows` speech windows among the
 last `start_window_span`, closes after `hangover_ms` of non-speech, keeps `pre_roll_ms` of audio before its
 first speech window, and is split at the quietest point when it reaches `max_utterance_s`.
+
+Recognition starts speculatively after one window of silence (`speculate_ms`), on the audio up to the last
+speech window plus `tail_ms`; if the silence lasts the whole hangover, that guess is the final result, so the
+event is out about 300 ms before the hangover ends.
 """
 
 from __future__ import annotations
@@ -31,10 +35,18 @@ class SegmenterOptions:
     start_window_span: int = 5
     hangover_ms: int = 320
     # After this much silence a tentative utterance is handed on, so recognition overlaps the rest of the
-    # hangover; it is used if the silence lasts and thrown away if speech resumes. 0 = off.
-    speculate_ms: int = 96
+    # hangover; it is used if the silence lasts and thrown away if speech resumes. 0 = off. It is never shorter
+    # than `tail_ms`, so the tentative audio is the final audio. One window (32 ms) instead of three: one live
+    # stream p50 403 vs 471 ms on UEM speech, for ≈ 1 more wasted guess per utterance.
+    speculate_ms: int = 32
     pre_roll_ms: int = 250
-    tail_ms: int = 100
+    # Audio kept after the last speech window (which itself ends ≈ 50 ms after the true end of speech).
+    tail_ms: int = 32
+    # The voice head pools the encoder frames up to this long after the last speech window, as in the whole
+    # clips it was trained on; beyond `tail_ms` they are frames of the encoder's silence padding (`Utterance.pad_s`).
+    # Measured on UEM's held-out speakers: voice macro-F1 0.816 with a 32 ms tail padded to 100 ms, 0.782
+    # unpadded, 0.811 with 100 ms of real audio; transcripts differ from the 100 ms tail's in 1.6 % of words.
+    voice_tail_ms: int = 100
     min_speech_ms: int = 250
     min_utterance_ms: int = 400
     max_utterance_s: float = 15.0
@@ -83,16 +95,15 @@ class _Open:
     probs: list[float] = field(default_factory=list)
     speech: list[bool] = field(default_factory=list)
     arrived: list[float] = field(default_factory=list)
+    speech_end: int = 0  # number of windows up to and including the last speech window
 
     def add(self, window: np.ndarray, prob: float, speech: bool, arrived: float) -> None:
         self.windows.append(window)
         self.probs.append(prob)
         self.speech.append(speech)
         self.arrived.append(arrived)
-
-    def last_speech(self) -> int:
-        """Number of windows up to and including the last speech window."""
-        return max((i + 1 for i, s in enumerate(self.speech) if s), default=0)
+        if speech:
+            self.speech_end = len(self.windows)
 
     def tail_from(self, cut: int) -> _Open:
         rest = _Open(start=self.start + cut * WINDOW)
@@ -156,11 +167,19 @@ class Segmenter:
         ]
         return [float(p) for p in probs], speech
 
+    def spoke_after(self, guess: Utterance) -> bool:
+        """Whether speech went on after the tentative `guess` was cut, so it can no longer become the final."""
+        opened = self._open
+        if opened is None or guess.segment_id != self._next_id:
+            return False
+        # end_s is rounded to the millisecond; a later speech window moves the end by a whole window
+        return opened.start + opened.speech_end * WINDOW - guess.end_s * SAMPLE_RATE > WINDOW / 2
+
     def flush(self) -> list[Utterance]:
         """End of stream: close the open utterance, if any."""
         if self._open is None:
             return []
-        utterance = self._close(self._open.last_speech())
+        utterance = self._close(self._open.speech_end)
         self._open = None
         return [utterance] if utterance else []
 
@@ -182,9 +201,9 @@ class Segmenter:
         self._open.add(window, prob, speech, arrived)
         self._silence = 0 if speech else self._silence + 1
         if opts.speculate_ms and self._silence == self._speculate_windows() < self._windows_ms(opts.hangover_ms):
-            return self._close(self._open.last_speech(), tentative=True)
+            return self._close(self._open.speech_end, tentative=True)
         if self._silence >= self._windows_ms(opts.hangover_ms):
-            utterance = self._close(self._open.last_speech())
+            utterance = self._close(self._open.speech_end)
             self._open = None
             return utterance
         if len(self._open.windows) * WINDOW >= opts.max_utterance_s * SAMPLE_RATE:
@@ -195,7 +214,7 @@ class Segmenter:
             and len(self._open.windows) * WINDOW >= (self._interims + 1) * (opts.interim_s * SAMPLE_RATE)
         ):
             self._interims += 1
-            return self._close(self._open.last_speech(), tail=False, tentative=True, interim=True)
+            return self._close(self._open.speech_end, tail=False, tentative=True, interim=True)
         return None
 
     def _split(self) -> Utterance | None:
@@ -225,6 +244,7 @@ class Segmenter:
         opened = self._open
         speech_ms = sum(opened.speech[:end_window]) * WINDOW * 1000 / SAMPLE_RATE
         keep = min(len(opened.windows), end_window + (self._windows_ms(self.opts.tail_ms) if tail else 0))
+        pad_ms = self.opts.voice_tail_ms - (keep - end_window) * WINDOW * 1000 / SAMPLE_RATE if tail else 0.0
         if (
             end_window == 0
             or speech_ms < self.opts.min_speech_ms
@@ -243,6 +263,7 @@ class Segmenter:
             emitted=time.monotonic(),
             wall_end=self.wall_start + end_s,
             speech_s=speech_ms / 1000,
+            pad_s=max(0.0, pad_ms) / 1000,
             source=self.source,
             tentative=tentative,
             interim=interim,

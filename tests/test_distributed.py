@@ -206,7 +206,9 @@ def job_ids(collector: Collector, node: str, stream: str) -> list[str]:
 
 def test_job_round_trip(speak):
     audio = speak(HAPPY_ES)
-    utterance = Utterance.whole(audio, "s1", speech_s=1.5, source="file:x.wav")
+    utterance = Utterance(
+        **{**Utterance.whole(audio, "s1", speech_s=1.5, source="file:x.wav").__dict__, "pad_s": 0.068}
+    )
     job = Job("node-a", 7, utterance, expires=time.time() + 60)
     sizes = {}
     for codec in ("flac", "pcm"):
@@ -215,6 +217,7 @@ def test_job_round_trip(speak):
         back = decode(payload)
         assert back.id == "node-a/s1/0/final" == header(payload)["id"]
         assert (back.node, back.seq, back.utterance.stream, back.utterance.speech_s) == ("node-a", 7, "s1", 1.5)
+        assert back.utterance.pad_s == 0.068
         assert np.max(np.abs(back.utterance.audio - audio)) < 1e-4  # 16-bit quantisation only
         assert abs(back.utterance.speech_end_arrived - utterance.speech_end_arrived) < 0.01  # via wall-clock time
         assert back.utterance.wall_end == utterance.wall_end

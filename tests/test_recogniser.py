@@ -5,7 +5,7 @@ import pytest
 
 from streamer.frames import SAMPLE_RATE, Utterance
 from streamer.models import ModelFileError, whisper_base_dir
-from streamer.recogniser import Recogniser, RecogniserOptions, compression_ratio, guard
+from streamer.recogniser import Recogniser, RecogniserOptions, compression_ratio, for_one_stream, guard
 from tests.conftest import NEUTRAL_ES, silence
 
 
@@ -110,3 +110,24 @@ def test_a_batch_of_streams_gives_what_each_utterance_gives_alone(recogniser, sp
         assert np.allclose(together.encoder_frames, alone.encoder_frames, atol=0.05)
     assert batched[1].rejected == "overload" and batched[1].decode_ms == 0
     assert "consultar" in batched[0].text and "calor" in batched[3].text
+
+
+def test_padding_extends_the_frames_and_a_guess_no_longer_wanted_is_not_decoded(recogniser, speak):
+    """`pad_s` adds frames of the silence padding (same encoder input, same transcript); an item that is not
+    `wanted` once encoded keeps its frames but is not decoded."""
+    audio = speak("Buenos días, quiero consultar el estado de mi pedido")
+    plain = utterance(audio)
+    padded = Utterance(**{**plain.__dict__, "pad_s": 0.068})
+    a, b = recogniser.recognise_batch([(plain, True), (padded, True)])
+    assert b.encoder_frames.shape[0] == int(np.ceil((len(audio) + 0.068 * SAMPLE_RATE) / 320))
+    assert np.allclose(a.encoder_frames, b.encoder_frames[: len(a.encoder_frames)], atol=0.05)
+    assert a.text == b.text and "consultar" in a.text
+    kept, dropped = recogniser.recognise_batch([(plain, True), (padded, True)], wanted=lambda i: i == 0)
+    assert kept.text == a.text and kept.rejected is None
+    assert (dropped.text, dropped.rejected, dropped.decode_ms) == ("", "superseded", 0)
+    assert dropped.encoder_frames.shape == b.encoder_frames.shape
+
+
+def test_one_stream_takes_one_replica_with_every_thread_unless_told():
+    assert for_one_stream(RecogniserOptions(cpu_threads=4)).workers == 1
+    assert for_one_stream(RecogniserOptions(workers=2)).workers == 2

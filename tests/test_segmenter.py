@@ -69,25 +69,62 @@ def test_a_tentative_utterance_precedes_each_final_one_with_the_same_audio(conve
         position = next(i for i, u in enumerate(out) if u is final)
         guess = [u for u in out[:position] if u.tentative and u.segment_id == final.segment_id][-1]
         assert guess.same_cut(final) and np.array_equal(guess.audio, final.audio)
+        assert guess.pad_s == final.pad_s
     off = SegmenterOptions(speculate_ms=0, interim_s=0)
     assert not any(u.tentative for u in segment(audio, opts=off, tentative=True))
     assert [(u.start_s, u.end_s) for u in segment(audio, opts=off)] == [(u.start_s, u.end_s) for u in finals]
 
 
-def test_speech_that_resumes_supersedes_the_tentative_cut(speak):
-    """A pause longer than speculate_ms but shorter than the hangover: a guess, then one longer utterance."""
+def two_phrases_one_pause(speak) -> np.ndarray:
+    """Two phrases 0.2 s apart (shorter than the hangover), trimmed of espeak-ng's own silence."""
 
-    def trim(x):  # espeak-ng pads its clips with silence of its own
+    def trim(x):
         active = np.flatnonzero(np.abs(x) > 1e-3)
         return x[active[0] : active[-1] + 1]
 
     first, second = trim(speak("Buenos días")), trim(speak("quiero consultar mi pedido"))
-    audio = np.concatenate([silence(0.5), first, silence(0.2), second, silence(1.0)])
+    return np.concatenate([silence(0.5), first, silence(0.2), second, silence(1.0)])
+
+
+def test_speech_that_resumes_supersedes_the_tentative_cut(speak):
+    """A pause longer than speculate_ms but shorter than the hangover: a guess, then one longer utterance."""
+    audio = two_phrases_one_pause(speak)
     out = segment(audio, chunk_s=0.032, tentative=True)
     finals = [u for u in out if not u.tentative]
     assert len(finals) == 1
     guesses = [u for u in out if u.tentative]
     assert len(guesses) >= 2 and not guesses[0].same_cut(finals[0]) and guesses[-1].same_cut(finals[0])
+
+
+def test_the_segmenter_says_when_speech_overtook_a_guess(speak, conversation):
+    """`spoke_after` turns true once speech goes on after a tentative cut, and never for a guess that the final
+    confirms, so the pipeline can drop a stale guess at once."""
+    for audio in (two_phrases_one_pause(speak), conversation[0]):
+        cutter, step = Segmenter("t"), int(0.032 * SAMPLE_RATE)
+        guess, overtaken, confirmed = None, [], []
+        for i in range(0, len(audio), step):
+            for u in cutter.push(AudioChunk(audio[i : i + step], time.monotonic())):
+                if u.tentative:
+                    guess = u
+                elif guess is not None and guess.same_cut(u):
+                    confirmed.append(guess)
+            if guess is not None and cutter.spoke_after(guess):
+                overtaken.append(guess)
+        assert len(confirmed) == len(segment(audio, 0.032))
+        assert overtaken and not set(map(id, overtaken)) & set(map(id, confirmed))
+
+
+def test_a_short_tail_is_padded_to_the_voice_tail(conversation):
+    """Finals keep `tail_ms` of audio and take the rest of `voice_tail_ms` as padding; cuts without a tail none."""
+    audio, _ = conversation
+    for tail, voice_tail in ((32, 100), (100, 100), (32, 32)):
+        opts = SegmenterOptions(tail_ms=tail, voice_tail_ms=voice_tail, speculate_ms=tail)
+        for u in segment(audio, opts=opts):
+            kept = len(u.audio) / SAMPLE_RATE - (u.end_s - u.start_s)
+            assert kept == pytest.approx(tail / 1000, abs=0.017)  # whole 32 ms windows
+            assert u.pad_s + kept == pytest.approx(max(voice_tail, tail) / 1000, abs=0.017)
+    long = segment(audio, opts=SegmenterOptions(max_utterance_s=1.0, interim_s=0.5), tentative=True)
+    assert all(u.pad_s == 0 for u in long if u.interim)
 
 
 def test_long_speech_sends_interim_utterances_every_second(speak):

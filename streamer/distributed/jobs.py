@@ -7,7 +7,8 @@ An MQTT payload is self-contained (it survives the ingest spool, MQTT 3.1.1 brok
 Header keys: `schema` ("emotion-monitor/job/v1"), `id` (the `event_id` the event will carry: a replayed job
 makes the same event), `node` and `stream` (the event's topic), `seq` (per stream, from 0 without gaps, so
 consumers restore order: shared subscriptions are dispatched round-robin), `segment_id`, `source`, `start_s`,
-`end_s`, `speech_s`; wall-clock epoch seconds `wall_end` (the event's `time`), `speech_end_wall` (the last
+`end_s`, `speech_s`, `pad_s` (silence after the audio whose encoder frames the voice head pools; 0 when
+absent); wall-clock epoch seconds `wall_end` (the event's `time`), `speech_end_wall` (the last
 speech sample arrived), `emitted_wall` (the segmenter closed the utterance) and `expires`; `audio`: `codec`
 ("flac" | "pcm_s16le"), `rate` (16000), `samples`.
 
@@ -92,6 +93,7 @@ def encode(job: Job, audio: str = "flac") -> bytes:
         "start_s": u.start_s,
         "end_s": u.end_s,
         "speech_s": u.speech_s,
+        "pad_s": u.pad_s,
         "wall_end": u.wall_end,
         "speech_end_wall": to_wall(u.speech_end_arrived),
         "emitted_wall": to_wall(u.emitted),
@@ -141,6 +143,7 @@ def decode(payload: bytes) -> Job:
             emitted=to_monotonic(float(meta["emitted_wall"])),
             wall_end=float(meta["wall_end"]),
             speech_s=float(meta["speech_s"]),
+            pad_s=float(meta.get("pad_s", 0.0)),
             source=str(meta.get("source", "")),
         )
         return Job(node=meta["node"], seq=int(meta["seq"]), utterance=utterance, expires=float(meta["expires"]))
