@@ -5,7 +5,8 @@ real time through the real pipeline. Ground-truth speech ends come from the samp
 Prints p50/p95/max latency, the stage breakdown and CPU seconds per second of audio; `--json` saves them.
 
     .venv/bin/python -m pipelines.bench_live [--broker mqtt://127.0.0.1:1883] [--uem N] [--streams N]
-                                             [--speculate-ms MS] [--json OUT]
+                                             [--speculate-ms MS] [--tail-ms MS]
+                                             [--config YAML] [--json OUT]
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import dataclasses
 import json
 import os
 import platform
@@ -25,11 +27,12 @@ import aiomqtt
 import numpy as np
 
 from streamer.audio import load_audio
+from streamer.config import load_config
 from streamer.demo import DEMO_SENTENCES, speak
 from streamer.frames import SAMPLE_RATE
 from streamer.pipeline import Engine, run_stream
 from streamer.publisher import MqttOptions, MqttSink
-from streamer.segmenter import SegmenterOptions
+from streamer.recogniser import for_one_stream
 from streamer.sources import FileSource
 
 SENTENCES = (
@@ -118,7 +121,9 @@ async def bench(args: argparse.Namespace) -> dict:
         truths[f"s{i}"] = [len(lead) / SAMPLE_RATE + e for e in ends]
     audio_s = args.streams * len(audio) / SAMPLE_RATE
     node = f"bench{uuid.uuid4().hex[:6]}"
-    engine = Engine(node=node)
+    config = load_config(args.config)
+    recogniser = for_one_stream(config.recogniser) if args.streams == 1 else config.recogniser  # as `run` does
+    engine = Engine(recogniser, config.classifier, node, config.pipeline.max_batch)
     host, port = args.broker.removeprefix("mqtt://").split(":")
     received: list[tuple[float, dict]] = []
 
@@ -136,7 +141,10 @@ async def bench(args: argparse.Namespace) -> dict:
     await sink.start()
     await sink.connected.wait()
     cpu0, wall0 = time.process_time(), time.monotonic()
-    cutter = SegmenterOptions() if args.speculate_ms is None else SegmenterOptions(speculate_ms=args.speculate_ms)
+    cutter = dataclasses.replace(
+        config.segmenter,
+        **{k: v for k, v in (("speculate_ms", args.speculate_ms), ("tail_ms", args.tail_ms)) if v is not None},
+    )
     all_stats = await asyncio.gather(*(run_stream(src, engine, [sink], name, cutter) for name, src in sources.items()))
     cpu = time.process_time() - cpu0
     await sink.close()
@@ -168,6 +176,9 @@ async def bench(args: argparse.Namespace) -> dict:
         "latency_ms_p95": round(float(np.percentile(lat, 95)), 1) if len(lat) else None,
         "latency_ms_max": round(float(lat.max()), 1) if len(lat) else None,
         "stage_ms_p50": stage_p50,
+        "latencies_ms": sorted(round(x) for x in latencies),
+        "finals_from_a_guess": sum(s["queue"] == 0 for s in stages),  # recognised during the hangover
+        "guesses_dropped_after_encoding": engine.superseded,
         "cpu_s_per_audio_s": round(cpu / audio_s, 3),
         "cpu_cores_busy": round(cpu / (time.monotonic() - wall0), 2),
         "wall_s": round(time.monotonic() - wall0, 1),
@@ -191,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pause", type=float, default=1.5, help="seconds of silence between utterances")
     parser.add_argument("--streams", type=int, default=1, help="live streams at once, sharing one engine")
     parser.add_argument("--speculate-ms", type=int, help="the segmenter's speculate_ms (default: its default)")
+    parser.add_argument("--tail-ms", type=int, help="the segmenter's tail_ms (default: its default)")
+    parser.add_argument("--config", help="daemon YAML config (e.g. other recogniser workers or threads)")
     parser.add_argument("--workdir", default="/tmp")
     parser.add_argument("--json", help="write the figures here")
     return parser
