@@ -9,6 +9,7 @@ Cache: `.cache/features/<model id>/<sha256>.npy`; the key hashes the audio file'
 the pooling (voice), or every text in order (text), so a changed file or setting is a cache miss.
 `VoiceFeaturizer.frames` also caches the covered frame sequences themselves (float16, for attention pooling),
 optionally of an augmented copy of the clip (`augment_audio`: speed, noise, reverberation; seeded per clip).
+Prosody (`ProsodyFeaturizer`): `streamer.prosody.prosody_features` of the whole clip, cached under `prosody/`.
 """
 
 from __future__ import annotations
@@ -37,8 +38,12 @@ TEXT_FEATURE_SPEC = "e5-query-prefix-384"
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
+    """Write then rename; the temporary name is per process, so two runs filling the same cache (a test and a long
+    pipeline run) cannot rename each other's file away."""
+    import os
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
     np.save(tmp, array)
     tmp.replace(path)
 
@@ -225,6 +230,36 @@ class MfccFeaturizer:
         if len(audio) == 0:
             raise AudioError(f"{path}: no samples")
         feats = mfcc_mean(audio)
+        if cached is not None:
+            _atomic_save(cached, feats)
+        return feats
+
+
+class ProsodyFeaturizer:
+    """`streamer.prosody.prosody_features` of whole clips (the runtime's utterance = the clip), cached under
+    `<cache>/prosody/<sha256 of audio bytes + PROSODY_SPEC>.npy`."""
+
+    def __init__(self, cache_dir: Path | None = DEFAULT_CACHE) -> None:
+        self.cache = None if cache_dir is None else Path(cache_dir) / "prosody"
+        self.hits = self.misses = 0
+        self.extract_s = 0.0  # wall time of prosody_features on the cache misses (not the decoding)
+
+    def one(self, path: Path) -> np.ndarray:
+        from streamer.prosody import PROSODY_SPEC, prosody_features
+
+        digest = hashlib.sha256(path.read_bytes())
+        digest.update(PROSODY_SPEC.encode())
+        cached = None if self.cache is None else self.cache / f"{digest.hexdigest()}.npy"
+        if cached is not None and cached.is_file():
+            self.hits += 1
+            return np.load(cached)
+        self.misses += 1
+        audio = load_audio(path)
+        if len(audio) == 0:
+            raise AudioError(f"{path}: no samples")
+        t0 = time.perf_counter()
+        feats = prosody_features(audio)
+        self.extract_s += time.perf_counter() - t0
         if cached is not None:
             _atomic_save(cached, feats)
         return feats

@@ -201,10 +201,18 @@ def write_report(
     seed: int = 0,
     cv_name: str = "CV",
     heldout_name: str = "held-out",
+    kept: dict[str, dict[str, str]] | None = None,
+    order: Sequence[str] | None = None,
 ) -> Path:
     """The markdown table at `out` plus, in `<out stem>/`, per recipe: classification reports (.txt), confusion
-    PNGs and the predictions (.csv) the table was computed from."""
+    PNGs and the predictions (.csv) the table was computed from.
+
+    `kept`: rows of recipes not in `results` to carry over from an earlier table (`read_table`: recipe → column →
+    cell; their files in `<out stem>/` stay as they are), placed by `order` (recipe names; default: the results,
+    then the kept rows). Columns are matched by name and keep the earlier table's order (a new one goes after its
+    left neighbour in this run's header); a column one side lacks reads "–"."""
     folder = out.parent / out.stem
+    kept = kept or {}
     has_heldout = any(r.heldout is not None for r in results)
     extra_cols = list(dict.fromkeys(k for r in results for k in r.extras))
     more_cols = list(dict.fromkeys(k for r in results for k in r.more))
@@ -218,8 +226,14 @@ def write_report(
     if has_heldout:
         head += [f"{heldout_name} macro-F1 [95 % CI]", f"{heldout_name} acc"]
     head += [f"{k} macro-F1 mean ± sd" for k in more_cols] + [*extra_cols, "confusion"]
-    lines = [f"# {title}", "", intro.strip(), "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    details = []
+    columns = list(head)
+    if kept:  # the earlier table's columns in their order; this run's new ones each after its left neighbour
+        columns = list(dict.fromkeys(c for cells in kept.values() for c in cells))
+        for i, c in enumerate(head):
+            if c not in columns:
+                columns.insert(columns.index(head[i - 1]) + 1 if i else 0, c)
+    rows: dict[str, list[str]] = {}
+    details: dict[str, str] = {}
     for r in results:
         s = slug(r.name)
         cv = summarise(r.cv, n_boot, seed)
@@ -247,12 +261,43 @@ def write_report(
             cells.append(f"{np.mean(f1s):.3f} ± {np.std(f1s):.3f}" if f1s else "–")
         cells += [r.extras.get(k, "–") for k in extra_cols]
         cells.append(f"[png]({folder.name}/{s}_cv.png)")
-        lines.append("| " + " | ".join(cells) + " |")
+        by_column = dict(zip(head, cells, strict=True))
+        rows[r.name] = [by_column.get(c, "–") for c in columns]
         (folder / f"{s}_report.txt").write_text("\n".join(report) + "\n", encoding="utf-8")
-        details.append(f"- `{r.name}`: [classification report]({folder.name}/{s}_report.txt)")
-    lines += ["", notes.strip(), "", "Per-recipe classification reports:", "", *details, ""]
+        details[r.name] = f"- `{r.name}`: [classification report]({folder.name}/{s}_report.txt)"
+    for name, cells in kept.items():
+        if name not in rows:
+            rows[name] = [cells.get(c, "–") for c in columns]
+            details[name] = f"- `{name}`: [classification report]({folder.name}/{slug(name)}_report.txt)"
+    names = [n for n in (order or []) if n in rows] + [n for n in rows if n not in (order or [])]
+    lines = [f"# {title}", "", intro.strip(), "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(rows[n]) + " |" for n in names]
+    lines += ["", notes.strip(), "", "Per-recipe classification reports:", "", *(details[n] for n in names), ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines).replace("\n\n\n", "\n\n"), encoding="utf-8")
+    return out
+
+
+def read_table(path: Path) -> dict[str, dict[str, str]]:
+    """The rows of the first table in a markdown file written by `write_report`: recipe name (the first cell, without
+    its backticks) → column name → cell."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("| recipe |")), None)
+    if start is None:
+        return {}
+
+    def cells(line: str) -> list[str]:
+        return [c.strip() for c in line.strip().strip("|").split(" | ")]
+
+    head = cells(lines[start])
+    out = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        row = cells(line)
+        if len(row) != len(head):
+            raise ValueError(f"{path}: a table row has {len(row)} cells, the header {len(head)}: {line[:80]}")
+        out[row[0].strip("`")] = dict(zip(head, row, strict=True))
     return out
 
 

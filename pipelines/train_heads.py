@@ -803,23 +803,24 @@ def calibrate_voice(config: Path, path: Path, root, cache_dir) -> Path:
     """Fit the temperature of the voice head at `path` (the `ship` recipe of `config`) on that recipe's
     out-of-fold probabilities over the speaker-grouped UEM folds (cached by pipelines.voice_recipes when they have
     been computed before), and write it into the file; ECE before/after cross-fitted over the folds and on the
-    held-out speakers test1 + test2 go into its meta. A stream-normalised head (`norm.*` arrays) is calibrated on
-    the causal-history predictions (order 0), also scored on the mostly-neutral histories, and keeps its arrays."""
+    held-out speakers test1 + test2 go into its meta. A stream-adapted head (`norm.*`, `prosody.norm.*` arrays) is
+    calibrated on the causal-history predictions (order 0), also scored on the mostly-neutral histories, and keeps
+    its normalisation and prosody arrays."""
     from pipelines import voice_recipes as V
-    from streamer.adaptation import StreamNorm
+    from streamer.classifier import VoiceModel
 
     cfg = yaml.safe_load(config.read_text(encoding="utf-8"))
     name, seed = cfg["ship"], int(cfg["seed"])
-    head = load_voice_head(path)
+    model = VoiceModel.load(path)
+    head = model.head
     shipped = head.meta.get("recipe", {}).get("name")
     if shipped != name:
         raise ValueError(f"{path} was shipped from recipe {shipped!r}, {config} ships {name!r}: ship it first")
     data = V.VoiceData(root, cache_dir, seed, head.meta.get("limit"))
-    norm = StreamNorm.load(path)
     result = V.evaluate(name, cfg["recipes"][name], data, cfg, cache_dir)
     tests = {"heldout test1+test2": (result.heldout.proba, result.heldout.y_true)} if result.heldout else {}
     view = ""
-    if norm is not None:
+    if model.adapts:
         view = " (causal stream histories, order 0)"
         for kind, label in (("cv", "cv"), ("heldout", "heldout test1+test2")):
             skewed = result.more.get(f"{kind}|{V.SKEWED} 0")
@@ -834,9 +835,7 @@ def calibrate_voice(config: Path, path: Path, root, cache_dir) -> Path:
         tests,
     )
     head = dataclasses.replace(head, temperature=calib["temperature"], meta={**head.meta, "calibration": calib})
-    head.save(path)
-    if norm is not None:
-        norm.save_into(path)
+    dataclasses.replace(model, head=head).save(path)
     log.info("voice head %s: temperature %.4f → %s", head.model_id, calib["temperature"], path)
     return path
 
@@ -874,7 +873,10 @@ def main(argv: list[str] | None = None) -> int:
     cache_dir = None if args.no_cache else (args.cache_dir or DEFAULT_CACHE)
     if args.calibrate_voice:
         path = calibrate_voice(args.calibrate_voice, args.out / VOICE_FILE, args.data_dir, cache_dir)
+        from streamer.models import sha256_of
+
         print(json.dumps(load_voice_head(path).meta["calibration"], indent=2))
+        print(f"{path}: sha256 {sha256_of(path)}")
         return 0
     if args.limit is not None and args.limit < len(LABELS):
         p.error(f"--limit must be at least {len(LABELS)} (one example per label)")

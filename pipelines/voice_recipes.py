@@ -17,7 +17,13 @@ EmoDB is only ever added to training sides. Recipes (see `configs/train/voice_re
 - `stream_norm: true`: the frames normalised per speaker (CMVN; training side: each speaker's own statistics; test
   side: each speaker is a stream, and a clip is normalised by the statistics of that speaker's *earlier* clips,
   shrunk toward the training side's global ones), scored also on mostly-neutral and transductive histories;
-  `--ship` of such a recipe writes the runtime's `streamer.adaptation.StreamNorm` (the prior) into the head file.
+  `--ship` of such a recipe writes the runtime's `streamer.adaptation.StreamNorm` (the prior) into the head file;
+- `prosody: true` (logreg only): the 15 prosody statistics of `streamer.prosody` (F0, energy, spectral tilt, zero
+  crossings, rhythm; cached under `.cache/features/prosody/`) appended to the mean+std pooled frames, or alone with
+  `frames: false`; with `stream_norm` the prosody vectors are normalised per speaker as the frames are (each block by
+  its own moments, the same histories); `prosody_drop` leaves columns out. `--ship` of such a recipe writes the
+  runtime's `streamer.prosody.ProsodyReader` (the columns and their normalisation prior) into the head file, and the
+  engine computes the utterance's prosody once, from the segmenter's cut.
 
 Training uses one torch thread and is deterministic for a seed. The frames are those of `Recogniser._encode`, the
 single encoder pass the runtime makes; they are cached (float16) under `.cache/features/`.
@@ -26,6 +32,7 @@ single encoder pass the runtime makes; they are cached (float16) under `.cache/f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import sys
@@ -39,7 +46,7 @@ import numpy as np
 import yaml
 
 from pipelines import data as D
-from pipelines.report import Predictions, RecipeResult, summarise, write_report
+from pipelines.report import Predictions, RecipeResult, read_table, summarise, write_report
 from pipelines.train_heads import (
     VOICE_LICENCES,
     _rel,
@@ -50,8 +57,9 @@ from pipelines.train_heads import (
     proba_in_label_order,
 )
 from streamer.adaptation import FrameMoments, StreamNorm
-from streamer.classifier import AttentionHead, EnsembleHead, LinearHead, voice_features
+from streamer.classifier import AttentionHead, EnsembleHead, VoiceModel, voice_features
 from streamer.frames import LABELS
+from streamer.prosody import ProsodyReader
 
 log = logging.getLogger("pipelines.voice_recipes")
 
@@ -121,13 +129,23 @@ class VoiceData:
     def pooled(self, name: str, window: float, augment: int | None = None) -> np.ndarray:
         return np.stack([voice_features(s) for s in self.frames(name, window, augment)])
 
+    def prosody(self, name: str) -> np.ndarray:
+        """`streamer.prosody.prosody_features` of each clip ([clips, len(PROSODY_NAMES)]), cached on disk."""
+        from pipelines.features import ProsodyFeaturizer
+
+        return self._per_clip(name, "prosody", ProsodyFeaturizer)
+
     def mfcc(self, name: str) -> np.ndarray:
         from pipelines.features import MfccFeaturizer
 
-        key = (name, "mfcc")
+        return self._per_clip(name, "mfcc", MfccFeaturizer)
+
+    def _per_clip(self, name: str, kind: str, featurizer: Callable) -> np.ndarray:
+        """One vector per clip of `name` ([clips, dim]) from `featurizer(cache_dir).one(path)`, kept in memory."""
+        key = (name, kind)
         if key not in self._views:
-            featurizer = MfccFeaturizer(self.cache_dir)
-            self._views[key] = np.stack([featurizer.one(c.path) for c in self.clips[name]])
+            one = featurizer(self.cache_dir).one
+            self._views[key] = np.stack([one(c.path) for c in self.clips[name]])
         return self._views[key]
 
 
@@ -318,6 +336,8 @@ class Inputs:
     y_extra: np.ndarray
     ev_aug: list | None = None  # one entry per augmented copy
     extra_aug: list | None = None
+    prosody: Inputs | None = None  # stream_norm recipes with `prosody: true`: the prosody vectors as [1, P] rows,
+    # normalised per speaker on their own and appended after pooling (plain recipes have them inside `ev`)
 
     def train_aug(self, train: np.ndarray | None = None) -> list | None:
         """The augmented copies of the training rows (all evaluation rows when `train` is None) + extras."""
@@ -349,6 +369,8 @@ def recipe_inputs(rc: dict, data: VoiceData, cfg: dict) -> Inputs:
     y_extra = np.array([c.label for n in others for c in data.clips[n]])
     if model == "mfcc_mlp":
         return Inputs(data.mfcc(ev), _stack([data.mfcc(n) for n in others], 128), y_extra)
+    if rc.get("prosody") or not rc.get("frames", True):
+        return prosody_inputs(rc, data, cfg)
     if model == "logreg" and not rc.get("stream_norm"):
         get = data.pooled
         empty = 1024
@@ -378,6 +400,51 @@ def recipe_inputs(rc: dict, data: VoiceData, cfg: dict) -> Inputs:
 
 def _stack(parts: list[np.ndarray], dim: int) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
+
+
+def prosody_inputs(rc: dict, data: VoiceData, cfg: dict) -> Inputs:
+    """Inputs of a logreg recipe with `prosody: true` (the `streamer.prosody` vector of each clip, appended to the
+    mean+std pooled frames, or alone with `frames: false`). Plain recipes get the columns side by side; a
+    `stream_norm` recipe gets the frames as usual and the prosody vectors as one-row sequences in `Inputs.prosody`,
+    so that both are normalised by the same speaker / stream histories (each by its own moments)."""
+    from streamer.prosody import PROSODY_NAMES
+
+    if rc["model"] != "logreg" or not rc.get("prosody"):
+        raise ValueError("prosody features go to logreg recipes (`prosody: true`; `frames: false` for prosody only)")
+    if int(rc.get("augment") or 0):
+        raise ValueError("prosody recipes have no augmented copies (prosody is not cached for them)")
+    ev = cfg["eval_dataset"]
+    others = [n for n in rc["datasets"] if n != ev]
+    y_extra = np.array([c.label for n in others for c in data.clips[n]])
+    cols = prosody_columns(rc)
+    p_ev = data.prosody(ev)[:, cols]
+    p_extra = _stack([data.prosody(n) for n in others], len(PROSODY_NAMES))[:, cols]
+    frames = bool(rc.get("frames", True))
+    if rc.get("stream_norm"):
+        if not cfg.get("stream_norm"):
+            raise ValueError("a stream_norm recipe needs the config's `stream_norm` settings")
+        pros = Inputs([r[None, :] for r in p_ev], [r[None, :] for r in p_extra], y_extra)
+        if not frames:
+            return pros
+        window = float(rc.get("window", 10))
+        seqs = [data.frames(n, window) for n in others]
+        return Inputs(data.frames(ev, window), [s for part in seqs for s in part], y_extra, prosody=pros)
+    if not frames:
+        return Inputs(p_ev, p_extra, y_extra)
+    window = float(rc.get("window", 10))
+    pooled = _stack([data.pooled(n, window) for n in others], 1024)
+    return Inputs(np.hstack([data.pooled(ev, window), p_ev]), np.hstack([pooled, p_extra]), y_extra)
+
+
+def prosody_columns(rc: dict) -> list[int]:
+    """Indices into `PROSODY_NAMES` of the recipe's prosody columns: all but its `prosody_drop` names."""
+    from streamer.prosody import PROSODY_NAMES
+
+    drop = list(rc.get("prosody_drop", []))
+    unknown = sorted(set(drop) - set(PROSODY_NAMES))
+    if unknown:
+        raise ValueError(f"unknown prosody features {unknown} (known: {list(PROSODY_NAMES)})")
+    return [i for i, name in enumerate(PROSODY_NAMES) if name not in drop]
 
 
 def fitter(rc: dict, cfg: dict, seed: int) -> Callable:
@@ -421,6 +488,10 @@ def _result_key(rc: dict, data: VoiceData, cfg: dict, robust: bool = False) -> s
     shared = {k: cfg[k] for k in ("seed", "eval_dataset", "cv_folds", "heldout_speakers", "logreg", "attention", "mlp")}
     if rc.get("stream_norm"):
         shared["stream_norm"] = cfg["stream_norm"]
+    if rc.get("prosody"):
+        from streamer.prosody import PROSODY_SPEC
+
+        shared["prosody"] = PROSODY_SPEC
     parts = [RESULTS_VERSION, rc, shared] + ([{"robust": True}] if robust else [])
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode())
     for name in sorted(rc["datasets"]):
@@ -676,6 +747,11 @@ def _pooled(seqs: list[np.ndarray]) -> np.ndarray:
     return np.stack([voice_features(s) for s in seqs])
 
 
+def _rows(seqs: list[np.ndarray]) -> np.ndarray:
+    """One-row sequences (an utterance's prosody vector) back to a [clips, P] matrix."""
+    return np.stack([np.asarray(s, np.float32)[0] for s in seqs])
+
+
 @dataclass
 class SpeakerNormalised:
     """The training side of a `stream_norm` recipe: every speaker's clips (UEM and the extra datasets, and their
@@ -693,7 +769,7 @@ class SpeakerNormalised:
     pool: Callable
 
     @classmethod
-    def of(cls, inp: Inputs, rc: dict, data: VoiceData, cfg: dict) -> SpeakerNormalised:
+    def of(cls, inp: Inputs, rc: dict, data: VoiceData, cfg: dict, pool: Callable | None = None) -> SpeakerNormalised:
         ev = cfg["eval_dataset"]
         others = [n for n in rc["datasets"] if n != ev]
         ev_groups = np.array([f"{ev}/{c.speaker}" for c in data.clips[ev]])
@@ -706,7 +782,7 @@ class SpeakerNormalised:
             extra_groups,
             data.labels(ev),
             bool(cfg["stream_norm"].get("std", True)),
-            _pooled if rc["model"] == "logreg" else list,
+            pool or (_pooled if rc["model"] == "logreg" else list),
         )
 
     def training(self, train: np.ndarray) -> tuple[list | np.ndarray, list | None, tuple[np.ndarray, np.ndarray]]:
@@ -722,6 +798,12 @@ class SpeakerNormalised:
         aug = [self.pool(normalise_clips(copy, sums, own, prior, 0, self.std)) for copy in aug] if aug else None
         return rows, aug, prior
 
+    def testing(
+        self, test: np.ndarray, histories: list[np.ndarray], prior: tuple[np.ndarray, np.ndarray], n0: float
+    ) -> list[np.ndarray]:
+        """The evaluation clips `test`, each normalised by its `histories` entry (indices into `test`)."""
+        return normalise_clips(_take(self.inp.ev, test), self.ev_sums.take(test), histories, prior, n0, self.std)
+
 
 def stream_norm_splits(inp: Inputs, rc: dict, data: VoiceData, cfg: dict) -> Splitter:
     """`split` (as `plain_splits`) for a `stream_norm` recipe. Training side: `SpeakerNormalised`. Test side, views:
@@ -729,18 +811,19 @@ def stream_norm_splits(inp: Inputs, rc: dict, data: VoiceData, cfg: dict) -> Spl
     the prior is the training side's global frame moments."""
     sn = cfg["stream_norm"]
     n0, orders, share = float(sn["n0"]), int(sn["orders"]), float(sn["neutral_share"])
-    side = SpeakerNormalised.of(inp, rc, data, cfg)
+    sides = list(stream_sides(inp, rc, data, cfg).values())
     seed = int(cfg["seed"])
 
     def split(kind: str, train: np.ndarray, test: np.ndarray) -> Split:
-        rows, aug, prior = side.training(train)
-        seqs, test_sums = _take(inp.ev, test), side.ev_sums.take(test)
-        groups, y = side.ev_groups[test], side.y_ev[test]
+        trained = [(side, *side.training(train)) for side in sides]
+        rows = _hcat([r for _, r, _, _ in trained])
+        aug = trained[0][2]  # only a frames-only recipe has augmented copies (`prosody_inputs` refuses them)
+        groups, y = sides[0].ev_groups[test], sides[0].y_ev[test]
 
         def view(how: str, j: int, shrink: float) -> np.ndarray | list:
             rng = np.random.default_rng([seed, j, (CAUSAL, SKEWED, TRANSDUCTIVE).index(how)])
-            histories = stream_histories(groups, y, how, rng, share)
-            return side.pool(normalise_clips(seqs, test_sums, histories, prior, shrink, side.std))
+            histories = stream_histories(groups, y, how, rng, share)  # the same histories for every side
+            return _hcat([side.pool(side.testing(test, histories, prior, shrink)) for side, _, _, prior in trained])
 
         views = {MAIN if j == 0 else f"{CAUSAL} {j}": view(CAUSAL, j, n0) for j in range(orders)}
         views |= {f"{SKEWED} {j}": view(SKEWED, j, n0) for j in range(orders)}
@@ -748,6 +831,22 @@ def stream_norm_splits(inp: Inputs, rc: dict, data: VoiceData, cfg: dict) -> Spl
         return rows, aug, views
 
     return split
+
+
+def stream_sides(inp: Inputs, rc: dict, data: VoiceData, cfg: dict) -> dict[str, SpeakerNormalised]:
+    """The blocks of a `stream_norm` recipe in column order, each normalised per speaker by its own moments: `frames`
+    (the encoder frames, pooled for an LR), then `prosody` (the prosody vectors, when the recipe has them)."""
+    if rc.get("prosody") and not rc.get("frames", True):
+        return {"prosody": SpeakerNormalised.of(inp, rc, data, cfg, _rows)}
+    sides = {"frames": SpeakerNormalised.of(inp, rc, data, cfg)}
+    if inp.prosody is not None:
+        sides["prosody"] = SpeakerNormalised.of(inp.prosody, rc, data, cfg, _rows)
+    return sides
+
+
+def _hcat(blocks: list) -> np.ndarray | list:
+    """Side by side: one block as it is (a list of sequences for attention), several as columns of one matrix."""
+    return blocks[0] if len(blocks) == 1 else np.hstack(blocks)
 
 
 def stream_columns(result: RecipeResult) -> RecipeResult:
@@ -786,14 +885,21 @@ STREAM_COLUMNS = {
 def describe(rc: dict) -> str:
     if rc["model"] == "ensemble":
         return "mean of the probabilities of " + " and ".join(f"`{m}`" for m in rc["members"])
+    pros = rc.get("prosody")
+    n_pros = len(prosody_columns(rc)) if pros else 0
+    drop = f" without {', '.join(rc['prosody_drop'])}" if pros and rc.get("prosody_drop") else ""
+    inputs = f"prosody ({n_pros}{drop})" if pros else "mean+std"
+    inputs = f"mean+std + {inputs}" if pros and rc.get("frames", True) else inputs
     model = {
-        "logreg": "mean+std → LR" + (f" C={rc.get('C')}" if "C" in rc else ""),
+        "logreg": f"{inputs} → LR" + (f" C={rc.get('C')}" if "C" in rc else ""),
         "attention": "attention pooling" + (" + weighted std" if rc.get("stats") else "") + " → MLP",
         "mfcc_mlp": "MFCC-mean (128) → MLP (CogniCIC)",
     }[rc["model"]]
     data = "UEM+EmoDB" if D.EMODB in rc["datasets"] else "UEM"
-    window = "" if rc["model"] == "mfcc_mlp" else f", window {_window(rc.get('window', 10))}"
-    norm = "; frames normalised per speaker / stream (causal at test)" if rc.get("stream_norm") else ""
+    no_frames = rc["model"] == "mfcc_mlp" or not rc.get("frames", True)
+    window = "" if no_frames else f", window {_window(rc.get('window', 10))}"
+    what = "frames and prosody" if pros and rc.get("frames", True) else "prosody" if pros else "frames"
+    norm = f"; {what} normalised per speaker / stream (causal at test)" if rc.get("stream_norm") else ""
     copies = int(rc.get("augment") or 0)
     if not copies:
         return f"{model}; {data}{window}{norm}"
@@ -826,75 +932,167 @@ def encoder_cost(data: VoiceData, windows: list[float], n: int, seed: int) -> di
     return out
 
 
+PROSODY_COST = "prosody ms/utt"
+
+
+def _uses_prosody(name: str, cfg: dict) -> bool:
+    rc = cfg["recipes"][name]
+    return bool(rc.get("prosody")) or any(_uses_prosody(m, cfg) for m in rc.get("members", []))
+
+
+def prosody_cost(data: VoiceData, n: int, seed: int) -> float:
+    """Median wall ms of `streamer.prosody.prosody_features` per UEM clip (decoded audio in, one core: numpy's FFT
+    is single-threaded), no cache."""
+    from streamer.audio import load_audio
+    from streamer.prosody import prosody_features
+
+    clips = D.limit_records(data.clips[D.UEM], n, seed)
+    audio = [load_audio(c.path) for c in clips]
+    prosody_features(audio[0])  # warm-up
+    times = []
+    for a in audio:
+        t0 = time.perf_counter()
+        prosody_features(a)
+        times.append(1000 * (time.perf_counter() - t0))
+    seconds = float(np.median([len(a) for a in audio])) / 16000
+    log.info("prosody: median %.2f ms per clip (%d clips, median %.1f s)", np.median(times), len(audio), seconds)
+    return float(np.median(times))
+
+
+def runtime_cost(data: VoiceData, model: VoiceModel, n: int, seed: int, repeats: int = 5) -> dict[str, float]:
+    """What the voice costs per utterance at run time, on `n` UEM clips (decoded audio and cached encoder frames in,
+    as one stream): the utterance's prosody (`VoiceModel.prosody_of`), the normalisations and the head
+    (`VoiceModel.predict`) and the stream's history update (`StreamHistories.remember`), as `Engine` runs them on
+    one worker thread. Per clip the fastest of `repeats` runs (the others pay for caches and other processes);
+    then the median, 90th percentile and maximum over clips, wall and the thread's CPU time, in ms."""
+    from streamer.adaptation import StreamHistories
+    from streamer.audio import load_audio
+
+    position = {id(c): i for i, c in enumerate(data.clips[D.UEM])}
+    clips = D.limit_records(data.clips[D.UEM], n, seed)
+    audio = [load_audio(c.path) for c in clips]
+    frames = [np.asarray(data.frames(D.UEM, 10.0)[position[id(c)]], np.float32) for c in clips]
+    histories = StreamHistories()
+
+    def utterance(a: np.ndarray, f: np.ndarray) -> None:
+        prosody = model.prosody_of(a)
+        model.predict(f, histories.get("bench"), prosody)
+        histories.remember("bench", f, prosody)
+
+    utterance(audio[0], frames[0])  # warm-up
+    walls, cpus = [], []
+    for a, f in zip(audio, frames, strict=True):
+        runs = []
+        for _ in range(repeats):
+            w0, c0 = time.perf_counter(), time.thread_time()
+            utterance(a, f)
+            runs.append((time.perf_counter() - w0, time.thread_time() - c0))
+        wall, cpu = min(runs)
+        walls.append(1000 * wall)
+        cpus.append(1000 * cpu)
+    seconds = np.array([len(a) / 16000 for a in audio])
+    return {
+        "clips": len(audio),
+        "clip_s_median": float(np.median(seconds)),
+        "clip_s_max": float(seconds.max()),
+        "wall_ms_median": float(np.median(walls)),
+        "wall_ms_p90": float(np.percentile(walls, 90)),
+        "wall_ms_max": float(np.max(walls)),
+        "cpu_ms_median": float(np.median(cpus)),
+        "cpu_ms_p90": float(np.percentile(cpus, 90)),
+        "wall_ms_per_audio_s": float(np.median(np.array(walls) / seconds)),
+    }
+
+
+def cut_shift(data: VoiceData, model: VoiceModel, n: int, seed: int) -> dict[str, float]:
+    """How far the prosody the runtime reads moves from what training read: each of `n` UEM clips, padded with 1 s of
+    silence on both sides, goes through the live segmenter (default options) as a stream would; for the clips it
+    cuts into one utterance, the prosody of the cut against that of the whole clip, per column, in units of the
+    head's prosody prior std (median and 90th percentile of |difference| over clips)."""
+    from streamer.audio import load_audio
+    from streamer.frames import SAMPLE_RATE, AudioChunk
+    from streamer.segmenter import Segmenter
+
+    if model.prosody is None:
+        return {}
+    scale = np.sqrt(model.prosody.norm.var) if model.prosody.norm is not None else 1.0
+    pad = np.zeros(SAMPLE_RATE, np.float32)
+    shifts = []
+    for clip in D.limit_records(data.clips[D.UEM], n, seed):
+        audio = load_audio(clip.path)
+        cutter = Segmenter("cut")
+        cuts = cutter.push(AudioChunk(np.concatenate([pad, audio, pad]), 0.0)) + cutter.flush()
+        cuts = [u for u in cuts if not (u.tentative or u.interim)]
+        if len(cuts) == 1:
+            shifts.append(np.abs(model.prosody.features(cuts[0].audio) - model.prosody.features(audio)) / scale)
+    shifts = np.array(shifts)
+    out = {"clips": float(len(shifts)), "of": float(n)}
+    for name, column in zip(model.prosody.names, shifts.T, strict=True):
+        out[name] = float(np.median(column))
+        out[f"{name} p90"] = float(np.percentile(column, 90))
+    return out
+
+
 # --------------------------------------------------------------------------- ship
 
 
-def fit_final(name: str, cfg: dict, data: VoiceData) -> tuple[LinearHead | AttentionHead | EnsembleHead, dict]:
-    """Recipe `name` refitted on all its data (all 16 UEM speakers + extras): the head and its meta entries.
+def fit_final(name: str, cfg: dict, data: VoiceData) -> tuple[VoiceModel, dict]:
+    """Recipe `name` refitted on all its data (all 16 UEM speakers + extras): the runtime's `VoiceModel` (the head,
+    its frames' `StreamNorm`, its `ProsodyReader`) and the meta entries.
 
-    A `stream_norm` recipe trains on every speaker's frames normalised by that speaker's own moments (as the CV
-    training sides do) and `info["norm"]` is the `StreamNorm` the runtime applies before the head: the prior is
-    the global frame mean / variance of the raw clean training frames, n0 and std from the config's `stream_norm`.
-    `info["norm"]` is None otherwise; `write_head` saves both. An ensemble's members must agree on it (the runtime
-    normalises the frames once, before every member)."""
+    A `stream_norm` recipe trains on every speaker's frames (and prosody vectors) normalised by that speaker's own
+    moments, as the CV training sides do; the model's `norm` (and its prosody's `norm`) is what the runtime applies
+    before the head: the prior is the global mean / variance of the raw clean training frames (prosody vectors), n0
+    and std from the config's `stream_norm`. A recipe with `prosody` gets a `ProsodyReader` of its columns. An
+    ensemble's members must agree on each block they read (the runtime normalises the frames once and the prosody
+    once, before every member)."""
     rc = cfg["recipes"][name]
     seed = int(cfg["seed"])
     if rc["model"] == "ensemble":
-        parts = [fit_final(m, cfg, data) for m in rc["members"]]
-        norms = [i.pop("norm") for _, i in parts]
-        if not all(_same_norm(norms[0], n) for n in norms[1:]):
-            raise ValueError(f"{name}: members differ in stream normalisation (all or none, on the same data)")
-        # flattened: a member that is itself an ensemble contributes its members at its share of the weight
-        heads, weights = [], []
-        for head, _ in parts:
-            inner = head.members if isinstance(head, EnsembleHead) else (head,)
-            inner_w = head.weights or [1 / len(inner)] * len(inner) if isinstance(head, EnsembleHead) else [1.0]
-            heads += inner
-            weights += [w / len(parts) for w in inner_w]
-        datasets = list(dict.fromkeys(d for _, i in parts for d in i["datasets"]))
-        info = {"members": [i for _, i in parts], "datasets": datasets}
-        info["encoder_window_s"] = parts[0][1]["encoder_window_s"]
-        if len({i["encoder_window_s"] for _, i in parts}) > 1:
-            raise ValueError(f"{name}: members use different encoder windows")
-        if norms[0] is not None:
-            info["stream_norm"] = parts[0][1]["stream_norm"]
-        info["norm"] = norms[0]
-        return EnsembleHead(tuple(heads), {"id": name}, tuple(weights)), info
+        return _fit_ensemble(name, rc, cfg, data)
     if rc["model"] not in ("logreg", "attention"):
-        raise ValueError(f"{name}: a {rc['model']} recipe cannot be shipped (the runtime has only encoder frames)")
+        raise ValueError(f"{name}: a {rc['model']} recipe cannot be shipped (the runtime has frames and prosody only)")
     inp = recipe_inputs(rc, data, cfg)
     y = np.concatenate([data.labels(cfg["eval_dataset"]), inp.y_extra])
     window = float(rc.get("window", 10))
+    inputs = "+".join(b for b, on in (("frames", rc.get("frames", True)), ("prosody", rc.get("prosody"))) if on)
     info = {
         "recipe_name": name,
+        "inputs": inputs,
         "datasets": list(rc["datasets"]),
         "encoder_window_s": window,
         "n_train": len(y),
         "train_label_counts": label_counts(y),
         "augment_copies": int(rc.get("augment") or 0),
-        "norm": None,
     }
+    norms: dict[str, StreamNorm] = {}
     if rc.get("stream_norm"):
         sn = cfg["stream_norm"]
-        side = SpeakerNormalised.of(inp, rc, data, cfg)
-        rows, aug, prior = side.training(np.arange(len(inp.ev)))
-        info["norm"] = StreamNorm(prior[0], prior[1], float(sn["n0"]), bool(sn.get("std", True)))
-        info["stream_norm"] = {
-            "training": "each speaker's frames (UEM, EmoDB; augmented copies by their clean clip's statistics) minus"
-            " that speaker's frame mean" + (", over its frame std" if info["norm"].std else ""),
-            "runtime": "streamer.adaptation.StreamNorm (arrays norm.* in this file): a stream's utterance k is"
-            " normalised by the frame moments of its utterances 0..k-1, shrunk toward the prior with weight k/(k+n0)",
-            "prior": "global frame mean / variance of the raw clean training frames, every frame weighted alike",
-            "prior_frames": int(side.ev_sums.n.sum() + side.extra_sums.n.sum()),
-            "n0": float(sn["n0"]),
-            "std": bool(sn.get("std", True)),
-        }
+        sides = stream_sides(inp, rc, data, cfg)
+        trained = {block: side.training(np.arange(len(inp.ev))) for block, side in sides.items()}
+        rows, aug = _hcat([r for r, _, _ in trained.values()]), next(iter(trained.values()))[1]
+        for block, (_, _, prior) in trained.items():
+            norms[block] = StreamNorm(prior[0], prior[1], float(sn["n0"]), bool(sn.get("std", True)))
+            info["stream_norm" if block == "frames" else "prosody_norm"] = _norm_meta(block, sides[block], norms[block])
     else:
         rows, aug = _cat(inp.ev, inp.extra), inp.train_aug()
+    prosody = None
+    if rc.get("prosody"):
+        from streamer.prosody import PROSODY_NAMES, PROSODY_SPEC
+
+        prosody = ProsodyReader(tuple(PROSODY_NAMES[i] for i in prosody_columns(rc)), norms.get("prosody"))
+        info["prosody"] = {
+            "names": list(prosody.names),
+            "spec": PROSODY_SPEC,
+            "computed_on": "training: the whole clip; run time: the segmenter's cut (Utterance.audio), once per"
+            " utterance in the engine's worker thread (streamer.prosody.ProsodyReader, arrays prosody.* in this file)",
+        }
     t0 = time.perf_counter()
     if rc["model"] == "logreg":
         X, yy = (np.concatenate([rows, *aug]), np.tile(y, 1 + len(aug))) if aug else (rows, y)
-        head = final_head(X, yy, float(rc["C"]), cfg["logreg"], seed, {"id": f"{name}-meanstd-logreg"})
+        pooled = {"frames": "meanstd", "frames+prosody": "meanstd+prosody", "prosody": "prosody"}[inputs]
+        head = final_head(X, yy, float(rc["C"]), cfg["logreg"], seed, {"id": f"{name}-{pooled}-logreg"})
+        head = dataclasses.replace(head, inputs=inputs)
         info["classifier"] = {"type": "standardise + multinomial logistic regression (lbfgs)", "C": rc["C"]}
     else:
         acfg = {**cfg["attention"], **rc.get("attention", {})}
@@ -908,7 +1106,61 @@ def fit_final(name: str, cfg: dict, data: VoiceData) -> tuple[LinearHead | Atten
             "torch": _torch().__version__,
         }
     log.info("refitted %s on %d clips in %.0f s", name, len(y), time.perf_counter() - t0)
-    return head, info
+    return VoiceModel(head, norms.get("frames"), prosody), info
+
+
+def _fit_ensemble(name: str, rc: dict, cfg: dict, data: VoiceData) -> tuple[VoiceModel, dict]:
+    """The members refitted and flattened into one `EnsembleHead`: a member that is itself an ensemble contributes
+    its members at its share of the weight."""
+    parts = [fit_final(m, cfg, data) for m in rc["members"]]
+    heads, weights = [], []
+    for model, _ in parts:
+        head = model.head
+        inner = head.members if isinstance(head, EnsembleHead) else (head,)
+        inner_w = head.weights or [1 / len(inner)] * len(inner) if isinstance(head, EnsembleHead) else [1.0]
+        heads += inner
+        weights += [w / len(parts) for w in inner_w]
+    infos = [i for _, i in parts]
+    if len({i["encoder_window_s"] for i in infos}) > 1:
+        raise ValueError(f"{name}: members use different encoder windows")
+    norm = _shared(name, "stream normalisation", [m.norm for m, i in parts if "frames" in i["inputs"]], _same_norm)
+    prosody = _shared(name, "prosody", [m.prosody for m, i in parts if "prosody" in i["inputs"]], _same_prosody)
+    info = {
+        "members": infos,
+        "inputs": "+".join(b for b in ("frames", "prosody") if any(b in i["inputs"] for i in infos)),
+        "datasets": list(dict.fromkeys(d for i in infos for d in i["datasets"])),
+        "encoder_window_s": infos[0]["encoder_window_s"],
+    }
+    for key in ("stream_norm", "prosody", "prosody_norm"):  # the members that have one agree (checked above)
+        info |= next(({key: i[key]} for i in infos if key in i), {})
+    return VoiceModel(EnsembleHead(tuple(heads), {"id": name}, tuple(weights)), norm, prosody), info
+
+
+def _norm_meta(block: str, side: SpeakerNormalised, norm: StreamNorm) -> dict:
+    """How a block (the encoder frames, or the prosody vectors) was normalised, for the head's meta."""
+    what = {"frames": "frame", "prosody": "prosody vector"}[block]
+    prior_rows = int(side.ev_sums.n.sum() + side.extra_sums.n.sum())
+    return {
+        "training": f"each speaker's {what}s (UEM, EmoDB"
+        + ("; augmented copies by their clean clip's statistics" if block == "frames" else "")
+        + f") minus that speaker's {what} mean"
+        + (f", over its {what} std" if norm.std else ""),
+        "runtime": f"a stream's utterance k is normalised by the {what} moments of its utterances 0..k-1, shrunk"
+        " toward the prior with weight k/(k+n0) (streamer.adaptation.StreamNorm, arrays "
+        + ("norm.*" if block == "frames" else "prosody.norm.*")
+        + " in this file)",
+        "prior": f"global {what} mean / variance of the raw clean training {what}s, every {what} weighted alike",
+        f"prior_{'frames' if block == 'frames' else 'rows'}": prior_rows,
+        "n0": norm.n0,
+        "std": norm.std,
+    }
+
+
+def _shared(name: str, what: str, values: list, same: Callable) -> object | None:
+    """The one value of a block that the members reading it share (None when none reads it, or none normalises)."""
+    if any(not same(values[0], v) for v in values[1:]):
+        raise ValueError(f"{name}: members differ in {what} (all or none, on the same data)")
+    return values[0] if values else None
 
 
 def _same_norm(a, b) -> bool:
@@ -917,24 +1169,16 @@ def _same_norm(a, b) -> bool:
     return (a.n0, a.std) == (b.n0, b.std) and np.array_equal(a.mean, b.mean) and np.array_equal(a.var, b.var)
 
 
-def write_head(head: LinearHead | AttentionHead | EnsembleHead, norm, path: Path) -> Path:
-    """Save a voice head, with its stream normalisation (`streamer.adaptation.StreamNorm`, arrays `norm.*`) when
-    it has one: arrays only, no pickles."""
-    head.save(path)
-    if norm is not None:
-        norm.save_into(path)
-    return path
+def _same_prosody(a: ProsodyReader, b: ProsodyReader) -> bool:
+    return a.names == b.names and _same_norm(a.norm, b.norm)
 
 
 def ship(name: str, cfg: dict, data: VoiceData, out: Path, result: RecipeResult | None, config: Path) -> Path:
     """Refit `name` on all its data and save it as the package's voice head (with its stream normalisation for a
-    `stream_norm` recipe), estimates and recipe in its meta. The temperature is 1: fit it with
-    `python -m pipelines.train_heads --calibrate-voice` afterwards."""
-    import dataclasses
-
+    `stream_norm` recipe and its prosody block for a `prosody` one), estimates and recipe in its meta. The
+    temperature is 1: fit it with `python -m pipelines.train_heads --calibrate-voice` afterwards."""
     seed = int(cfg["seed"])
-    head, info = fit_final(name, cfg, data)
-    norm = info.pop("norm")
+    model, info = fit_final(name, cfg, data)
     estimates = {}
     if result is not None:
         for kind, pred in (("cv", result.cv), ("heldout", result.heldout)):
@@ -949,35 +1193,39 @@ def ship(name: str, cfg: dict, data: VoiceData, out: Path, result: RecipeResult 
                     "pooled_macro_f1": round(s["pooled_f1"], 4),
                     "pooled_macro_f1_ci95": [round(v, 4) for v in s["ci"]],
                 }
-        if norm is not None:  # the main CV / held-out rows are the causal history, order 0
+        if model.adapts:  # the main CV / held-out rows are the causal history, order 0
             estimates["view"] = "causal stream history (each test speaker's clips in a random order), order 0"
             columns = stream_columns(dataclasses.replace(result, more=dict(result.more))).extras
             estimates["stream_norm"] = {how: columns[c] for how, c in STREAM_COLUMNS.items() if c in columns}
     rec = data.featurizer(float(info["encoder_window_s"])).recogniser
     datasets = info["datasets"]
+    version = 4 if model.prosody is not None else 3 if model.norm is not None else 2  # v4: prosody; v3: stream norm
     meta = {
         "id": f"voice-{'+'.join('uem' if n == D.UEM else 'emodb' for n in datasets)}-whisperbase"
-        f"-w{info['encoder_window_s']:g}-{name}-v{3 if norm is not None else 2}",
+        f"-w{info['encoder_window_s']:g}-{name}-v{version}",
         "head": "voice",
-        "kind": type(head).__name__,
+        "kind": type(model.head).__name__,
         "labels": list(LABELS),
-        "feature": "whisper-encoder-last-layer-covered-frames (float32 at run time, float16 cache in training)",
+        "feature": "whisper-encoder-last-layer-covered-frames (float32 at run time, float16 cache in training)"
+        + ("; streamer.prosody features of the utterance (meta prosody)" if model.prosody is not None else ""),
         "encoder": rec.model_id,
         "encoder_device": rec.device,
         "encoder_compute_type": rec.compute_type,
         **info,
         "cv": estimates,
-        "selected_by": "cv macro_f1_mean above the previous head's, held-out not worse, among the recipes of"
+        "selected_by": cfg.get("selected_by")
+        or "cv macro_f1_mean above the previous head's, held-out not worse, among the recipes of"
         " docs/models/voice_recipes.md (chosen after seeing them: mildly optimistic)"
-        + ("; stream-normalised: scored with causal stream histories" if norm is not None else ""),
+        + ("; stream-normalised: scored with causal stream histories" if model.adapts else ""),
         "limit": data.limit,
         "seed": seed,
         "licence": "; ".join(VOICE_LICENCES[n] for n in datasets),
         "recipe": {"config": _rel(config), "name": name, "recipes": _recipe_closure(name, cfg), "seed": seed},
     }
-    head = dataclasses.replace(head, meta=meta)
     out.mkdir(parents=True, exist_ok=True)
-    return write_head(head, norm, out / "voice_head.npz")
+    path = out / "voice_head.npz"
+    dataclasses.replace(model, head=dataclasses.replace(model.head, meta=meta)).save(path)
+    return path
 
 
 def _recipe_closure(name: str, cfg: dict) -> dict:
@@ -1001,8 +1249,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default <repo>/.cache/features)")
     p.add_argument("--no-cost", action="store_true", help="skip timing the encoder windows")
     p.add_argument("--refit", action="store_true", help="ignore cached recipe results")
+    p.add_argument(
+        "--replace-table",
+        action="store_true",
+        help="with --recipes: write only these rows (default: keep the other recipes' rows of --out as they are)",
+    )
     p.add_argument("--ship", action="store_true", help="refit the config's `ship` recipe on all data and save it")
     p.add_argument("--models-dir", type=Path, default=D.REPO_ROOT / "streamer" / "models")
+    p.add_argument(
+        "--runtime-cost",
+        type=int,
+        nargs="?",
+        const=120,
+        default=None,
+        metavar="CLIPS",
+        help="only measure the run-time cost per utterance (prosody + normalisation + heads) of <models-dir>'s voice"
+        " head on CLIPS UEM clips (default 120) and print it",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from pipelines.features import DEFAULT_CACHE
@@ -1010,6 +1273,25 @@ def main(argv: list[str] | None = None) -> int:
     cfg = yaml.safe_load(args.config.read_text(encoding="utf-8"))
     seed = int(cfg["seed"])
     data = VoiceData(args.data_dir, args.cache_dir or DEFAULT_CACHE, seed, args.limit)
+    if args.runtime_cost is not None:
+        model = VoiceModel.load(args.models_dir / "voice_head.npz")
+        data.load([D.UEM])
+        cost = runtime_cost(data, model, args.runtime_cost, seed)
+        print(
+            f"{model.model_id}: prosody + normalisation + heads + history update per utterance, one thread, over"
+            f" {cost['clips']} UEM clips (median {cost['clip_s_median']:.1f} s, longest {cost['clip_s_max']:.1f} s):"
+            f" wall median {cost['wall_ms_median']:.2f} ms, p90 {cost['wall_ms_p90']:.2f} ms, max"
+            f" {cost['wall_ms_max']:.2f} ms ({cost['wall_ms_per_audio_s']:.2f} ms per audio second); thread CPU median"
+            f" {cost['cpu_ms_median']:.2f} ms, p90 {cost['cpu_ms_p90']:.2f} ms"
+        )
+        shift = cut_shift(data, model, int(cfg.get("encoder_cost_clips", 24)), seed)
+        if shift:
+            print(
+                f"prosody of the segmenter's cut against the whole clip ({shift['clips']:.0f} of {shift['of']:.0f}"
+                " clips cut into one utterance), |difference| in prior std, median / p90: "
+                + ", ".join(f"{n} {shift[n]:.2f} / {shift[n + ' p90']:.2f}" for n in model.prosody.names)
+            )
+        return 0
     started = time.perf_counter()
     names = args.recipes or list(cfg["recipes"])
     if args.ship:
@@ -1028,33 +1310,49 @@ def main(argv: list[str] | None = None) -> int:
         results.append(result)
     if args.ship:
         path = ship(names[0], cfg, data, args.models_dir, results[0], args.config)
-        print(f"saved {path} ({path.stat().st_size / 1024:.0f} KiB)")
+        from streamer.models import sha256_of
+
+        print(f"saved {path} ({path.stat().st_size / 1024:.0f} KiB, sha256 {sha256_of(path)})")
         return 0
 
     used = [cfg["recipes"][n] for n in names if cfg["recipes"][n]["model"] in ("logreg", "attention")]
     windows = sorted({float(w) for w in cfg.get("cost_windows", [])} | {float(r.get("window", 10)) for r in used})
     costs = {} if args.no_cost else encoder_cost(data, windows, int(cfg.get("encoder_cost_clips", 24)), seed)
+    with_prosody = [n for n in names if _uses_prosody(n, cfg)]
+    prosody_ms = None
+    if with_prosody and not args.no_cost:
+        prosody_ms = prosody_cost(data, int(cfg.get("encoder_cost_clips", 24)), seed)
     for name, r in zip(names, results, strict=True):
         stream_columns(r)
         rc = cfg["recipes"][name]
         if rc["model"] == "ensemble":
             rc = cfg["recipes"][rc["members"][0]]
         w = float(rc.get("window", 10))
+        frames = rc["model"] != "mfcc_mlp" and rc.get("frames", True)
         r.extras = {
-            "encoder ms/utt": f"{costs[w]:.0f}" if w in costs and rc["model"] != "mfcc_mlp" else "–",
+            "encoder ms/utt": f"{costs[w]:.0f}" if w in costs and frames else "–",
+            PROSODY_COST: f"{prosody_ms:.2f}" if prosody_ms is not None and name in with_prosody else "–",
             **r.extras,
         }
     total = time.perf_counter() - started
+    kept = {}
+    if args.recipes and not args.replace_table and args.out.is_file():
+        # a run of some recipes updates their rows and keeps the others' (same config, same folds) as they were
+        kept = {k: v for k, v in read_table(args.out).items() if k in cfg["recipes"] and k not in names}
+        if kept:
+            log.info("kept %d rows of %s that this run did not refit: %s", len(kept), args.out, ", ".join(kept))
     md = write_report(
         results,
         args.out,
         "Voice-head recipes on speaker-grouped folds",
         intro=_intro(cfg, data, args),
-        notes=_notes(cfg, data, total, costs),
+        notes=_notes(cfg, data, total, costs, tuple(kept)),
         n_boot=int(cfg.get("n_boot", 1000)),
         seed=seed,
         cv_name="CV",
         heldout_name="held-out test1+test2",
+        kept=kept,
+        order=[n for n in cfg["recipes"] if n in kept or n in names],
     )
     print(md.read_text(encoding="utf-8"))
     return 0
@@ -1077,7 +1375,7 @@ def _intro(cfg: dict, data: VoiceData, args) -> str:
     )
 
 
-def _notes(cfg: dict, data: VoiceData, total: float, costs: dict[float, float]) -> str:
+def _notes(cfg: dict, data: VoiceData, total: float, costs: dict[float, float], kept: tuple[str, ...] = ()) -> str:
     skipped = ", ".join(f"{k}: {v}" for k, v in sorted(data.skipped.items())) or "none"
     a = cfg["attention"]
     cost_table = ""
@@ -1096,7 +1394,12 @@ def _notes(cfg: dict, data: VoiceData, total: float, costs: dict[float, float]) 
         else "Shipped: none of these (the config's `ship` is null)."
     )
     return (
-        shipped + "\n\n" + cost_table + _stream_note(cfg) + f"Skipped input (counted, never silent): {skipped}.\n\n"
+        shipped
+        + "\n\n"
+        + cost_table
+        + _stream_note(cfg)
+        + _prosody_note(cfg)
+        + f"Skipped input (counted, never silent): {skipped}.\n\n"
         f"Attention heads: hidden {a['hidden']}, dropout {a['dropout']}, AdamW lr {a['lr']} wd {a['weight_decay']},"
         f" {a['epochs']} epochs of batch {a['batch']}, random {a['crop_frames']}-frame crops with repeat"
         " padding, lr × 0.9 after 5 epochs without a lower training loss, class-weighted cross-entropy,"
@@ -1113,7 +1416,42 @@ def _notes(cfg: dict, data: VoiceData, total: float, costs: dict[float, float]) 
         "Caveats: C, epochs and sizes were set once, not tuned per fold; choosing the best of these rows on the"
         " same folds is mildly optimistic. test1 and test2 are also inside the CV folds. The CI resamples clips,"
         " which are not independent within a speaker, so it is narrower than a speaker-level interval."
-        f" Run time of this table: {total:.0f} s."
+        + (
+            f" Run time of this table: {total:.0f} s."
+            if not kept
+            else f" Run time of the last run ({total:.0f} s) covers its recipes only; the rows of"
+            f" {', '.join(f'`{n}`' for n in kept)} were kept from the previous table (same config, folds and code"
+            " path; rerun them with `--recipes` or the whole table without it)."
+        )
+    )
+
+
+def _prosody_note(cfg: dict) -> str:
+    if not any(rc.get("prosody") for rc in cfg["recipes"].values()):
+        return ""
+    from streamer.prosody import PROSODY_NAMES
+
+    return (
+        "Prosody (`prosody`, issue #3): Whisper's encoder was trained for recognition and is partly blind to pitch and"
+        " loudness, so these recipes add 15 numbers per clip from `streamer.prosody` (numpy, one core; the `prosody"
+        " ms/utt` column is the median over the same UEM clips as the encoder cost): "
+        + ", ".join(f"`{n}`" for n in PROSODY_NAMES)
+        + ". F0 is tracked YIN-style on the audio decimated to 8 kHz (70–450 Hz, 25 ms windows every 20 ms), in"
+        " semitones re 100 Hz; energy in dB re full scale. `-sn`: the prosody vectors are normalised per speaker"
+        " exactly as the frames (training side: the speaker's own mean and std; test side: the stream's earlier"
+        " clips, shrunk toward the training side's moments), each block with its own moments and the same histories;"
+        " without `-sn` they are standardised globally. The LR on frames + prosody keeps the frames' C (0.03, the"
+        " prosody columns standardised like the others); the prosody-only LR has C = 1; both set once, not tuned."
+        " The ensemble with prosody swaps the shipped ensemble's LR member for the LR on frames + prosody; the"
+        " late fusion averages the shipped ensemble's two members and the prosody-only LR in thirds (set a priori,"
+        " not tuned on any fold). The extraction's settings (thresholds, range, hop) were set before any row was"
+        " scored. `-nodur` (an ablation added after seeing the rows): without `voiced_rate`, `active_ratio` and"
+        " `log_active_s`, which depend on how an utterance is cut and how long its sentence is (the acted corpora say"
+        " fixed sentences; live utterances are VAD cuts of any sentence); what remains is pitch, energy, tilt and"
+        " zero crossings. Prosody is computed on the whole clip here; at run time on the segmenter's cut (250 ms of"
+        " pre-roll, 32 ms after the last speech window), which is why only `-nodur` recipes were candidates to"
+        " ship. The shipped head's cost per utterance at run time (prosody, normalisation, heads) and how far the cut"
+        " moves each prosody column: `python -m pipelines.voice_recipes --runtime-cost`.\n\n"
     )
 
 

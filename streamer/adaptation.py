@@ -5,7 +5,9 @@ frame statistics removes much of what differs between voices, and unseen speaker
 on (`pipelines.voice_recipes`, recipes `-sn`: +0.05 macro-F1 on speaker-grouped folds). Only the stream's past
 utterances count (causal), shrunk toward the training side's global moments with weight k / (k + n0) after k
 utterances, so a stream's first utterance is normalised by the global moments alone. The training pipeline and
-the runtime use the same `shrink`.
+the runtime use the same `shrink`. A voice head that also reads prosody (`streamer.prosody.ProsodyReader`) normalises
+each utterance's prosody vector the same way, by the moments of the stream's past vectors (one row per utterance):
+`StreamHistory` keeps both.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-PREFIX = "norm."  # keys of the normalisation's arrays inside a voice head's .npz
+from streamer.models import replace_arrays
+
+PREFIX = "norm."  # keys of the frames' normalisation inside a voice head's .npz (the prosody's: `streamer.prosody`)
 
 
 def shrink(
@@ -78,54 +82,73 @@ class StreamNorm:
         scale = np.sqrt(np.maximum(var, 1e-10)) if self.std else 1.0
         return ((np.asarray(encoder_frames, dtype=np.float64) - mean) / scale).astype(dtype)
 
-    def arrays(self) -> dict[str, np.ndarray]:
+    def arrays(self, prefix: str = PREFIX) -> dict[str, np.ndarray]:
         return {
-            f"{PREFIX}mean": np.asarray(self.mean, np.float64),
-            f"{PREFIX}var": np.asarray(self.var, np.float64),
-            f"{PREFIX}n0": np.array(self.n0, np.float64),
-            f"{PREFIX}std": np.array(self.std),
+            f"{prefix}mean": np.asarray(self.mean, np.float64),
+            f"{prefix}var": np.asarray(self.var, np.float64),
+            f"{prefix}n0": np.array(self.n0, np.float64),
+            f"{prefix}std": np.array(self.std),
         }
 
     @classmethod
-    def load(cls, path: Path) -> StreamNorm | None:
-        """The normalisation stored in a voice head file, or None when the head works on raw frames."""
+    def load(cls, path: Path, prefix: str = PREFIX) -> StreamNorm | None:
+        """The normalisation stored under `prefix` in a voice head file, or None when there is none (raw input)."""
         with np.load(path, allow_pickle=False) as z:
-            if f"{PREFIX}mean" not in z.files:
+            if f"{prefix}mean" not in z.files:
                 return None
-            norm = cls(z[f"{PREFIX}mean"], z[f"{PREFIX}var"], float(z[f"{PREFIX}n0"]), bool(z[f"{PREFIX}std"]))
+            norm = cls(z[f"{prefix}mean"], z[f"{prefix}var"], float(z[f"{prefix}n0"]), bool(z[f"{prefix}std"]))
         if norm.mean.shape != norm.var.shape or norm.mean.ndim != 1 or norm.n0 < 0:
             raise ValueError(f"{path}: bad stream normalisation (mean {norm.mean.shape}, var {norm.var.shape})")
         return norm
 
-    def save_into(self, path: Path) -> None:
+    def save_into(self, path: Path, prefix: str = PREFIX) -> None:
         """Add (or replace) this normalisation in an existing head file."""
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files if not k.startswith(PREFIX)}
-        np.savez(path, **arrays, **self.arrays())
+        replace_arrays(path, prefix, self.arrays(prefix))
+
+
+def _plus(moments: FrameMoments | None, rows: np.ndarray | None) -> FrameMoments | None:
+    """`moments` with `rows` added (new moments for the first rows; unchanged when there are none)."""
+    if rows is None or len(rows) == 0:
+        return moments
+    return FrameMoments.of(rows) if moments is None else moments.add(rows)
+
+
+@dataclass(frozen=True)
+class StreamHistory:
+    """One stream's past final utterances: the moments of their encoder frames and of their prosody vectors (one row
+    per utterance; None while none came with prosody, as with a voice head that reads none). Immutable, like
+    `FrameMoments`."""
+
+    frames: FrameMoments | None = None
+    prosody: FrameMoments | None = None
+
+    def add(self, encoder_frames: np.ndarray, prosody: np.ndarray | None = None) -> StreamHistory:
+        row = None if prosody is None else np.asarray(prosody).reshape(1, -1)
+        return StreamHistory(_plus(self.frames, encoder_frames), _plus(self.prosody, row))
 
 
 class StreamHistories:
-    """Each stream's `FrameMoments`, for the streams heard most recently (a bounded map, so a server that sees
+    """Each stream's `StreamHistory`, for the streams heard most recently (a bounded map, so a server that sees
     millions of calls does not grow: a forgotten stream starts again from the prior)."""
 
     def __init__(self, max_streams: int = 10_000) -> None:
         self.max_streams = max_streams
-        self._moments: collections.OrderedDict[str, FrameMoments] = collections.OrderedDict()
+        self._histories: collections.OrderedDict[str, StreamHistory] = collections.OrderedDict()
 
-    def get(self, stream: str) -> FrameMoments | None:
-        return self._moments.get(stream)
+    def get(self, stream: str) -> StreamHistory | None:
+        return self._histories.get(stream)
 
-    def remember(self, stream: str, encoder_frames: np.ndarray) -> None:
-        """Add a finished utterance's frames to its stream (call once per final utterance, in order)."""
+    def remember(self, stream: str, encoder_frames: np.ndarray, prosody: np.ndarray | None = None) -> None:
+        """Add a finished utterance's frames (and its prosody vector, when the voice head reads one) to its stream;
+        call once per final utterance, in order. An utterance without frames counts for neither."""
         if len(encoder_frames) == 0:
             return
-        old = self._moments.pop(stream, None)
-        self._moments[stream] = FrameMoments.of(encoder_frames) if old is None else old.add(encoder_frames)
-        while len(self._moments) > self.max_streams:
-            self._moments.popitem(last=False)
+        self._histories[stream] = self._histories.pop(stream, StreamHistory()).add(encoder_frames, prosody)
+        while len(self._histories) > self.max_streams:
+            self._histories.popitem(last=False)
 
     def forget(self, stream: str) -> None:
-        self._moments.pop(stream, None)
+        self._histories.pop(stream, None)
 
     def __len__(self) -> int:
-        return len(self._moments)
+        return len(self._histories)

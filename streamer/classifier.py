@@ -11,7 +11,9 @@ sentence encoders its meta names (`e5`: multilingual-e5-small; `use`: USE-multil
 the words head by the transcript's language (`TEXT_HEADS`, the default head for any other language). Fusion is
 certainty-weighted and gated by default (`fuse`): words without a clear emotion leave the voice alone. A voice head
 file may carry a stream-adaptive normalisation (`streamer.adaptation`): its frames are then normalised by the
-stream's past utterances first.
+stream's past utterances first. A linear member may also read the utterance's prosody (`LinearHead.inputs`;
+`streamer.prosody.ProsodyReader`, stored in the same file, says which columns and how they are normalised):
+`VoiceModel` is the head with both normalisations, what the classifier runs.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from streamer.adaptation import FrameMoments, StreamNorm
+from streamer.adaptation import StreamHistory, StreamNorm
 from streamer.frames import LABELS, Emotion, Transcript
-from streamer.models import TEXT_HEAD, TEXT_HEADS, VOICE_HEAD, e5_small_path
+from streamer.models import TEXT_HEAD, TEXT_HEADS, VOICE_HEAD, e5_small_path, save_arrays
+from streamer.prosody import ProsodyReader
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -53,9 +56,15 @@ def read_temperature(z, where: str) -> float:
     return t
 
 
+VOICE_INPUTS = ("frames", "frames+prosody", "prosody")  # what a linear voice head reads (`LinearHead.inputs`)
+
+
 @dataclass(frozen=True)
 class LinearHead:
-    """softmax((((x - mean) / scale) @ coef.T + intercept) / temperature), with its training metadata."""
+    """softmax((((x - mean) / scale) @ coef.T + intercept) / temperature), with its training metadata.
+
+    As a voice head, x is one of `VOICE_INPUTS` (`inputs`): the mean+std pooled encoder frames, those followed by the
+    utterance's normalised prosody vector, or the prosody vector alone."""
 
     labels: tuple[str, ...]
     mean: np.ndarray
@@ -64,6 +73,7 @@ class LinearHead:
     intercept: np.ndarray
     meta: dict = field(default_factory=dict)
     temperature: float = 1.0
+    inputs: str = "frames"
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         z = ((np.atleast_2d(x) - self.mean) / self.scale) @ self.coef.T + self.intercept
@@ -82,6 +92,7 @@ class LinearHead:
             "intercept": self.intercept.astype(np.float32),
             "meta": np.array(json.dumps(self.meta, sort_keys=True)),
             "temperature": np.array(self.temperature, dtype=np.float64),
+            **({} if self.inputs == "frames" else {"inputs": np.array(self.inputs)}),  # files before v4: frames
         }
 
     @classmethod
@@ -94,13 +105,16 @@ class LinearHead:
             intercept=z["intercept"],
             meta=json.loads(str(z["meta"])),
             temperature=read_temperature(z, where),
+            inputs=str(z["inputs"]) if "inputs" in z else "frames",
         )
         if head.labels != LABELS:
             raise ValueError(f"{where}: head labels {head.labels} differ from {LABELS}")
+        if head.inputs not in VOICE_INPUTS:
+            raise ValueError(f"{where}: unknown inputs {head.inputs!r} (known: {', '.join(VOICE_INPUTS)})")
         return head
 
     def save(self, path: Path) -> None:
-        np.savez(path, **self.arrays())
+        save_arrays(path, self.arrays())
 
     @classmethod
     def load(cls, path: Path) -> LinearHead:
@@ -109,9 +123,18 @@ class LinearHead:
                 raise ValueError(f"{path}: a {z['kind']} head, not a linear one (use load_voice_head)")
             return cls.from_arrays({k: z[k] for k in z.files}, str(path))
 
-    def predict_frames(self, encoder_frames: np.ndarray) -> np.ndarray:
-        """Probabilities [6] of one utterance from its encoder frames (mean+std pooled)."""
-        return self.predict_proba(voice_features(encoder_frames))[0]
+    @property
+    def reads_prosody(self) -> bool:
+        return "prosody" in self.inputs
+
+    def predict_frames(self, encoder_frames: np.ndarray, prosody: np.ndarray | None = None) -> np.ndarray:
+        """Probabilities [6] of one utterance from its encoder frames (mean+std pooled) and, for a head that reads
+        it, its normalised prosody vector; unknown prosody (None) counts as the stream's average one (zeros)."""
+        row = voice_features(encoder_frames) if "frames" in self.inputs else np.zeros(0, np.float32)
+        if self.reads_prosody:
+            width = self.coef.shape[1] - len(row)
+            row = np.concatenate([row, np.zeros(width, np.float32) if prosody is None else prosody])
+        return self.predict_proba(row)[0]
 
 
 def _gelu_tanh(x: np.ndarray) -> np.ndarray:
@@ -157,8 +180,10 @@ class AttentionHead:
         var = w @ (h - c) ** 2
         return np.concatenate([c, np.sqrt(var + self.STD_EPS)])
 
-    def predict_frames(self, encoder_frames: np.ndarray) -> np.ndarray:
-        """Probabilities [K] of one utterance from its encoder frames [T, E] (T ≥ 1)."""
+    reads_prosody = False
+
+    def predict_frames(self, encoder_frames: np.ndarray, prosody: np.ndarray | None = None) -> np.ndarray:
+        """Probabilities [K] of one utterance from its encoder frames [T, E] (T ≥ 1); prosody is not read."""
         x = self.w1 @ self.pool(encoder_frames) + self.b1
         x = (x - x.mean()) / np.sqrt(x.var() + self.LN_EPS) * self.ln_gain + self.ln_bias
         return softmax((self.w2 @ _gelu_tanh(x) + self.b2) / self.temperature)
@@ -198,7 +223,7 @@ class AttentionHead:
         return head
 
     def save(self, path: Path) -> None:
-        np.savez(path, **self.arrays())
+        save_arrays(path, self.arrays())
 
     @classmethod
     def load(cls, path: Path) -> AttentionHead:
@@ -216,10 +241,15 @@ class EnsembleHead:
     weights: tuple[float, ...] | None = None
     temperature: float = 1.0
 
-    def predict_frames(self, encoder_frames: np.ndarray) -> np.ndarray:
+    @property
+    def reads_prosody(self) -> bool:
+        return any(m.reads_prosody for m in self.members)
+
+    def predict_frames(self, encoder_frames: np.ndarray, prosody: np.ndarray | None = None) -> np.ndarray:
+        """The vote on one utterance's encoder frames; `prosody` goes to the members that read it."""
         w = np.full(len(self.members), 1 / len(self.members)) if self.weights is None else np.asarray(self.weights)
-        p = np.sum([wi * m.predict_frames(encoder_frames) for wi, m in zip(w, self.members, strict=True)], axis=0)
-        return temper(p, self.temperature)
+        votes = [wi * m.predict_frames(encoder_frames, prosody) for wi, m in zip(w, self.members, strict=True)]
+        return temper(np.sum(votes, axis=0), self.temperature)
 
     @property
     def model_id(self) -> str:
@@ -235,7 +265,7 @@ class EnsembleHead:
             arrays["weights"] = np.asarray(self.weights, dtype=np.float64)
         for i, member in enumerate(self.members):
             arrays |= {f"m{i}.{k}": v for k, v in member.arrays().items()}
-        np.savez(path, **arrays)
+        save_arrays(path, arrays)
 
     @classmethod
     def load(cls, path: Path) -> EnsembleHead:
@@ -269,6 +299,56 @@ def load_voice_head(path: Path = VOICE_HEAD) -> VoiceHead:
     if kind not in loaders:
         raise ValueError(f"{path}: unknown voice head kind {kind!r}")
     return loaders[kind](path)
+
+
+@dataclass(frozen=True)
+class VoiceModel:
+    """The voice head with what it reads: the utterance's encoder frames, normalised by the stream's past ones when
+    the file has a `norm` (`streamer.adaptation.StreamNorm`), and, when a member reads prosody, the utterance's
+    prosody vector (`prosody`: its columns and their normalisation by the stream's past vectors)."""
+
+    head: VoiceHead
+    norm: StreamNorm | None = None
+    prosody: ProsodyReader | None = None
+
+    @classmethod
+    def load(cls, path: Path = VOICE_HEAD) -> VoiceModel:
+        model = cls(load_voice_head(path), StreamNorm.load(path), ProsodyReader.load(path))
+        if model.head.reads_prosody != (model.prosody is not None):
+            raise ValueError(f"{path}: a head that reads prosody needs its prosody.* arrays, and only it has them")
+        return model
+
+    def save(self, path: Path) -> None:
+        """One .npz, arrays only: the head's, then the frames' normalisation (`norm.*`) and the prosody block
+        (`prosody.*`) when there are."""
+        self.head.save(path)
+        for block in (self.norm, self.prosody):
+            if block is not None:
+                block.save_into(path)
+
+    @property
+    def model_id(self) -> str:
+        return self.head.model_id
+
+    @property
+    def adapts(self) -> bool:
+        """Whether the stream's past utterances change what the head sees (so the engine keeps their history)."""
+        return self.norm is not None or (self.prosody is not None and self.prosody.norm is not None)
+
+    def prosody_of(self, audio: np.ndarray) -> np.ndarray | None:
+        """The utterance's raw prosody vector when the head reads one (about 1 ms per audio second), else None."""
+        return None if self.prosody is None else self.prosody.features(audio)
+
+    def predict(
+        self, encoder_frames: np.ndarray, history: StreamHistory | None = None, prosody: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Probabilities [6]: the frames and the raw `prosody` vector (`prosody_of`; None for a head that reads none)
+        normalised by the stream's `history` (None: the prior), then the head."""
+        history = history or StreamHistory()
+        frames = encoder_frames if self.norm is None else self.norm.apply(encoder_frames, history.frames)
+        if self.prosody is not None and prosody is not None:
+            prosody = self.prosody.normalise(prosody, history.prosody)
+        return self.head.predict_frames(frames, prosody)
 
 
 def voice_features(encoder_frames: np.ndarray) -> np.ndarray:
@@ -468,12 +548,12 @@ class EmotionClassifier:
         opts: ClassifierOptions | None = None,
         text_heads: dict[str, Path] | None = None,
         default_text_head: Path = TEXT_HEAD,
+        voice_head: Path = VOICE_HEAD,
     ) -> None:
         self.opts = opts or ClassifierOptions()
         if self.opts.fusion not in FUSION_RULES:
             raise ValueError(f"unknown fusion rule {self.opts.fusion!r} (known: {', '.join(FUSION_RULES)})")
-        self.voice: VoiceHead = load_voice_head(VOICE_HEAD)
-        self.norm = StreamNorm.load(VOICE_HEAD)  # None: the head takes raw frames
+        self.voice = VoiceModel.load(voice_head)
         encoders: dict = {}
         self.text_model = TextModel.load(default_text_head, self.opts.text_threads, encoders)
         self.text = self.text_model.head
@@ -506,15 +586,19 @@ class EmotionClassifier:
         """Words-only probabilities [n, 6] from the words head of `language` (the default head when None)."""
         return self.text_model_for(language).predict_proba(texts)
 
-    def classify_voice(self, encoder_frames: np.ndarray, history: FrameMoments | None = None) -> np.ndarray:
-        """Voice-only probabilities [6]; the frames are normalised by the stream's `history` when the head says so."""
-        frames = encoder_frames if self.norm is None else self.norm.apply(encoder_frames, history)
-        return self.voice.predict_frames(frames)
+    def classify_voice(
+        self, encoder_frames: np.ndarray, history: StreamHistory | None = None, prosody: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Voice-only probabilities [6] (`VoiceModel.predict`)."""
+        return self.voice.predict(encoder_frames, history, prosody)
 
-    def classify(self, transcript: Transcript, history: FrameMoments | None = None) -> Emotion:
-        """Voice, words and their fusion; `history` is the stream's past utterances (`streamer.adaptation`)."""
+    def classify(
+        self, transcript: Transcript, history: StreamHistory | None = None, prosody: np.ndarray | None = None
+    ) -> Emotion:
+        """Voice, words and their fusion; `history` is the stream's past utterances (`streamer.adaptation`), `prosody`
+        the utterance's raw prosody vector (`VoiceModel.prosody_of`) when the voice head reads one."""
         t0 = time.perf_counter()
-        audio_p = self.classify_voice(transcript.encoder_frames, history)
+        audio_p = self.classify_voice(transcript.encoder_frames, history, prosody)
         text_p = self.classify_text([transcript.text], transcript.language)[0] if transcript.text else None
         fused = fuse(audio_p, text_p, self.opts.fusion, self.opts.text_weight, self.opts.text_gate)
         best = int(np.argmax(fused))

@@ -144,3 +144,5 @@ class EmotionEvent:
     final: bool = True
     call_id: str | None = None  # set for the tracks of a phone call (streamer.ingest)
     role: str | None = None  # the call track's speaker: customer, agent, mixed
+    prosody: np.ndarray | None = None  # the utterance's raw prosody vector when the voice head reads one (not on the
+    # wire: with the encoder frames it goes into the stream's history, `Engine.remember`)

@@ -35,6 +35,31 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def save_arrays(path: Path, arrays: dict) -> None:
+    """`np.savez` (stored, arrays only, no pickles) with fixed zip timestamps: the same arrays in the same order give
+    the same bytes, so a retrained head that equals the shipped one has its SHA-256."""
+    import zipfile
+
+    import numpy as np
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        for name, value in arrays.items():
+            entry = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            entry.external_attr = 0o644 << 16
+            with zf.open(entry, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
+
+
+def replace_arrays(path: Path, prefix: str, arrays: dict) -> None:
+    """Rewrite the .npz at `path` with its arrays whose names start with `prefix` replaced by `arrays` (a head file's
+    normalisation or prosody block; the other arrays keep their order and bytes)."""
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as z:
+        kept = {k: z[k] for k in z.files if not k.startswith(prefix)}
+    save_arrays(path, kept | arrays)
+
+
 def verify(path: Path, expected: str) -> Path:
     if not path.is_file():
         raise ModelFileError(f"model file missing: {path}")

@@ -111,20 +111,23 @@ class Engine:
         return outcomes
 
     def remember(self, event: EmotionEvent) -> None:
-        """A stream's final event: its frames now count in the stream's statistics (when the voice head uses them)."""
-        if self.classifier.norm is not None and event.final:
-            self.histories.remember(event.stream, event.transcript.encoder_frames)
+        """A stream's final event: its frames and prosody now count in the stream's statistics (when the voice head
+        uses them)."""
+        if self.classifier.voice.adapts and event.final:
+            self.histories.remember(event.stream, event.transcript.encoder_frames, event.prosody)
 
     def forget(self, stream: str) -> None:
         self.histories.forget(stream)
 
     def _event(self, utterance: Utterance, seq: int, transcript: Transcript, started: float) -> EmotionEvent:
-        emotion = self.classifier.classify(transcript, self.histories.get(utterance.stream))
+        t0 = time.perf_counter()
+        prosody = self.classifier.voice.prosody_of(utterance.audio)  # None when the voice head reads no prosody
+        emotion = self.classifier.classify(transcript, self.histories.get(utterance.stream), prosody)
         latency = Latency(
             vad=(utterance.emitted - utterance.speech_end_arrived) * 1000,
             queue=(started - utterance.emitted) * 1000,
             asr=transcript.encode_ms + transcript.decode_ms,
-            emotion=emotion.ms,
+            emotion=(time.perf_counter() - t0) * 1000,
         )
         return EmotionEvent(
             node=self.node,
@@ -136,6 +139,7 @@ class Engine:
             models={**self.models, "emotion": self.classifier.model_id_for(transcript.language)},
             ready=time.monotonic(),
             latency=latency,
+            prosody=prosody,
         )
 
     def has_spare_worker(self) -> bool:

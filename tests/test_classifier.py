@@ -25,6 +25,7 @@ from streamer.classifier import (
 )
 from streamer.frames import LABELS, Transcript
 from streamer.models import TEXT_HEAD, TEXT_HEADS, VOICE_HEAD
+from tests.conftest import ANGRY_ES, HAPPY_ES
 
 K = len(LABELS)
 ANGRY_EN = "I am furious! This is the third time I call and nobody fixes anything. It is outrageous."
@@ -193,6 +194,13 @@ def test_shipped_english_head_reads_anger_and_joy() -> None:
 
 
 @pytest.mark.slow
+def test_shipped_spanish_head_reads_anger_and_joy() -> None:
+    p = TextModel.load(TEXT_HEAD).predict_proba([ANGRY_ES, HAPPY_ES])
+    assert LABELS[int(np.argmax(p[0]))] == "anger"
+    assert LABELS[int(np.argmax(p[1]))] == "joy"
+
+
+@pytest.mark.slow
 def test_shipped_classifier_routes_english_to_the_english_head() -> None:
     clf = EmotionClassifier()
     en_id, es_id = clf.text_models["en"].model_id, clf.text.model_id
@@ -203,3 +211,64 @@ def test_shipped_classifier_routes_english_to_the_english_head() -> None:
     )
     assert max(angry.text_scores, key=angry.text_scores.get) == "anger"
     assert f"text:{en_id}" in clf.model_id_for("en") and f"text:{es_id}" in clf.model_id_for("es")
+
+
+# --------------------------------------------------------------------------- the voice head's prosody
+
+SENTENCE_ES = "Buenos días, quiero consultar el estado de mi pedido."
+CUT_DEPENDENT = {"voiced_rate", "active_ratio", "log_active_s"}  # depend on where the VAD cuts: not shipped
+
+
+def test_the_shipped_voice_head_reads_the_utterances_prosody(speak) -> None:
+    """The same frames with the prosody of two voices (espeak-ng's male and female variants of one sentence) give
+    different probabilities: the shipped head reads prosody, normalised per stream, without the cut-dependent
+    columns."""
+    from streamer.classifier import VoiceModel
+
+    model = VoiceModel.load(VOICE_HEAD)
+    assert model.head.reads_prosody and model.prosody is not None and model.prosody.norm is not None
+    assert model.norm is not None and model.adapts and model.model_id.endswith("-v4")
+    assert not CUT_DEPENDENT & set(model.prosody.names) and len(model.prosody.names) == 12
+    frames = np.random.default_rng(0).normal(size=(120, 512)).astype(np.float32)
+    low, high = model.prosody_of(speak(SENTENCE_ES, "es")), model.prosody_of(speak(SENTENCE_ES, "es+f3"))
+    assert low.shape == high.shape == (12,)
+    p, q = model.predict(frames, None, low), model.predict(frames, None, high)
+    for d in (p, q):
+        assert d.shape == (K,) and abs(d.sum() - 1) < 1e-6
+    assert np.abs(p - q).max() > 0.01
+
+
+def test_a_linear_voice_head_reads_what_its_file_says(tmp_path: Path) -> None:
+    """`inputs` is saved only when it is not the frames (files before v4 load as frames heads); a head that reads
+    prosody needs its file's prosody block, and only such a head may have one."""
+    from streamer.adaptation import StreamNorm
+    from streamer.classifier import VoiceModel
+    from streamer.prosody import ProsodyReader
+
+    rng = np.random.default_rng(5)
+    frames = rng.normal(size=(20, 4)).astype(np.float32)
+    both = dataclasses.replace(linear_head(rng, dim=8 + 3), inputs="frames+prosody")
+    both.save(tmp_path / "both.npz")
+    loaded = load_voice_head(tmp_path / "both.npz")
+    assert loaded.inputs == "frames+prosody" and loaded.reads_prosody
+    prosody = np.array([1.0, -2.0, 0.5], np.float32)
+    row = np.concatenate([frames.mean(axis=0), frames.std(axis=0), prosody])
+    np.testing.assert_allclose(loaded.predict_frames(frames, prosody), both.predict_proba(row)[0], atol=1e-6)
+    unknown = np.concatenate([row[:8], np.zeros(3)])  # no prosody given: the stream's average one
+    np.testing.assert_allclose(loaded.predict_frames(frames), both.predict_proba(unknown)[0], atol=1e-6)
+    linear_head(rng, dim=8).save(tmp_path / "frames.npz")
+    with np.load(tmp_path / "frames.npz") as z:
+        assert "inputs" not in z.files
+    assert load_voice_head(tmp_path / "frames.npz").inputs == "frames"
+
+    with pytest.raises(ValueError, match=r"prosody\.\* arrays"):
+        VoiceModel.load(tmp_path / "both.npz")
+    reader = ProsodyReader(("f0_mean", "energy_mean", "tilt"), StreamNorm(np.zeros(3), np.ones(3), n0=5.0))
+    VoiceModel(loaded, None, reader).save(tmp_path / "both.npz")
+    assert VoiceModel.load(tmp_path / "both.npz").prosody.names == reader.names
+    VoiceModel(load_voice_head(tmp_path / "frames.npz"), None, reader).save(tmp_path / "frames.npz")
+    with pytest.raises(ValueError, match=r"prosody\.\* arrays"):
+        VoiceModel.load(tmp_path / "frames.npz")
+    np.savez(tmp_path / "odd.npz", **{**both.arrays(), "inputs": np.array("spectrogram")})
+    with pytest.raises(ValueError, match="unknown inputs"):
+        load_voice_head(tmp_path / "odd.npz")

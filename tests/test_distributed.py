@@ -229,6 +229,27 @@ def test_job_round_trip(speak):
         decode(b"\x00\x00\x00\x05hello")
 
 
+def test_a_worker_reads_the_prosody_of_the_jobs_audio(engine, speak):
+    """A worker runs each job through the same `Engine` (`Worker._settle`: `aprocess`, then `remember`), so the voice
+    head's prosody comes from the job's decoded audio (16-bit, as the ingest node cut it) and counts in that worker's
+    history of the stream."""
+    audio = speak(HAPPY_ES)
+    job = decode(encode(Job("node-a", 0, Utterance.whole(audio, "node-a-s"), expires=time.time() + 60)))
+    voice = engine.classifier.voice
+    event = engine.process(job.utterance, job.seq)
+    assert event.prosody is not None and np.abs(job.utterance.audio - audio).max() > 0  # 16-bit, not the original
+    np.testing.assert_array_equal(event.prosody, voice.prosody_of(job.utterance.audio))
+    pitch = list(voice.prosody.names).index("f0_mean")
+    assert abs(event.prosody[pitch] - voice.prosody_of(audio)[pitch]) < 0.01  # semitones: the same voice
+    engine.remember(event)
+    try:
+        history = engine.histories.get("node-a-s")
+        assert history.prosody.utterances == history.frames.utterances == 1
+        np.testing.assert_array_equal(history.prosody.moments()[0], event.prosody)
+    finally:
+        engine.forget("node-a-s")
+
+
 def test_one_event_per_utterance_with_two_workers(pool, node, speech_file):
     collector = Collector(f"emotion/v1/{node}/#", f"emotion/v1/jobs/{node}/#")
     try:

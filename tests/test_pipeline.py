@@ -76,9 +76,56 @@ def test_engine_fuses_voice_and_words(engine, speak):
     for label, value in zip(LABELS, expected, strict=True):
         assert e.scores[label] == pytest.approx(value, abs=2e-4)
     assert e.label == max(e.scores, key=e.scores.get) and e.confidence == e.scores[e.label]
-    assert e.text_scores["anger"] + e.text_scores["disgust"] > e.text_scores["joy"]
+    # the words scores are the words head's reading of this utterance's transcript (espeak-ng's robotic voice is
+    # often misheard by Whisper base, so what the words say is checked on clean text in test_classifier)
+    words = engine.classifier.classify_text([event.transcript.text], event.transcript.language)[0]
+    np.testing.assert_allclose(pt, words, atol=1e-4)
     happy = speak(HAPPY_ES)
     assert engine.process(make_utterance(happy, 3.0), 1).emotion.text_scores["joy"] > 0.3
+
+
+def test_an_event_on_speech_carries_the_prosody_its_voice_read(engine, speak):
+    """The engine computes the utterance's prosody from its audio and the voice head reads it (its voice scores are
+    those of that prosody, not of another); the event is valid on the wire, which does not carry the vector."""
+    angry = speak(ANGRY_ES)
+    event = engine.process(make_utterance(angry, len(angry) / SAMPLE_RATE), 0)
+    wire = to_wire(event)
+    validate(wire)
+    voice = engine.classifier.voice
+    np.testing.assert_array_equal(event.prosody, voice.prosody_of(angry))
+    assert "prosody" not in wire and event.emotion.label in LABELS and event.latency.emotion > 0
+    frames = event.transcript.encoder_frames
+    audio = np.array([event.emotion.audio_scores[label] for label in LABELS])
+    np.testing.assert_allclose(audio, voice.predict(frames, None, event.prosody), atol=1e-4)
+    other = voice.prosody_of(speak(ANGRY_ES, "es+f3"))
+    assert np.abs(audio - voice.predict(frames, None, other)).max() > 1e-3
+
+
+def test_an_older_voice_head_without_prosody_still_loads_and_classifies(engine, speak, tmp_path):
+    """A head file from before prosody (v3: an LR and attention heads on stream-normalised frames, no `inputs`, no
+    `prosody.*`): the engine runs it, computes no prosody, and keeps the frames' history only."""
+    from streamer.classifier import EnsembleHead, VoiceModel
+
+    shipped = engine.classifier.voice
+    path = tmp_path / "voice_head_v3.npz"
+    old = EnsembleHead(tuple(m for m in shipped.head.members if not m.reads_prosody), {"id": "v3-like"})
+    VoiceModel(old, shipped.norm).save(path)
+    with np.load(path) as z:
+        assert not [k for k in z.files if k.startswith("prosody.") or k.endswith(".inputs")]
+    engine.classifier.voice = VoiceModel.load(path)
+    try:
+        assert engine.classifier.voice.prosody is None and engine.classifier.voice.adapts
+        first = engine.process(make_utterance(speak(HAPPY_ES), 3.0), 0)
+        engine.remember(first)
+        history = engine.histories.get("t")
+        second = engine.process(make_utterance(speak(ANGRY_ES), 3.0), 1)
+    finally:
+        engine.classifier.voice = shipped
+        engine.forget("t")
+    for event in (first, second):
+        validate(to_wire(event))
+        assert event.prosody is None and abs(sum(event.emotion.audio_scores.values()) - 1) < 1e-3
+    assert history.frames.utterances == 1 and history.prosody is None
 
 
 def test_no_words_means_voice_only(engine):
@@ -205,6 +252,7 @@ async def test_an_utterance_that_waited_too_long_is_classified_from_the_voice(en
     finally:
         engine.latency_budget_s = 0.0
     assert late.transcript.rejected == "overload" and late.emotion.text_scores is None
+    assert late.prosody is not None  # the voice alone still reads the utterance's prosody
     assert fresh.transcript.rejected is None and fresh.transcript.text
 
 

@@ -346,21 +346,23 @@ def test_shipped_voice_head_on_real_clips(recogniser) -> None:
     """
     require(D.UEM)
     from pipelines.features import VoiceFeaturizer
-    from streamer.adaptation import FrameMoments, StreamNorm
+    from streamer.adaptation import StreamHistory
+    from streamer.classifier import VoiceModel
 
-    head, norm = load_voice_head(VOICE_HEAD), StreamNorm.load(VOICE_HEAD)
+    voice = VoiceModel.load(VOICE_HEAD)
     clips = [c for c in D.read_uem().records if c.speaker == "test1"]
     clips = D.limit_records(clips, 36, seed=0)
     from streamer.audio import load_audio
 
-    feats, pred, history = [], [], None  # one speaker: one stream, its clips in order (a stream-normalised head)
+    # one speaker: one stream, its clips in order (a stream-normalised head reads them against the stream's past)
+    feats, pred, history = [], [], StreamHistory()
     for clip in clips:
         a = load_audio(clip.path)
         frames = recogniser.recognise(Utterance.whole(a, "test")).encoder_frames
         feats.append(voice_features(frames))
-        x = frames if norm is None else norm.apply(frames, history)
-        pred.append(LABELS[int(np.argmax(head.predict_frames(x)))])
-        history = FrameMoments.of(frames) if history is None else history.add(frames)
+        prosody = voice.prosody_of(a)
+        pred.append(LABELS[int(np.argmax(voice.predict(frames, history, prosody)))])
+        history = history.add(frames, prosody)
     # CTranslate2's int8 kernels differ by CPU (AVX2 vs AVX-512 VNNI) and so do the frames a little: measured
     # 0.7+ on an AVX2 machine, 0.632 on an AVX-512 one. Chance is 0.17; a window or pooling mismatch falls to it.
     assert macro_f1([c.label for c in clips], pred) > 0.5

@@ -110,21 +110,17 @@ def _linear_head(tmp_path: Path) -> Path:
     return path
 
 
-def test_shipped_voice_head_loads_and_runs_on_frames_within_budget() -> None:
-    import time
-
+def test_shipped_voice_head_loads_and_runs_on_frames() -> None:
+    """(Its cost per utterance is a benchmark figure: `python -m pipelines.voice_recipes --runtime-cost`.)"""
     from streamer.recogniser import RecogniserOptions
 
     head = load_voice_head(VOICE_HEAD)
     assert head.meta["encoder_window_s"] == RecogniserOptions().encoder_window_s
     assert head.meta["limit"] is None, "shipped head comes from a --limit run"
+    assert head.meta["recipe"]["name"] == CONFIG["ship"], "the shipped head is not the config's `ship` recipe"
     frames = np.random.default_rng(0).normal(size=(350, E)).astype(np.float32)  # a 7 s utterance
-    p = head.predict_frames(frames)
+    p = head.predict_frames(frames)  # without prosody (a benchmark of the frames alone): the stream's average one
     assert p.shape == (6,) and abs(p.sum() - 1) < 1e-6 and (p >= 0).all()
-    t0 = time.perf_counter()
-    for _ in range(20):
-        head.predict_frames(frames)
-    assert (time.perf_counter() - t0) / 20 < 0.005, "voice head over 5 ms per utterance"
     if isinstance(head, LinearHead):
         np.testing.assert_allclose(p, head.predict_proba(voice_features(frames))[0])
 
@@ -185,6 +181,31 @@ def test_augment_audio_is_seeded_and_changes_the_clip() -> None:
     applied_all = [n for seed in range(30) for n in augment_audio(audio, np.random.default_rng(seed))[1]]
     for kind in ("speed", "noise", "reverb"):
         assert any(n.startswith(kind) for n in applied_all), kind
+
+
+def test_feature_cache_writes_of_two_processes_do_not_collide(tmp_path: Path, monkeypatch) -> None:
+    """Two runs filling the same cache (a test beside a long pipeline run) write the same file: each through its own
+    temporary name, so neither renames the other's away (that once dropped a clip from a run as "unreadable")."""
+    import itertools
+    import os
+
+    from pipelines import features as F
+
+    pids = itertools.count(1000)
+    monkeypatch.setattr(os, "getpid", lambda: next(pids))
+    target = tmp_path / "cache" / "x.npy"
+    real_save, nested = np.save, []
+
+    def save_while_another_process_writes(path, array):
+        real_save(path, array)
+        if not nested:  # the other process writes the same entry between our save and our rename
+            nested.append(path)
+            F._atomic_save(target, array + 1)
+
+    monkeypatch.setattr(np, "save", save_while_another_process_writes)
+    F._atomic_save(target, np.zeros(3))
+    assert nested and np.load(target).tolist() == [0, 0, 0]  # last rename wins; both writes succeeded
+    assert sorted(p.name for p in target.parent.iterdir()) == ["x.npy"]
 
 
 def test_mfcc_mean_shape() -> None:
@@ -306,7 +327,20 @@ def fake_data(tmp_path: Path) -> V.VoiceData:
         data._views[(name, 10.0, 0)] = [s + np.float16(0.1) for s in seqs]
         data._views[(name, 10.0, 1)] = [s - np.float16(0.1) for s in seqs]
         data._views[(name, "mfcc")] = rng.normal(0, 1, (len(clips), 128)).astype(np.float32)
+        data._views[(name, "prosody")] = fake_prosody(clips, rng)
     return data
+
+
+def fake_prosody(clips: list, rng: np.random.Generator, speaker_offset: float = 0.0) -> np.ndarray:
+    """Prosody vectors whose label moves one column each (learnable), plus a per-speaker offset on every column."""
+    from streamer.prosody import PROSODY_NAMES
+
+    out = rng.normal(0, 1, (len(clips), len(PROSODY_NAMES)))
+    offsets = {s: speaker_offset * rng.normal(0, 1, len(PROSODY_NAMES)) for s in sorted({c.speaker for c in clips})}
+    for i, c in enumerate(clips):
+        out[i, LABELS.index(c.label)] += 2.0
+        out[i] += offsets[c.speaker]
+    return out.astype(np.float32)
 
 
 @pytest.mark.parametrize(
@@ -323,6 +357,12 @@ def fake_data(tmp_path: Path) -> V.VoiceData:
         "meanstd-lr-sn",
         "attn+aug-sn",
         "ens-lr+attn+aug-sn",
+        "prosody-lr",
+        "prosody-lr-sn",
+        "meanstd+prosody-lr-sn",
+        "ens-lr+prosody+attn+aug-x3-sn",
+        "ens-lr+attn+aug-x3+prosody-sn",
+        "ens-lr+attn+aug-x3+prosody-nodur-sn",
     ],
 )
 def test_each_recipe_runs_on_a_tiny_generated_set(tmp_path: Path, recipe: str) -> None:
@@ -341,6 +381,97 @@ def test_each_recipe_runs_on_a_tiny_generated_set(tmp_path: Path, recipe: str) -
         assert {"cv|causal 1", "cv|skewed 0", "heldout|transductive"} <= set(result.more)
         V.stream_columns(result)
         assert not result.more and all(" / " in result.extras[c] for c in V.STREAM_COLUMNS.values())
+
+
+def test_prosody_recipes_append_the_speaker_normalised_prosody(tmp_path: Path) -> None:
+    """`meanstd+prosody-lr-sn`: 1024 pooled frame columns, then the prosody columns, each block normalised by the
+    same causal histories with its own moments, as the runtime's `StreamNorm` would (clip 0 of a stream: prior)."""
+    from streamer.adaptation import FrameMoments, StreamNorm
+    from streamer.prosody import PROSODY_NAMES
+
+    cfg = tiny_cfg()
+    data = fake_data(tmp_path)
+    rc = cfg["recipes"]["meanstd+prosody-lr-sn"]
+    inp = V.recipe_inputs(rc, data, cfg)
+    split = V.stream_norm_splits(inp, rc, data, cfg)
+    cv, _ = V.splits_for(data, cfg)
+    train, test = cv[0]
+    rows, aug, views = split("cv", train, test)
+    assert aug is None and rows.shape == (len(train) + len(inp.extra), 1024 + len(PROSODY_NAMES))
+    main = views[V.MAIN]
+    assert main.shape == (len(test), 1024 + len(PROSODY_NAMES))
+    # the prosody block, recomputed as the runtime does: prior = global moments of the training side's vectors
+    pros = data.prosody(D.UEM)
+    prior_rows = np.concatenate([pros[train], data.prosody(D.EMODB)]).astype(np.float64)
+    norm = StreamNorm(prior_rows.mean(axis=0), prior_rows.var(axis=0), CONFIG["stream_norm"]["n0"])
+    speakers = np.array([c.speaker for c in data.clips[D.UEM]])[test]
+    y = data.labels(D.UEM)[test]
+    histories = V.stream_histories(speakers, y, V.CAUSAL, np.random.default_rng([0, 0, 0]))
+    for i, h in enumerate(histories):
+        past = None
+        for j in h:
+            past = FrameMoments.of(pros[test][j][None]) if past is None else past.add(pros[test][j][None])
+        np.testing.assert_allclose(main[i, 1024:], norm.apply(pros[test][i][None], past)[0], rtol=2e-3, atol=2e-3)
+    # the frame block is that of `meanstd-lr-sn` (the same histories)
+    plain = V.stream_norm_splits(V.recipe_inputs(cfg["recipes"]["meanstd-lr-sn"], data, cfg), rc, data, cfg)
+    np.testing.assert_array_equal(plain("cv", train, test)[2][V.MAIN], main[:, :1024])
+
+
+def test_speaker_normalisation_removes_speaker_offsets_from_prosody(tmp_path: Path) -> None:
+    """Speakers far apart in pitch and loudness (offsets larger than the emotions' effect): the per-speaker
+    normalised prosody LR beats the same LR on raw prosody."""
+    cfg = {**tiny_cfg(), "cv_folds": 4}
+    data = V.VoiceData(root=tmp_path, cache_dir=None, seed=0, limit=None)
+    rng = np.random.default_rng(1)
+    for name, speakers in ((D.UEM, [f"spk{i:02d}" for i in range(8)] + ["test1", "test2"]), (D.EMODB, ["e1", "e2"])):
+        clips = [
+            D.SpeechClip(name, tmp_path / f"{name}{i}", label, s, "x")
+            for s in speakers
+            for i, label in enumerate(LABELS * 4)
+        ]
+        data.clips[name] = clips
+        data._views[(name, "prosody")] = fake_prosody(clips, rng, speaker_offset=6.0)
+    f1 = {}
+    for recipe in ("prosody-lr", "prosody-lr-sn"):
+        result = V.evaluate(recipe, cfg["recipes"][recipe], data, cfg)
+        f1[recipe] = R.macro_f1(result.cv.y_true, result.cv.y_pred)
+    assert f1["prosody-lr-sn"] > f1["prosody-lr"] + 0.1, f1
+
+
+def test_prosody_recipes_refuse_what_they_cannot_do(tmp_path: Path) -> None:
+    cfg = tiny_cfg()
+    data = fake_data(tmp_path)
+    for bad in (
+        {"model": "attention", "prosody": True, "datasets": [D.UEM]},
+        {"model": "logreg", "C": 1, "prosody": True, "augment": True, "datasets": [D.UEM]},
+    ):
+        with pytest.raises(ValueError, match="prosody"):
+            V.recipe_inputs(bad, data, cfg)
+
+
+def test_prosody_cache_and_result_key(tmp_path: Path, speak, monkeypatch) -> None:
+    """Prosody is cached per audio file and spec; a prosody recipe's result key depends on the prosody spec."""
+    import soundfile as sf
+
+    from pipelines.features import ProsodyFeaturizer
+    from streamer.prosody import prosody_features
+
+    wav = tmp_path / "a.wav"
+    sf.write(wav, speak("Hola, ¿qué tal?"), 16000, subtype="FLOAT")
+    featurizer = ProsodyFeaturizer(tmp_path / "cache")
+    first, again = featurizer.one(wav), featurizer.one(wav)
+    assert (featurizer.misses, featurizer.hits) == (1, 1)
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_array_equal(first, prosody_features(sf.read(wav, dtype="float32")[0]))
+
+    cfg = tiny_cfg()
+    data = fake_data(tmp_path)
+    for c in data.clips[D.UEM] + data.clips[D.EMODB]:
+        c.path.write_bytes(b"x")
+    keys = {n: V._result_key(cfg["recipes"][n], data, cfg) for n in ("prosody-lr-sn", "meanstd-lr-sn")}
+    monkeypatch.setattr("streamer.prosody.PROSODY_SPEC", "prosody-v0")
+    assert V._result_key(cfg["recipes"]["prosody-lr-sn"], data, cfg) != keys["prosody-lr-sn"]
+    assert V._result_key(cfg["recipes"]["meanstd-lr-sn"], data, cfg) == keys["meanstd-lr-sn"]
 
 
 def test_recipe_results_are_cached(tmp_path: Path, monkeypatch) -> None:
@@ -365,6 +496,29 @@ def test_bootstrap_ci_brackets_the_score_and_is_seeded() -> None:
     assert lo < R.macro_f1(y, pred) < hi and hi - lo < 0.2
     assert (lo, hi) == R.bootstrap_ci(y, pred, n_boot=200, seed=1)
     assert R.bootstrap_ci(y, y, n_boot=50) == (1.0, 1.0)
+
+
+def test_write_report_keeps_the_rows_of_recipes_not_rerun(tmp_path: Path) -> None:
+    """A run of some recipes rewrites their rows and keeps the others' (matched by column name, in the given order)."""
+    y = np.array(LABELS * 5)
+    folds = np.arange(len(y)) % 2
+
+    def result(name: str, extras: dict) -> R.RecipeResult:
+        return R.RecipeResult(name, f"recipe {name}", R.Predictions(y, np.roll(y, len(name)), folds), extras=extras)
+
+    out = tmp_path / "t.md"
+    R.write_report([result("a", {"old col": "7"}), result("b", {"old col": "8"})], out, "T", n_boot=20)
+    kept = R.read_table(out)
+    assert set(kept) == {"a", "b"} and kept["a"]["old col"] == "7" and kept["a"]["what"] == "recipe a"
+    new_b = result("bb", {"new col": "9"})
+    R.write_report([new_b], out, "T", n_boot=20, kept={"a": kept["a"]}, order=["a", "bb"])
+    table = R.read_table(out)
+    assert list(table) == ["a", "bb"]
+    assert table["a"] == {**kept["a"], "new col": "–"}
+    assert table["bb"]["old col"] == "–" and table["bb"]["new col"] == "9"
+    md = out.read_text(encoding="utf-8")
+    assert "| CV acc | new col | old col | confusion |" in md  # a new column after its left neighbour
+    assert "- `a`: [classification report](t/a_report.txt)" in md and "- `bb`:" in md
 
 
 def test_write_report_table_png_and_predictions(tmp_path: Path) -> None:
@@ -416,7 +570,8 @@ def test_tiny_real_run_writes_the_table(tmp_path: Path) -> None:
 
 def test_fit_final_builds_a_shippable_ensemble(tmp_path: Path) -> None:
     cfg = tiny_cfg()
-    head, info = V.fit_final("ens-lr+attn+aug", cfg, fake_data(tmp_path))
+    model, info = V.fit_final("ens-lr+attn+aug", cfg, fake_data(tmp_path))
+    head = model.head
     assert info["encoder_window_s"] == 10.0 and [m["recipe_name"] for m in info["members"]] == [
         "meanstd-lr",
         "attn+aug",
@@ -425,7 +580,7 @@ def test_fit_final_builds_a_shippable_ensemble(tmp_path: Path) -> None:
     head.save(path)
     frames = np.random.default_rng(0).normal(size=(30, E)).astype(np.float32)
     np.testing.assert_allclose(load_voice_head(path).predict_frames(frames), head.predict_frames(frames), atol=1e-6)
-    assert info["norm"] is None  # raw frames: no stream normalisation
+    assert model.norm is None and model.prosody is None  # raw frames: no stream normalisation, no prosody
     with pytest.raises(ValueError, match="cannot be shipped"):
         V.fit_final("mfcc-mlp", cfg, fake_data(tmp_path))
 
@@ -438,20 +593,21 @@ def test_fit_final_of_a_stream_norm_recipe_writes_its_normalisation(tmp_path: Pa
 
     cfg = tiny_cfg()
     data = fake_data(tmp_path)
-    head, info = V.fit_final("ens-lr+attn+aug-sn", cfg, data)
-    norm = info.pop("norm")
-    assert isinstance(head, EnsembleHead) and isinstance(norm, StreamNorm)
+    model, info = V.fit_final("ens-lr+attn+aug-sn", cfg, data)
+    head, norm = model.head, model.norm
+    assert isinstance(head, EnsembleHead) and isinstance(norm, StreamNorm) and model.prosody is None
     assert norm.n0 == CONFIG["stream_norm"]["n0"] == 5 and norm.std and norm.mean.shape == norm.var.shape == (E,)
     raw = np.concatenate([np.asarray(s, np.float64) for n in (D.UEM, D.EMODB) for s in data.frames(n, 10.0)])
     np.testing.assert_allclose(norm.mean, raw.mean(axis=0), atol=1e-9)
     np.testing.assert_allclose(norm.var, raw.var(axis=0), rtol=1e-6)
     assert info["stream_norm"]["n0"] == 5 and info["stream_norm"]["prior_frames"] == len(raw)
-    assert all("norm" not in m for m in info["members"])
+    assert all("stream_norm" in m for m in info["members"])
     # the members learned on each speaker's own normalised frames: the attention head's standardiser is ~ (0, 1)
     attn = next(m for m in head.members if not isinstance(m, LinearHead))
     assert np.abs(attn.mean).max() < 0.02 and np.abs(attn.scale - 1).max() < 0.02
 
-    path = V.write_head(head, norm, tmp_path / "voice_head.npz")
+    path = tmp_path / "voice_head.npz"
+    model.save(path)
     back = StreamNorm.load(path)
     assert back is not None and back.n0 == 5 and back.std
     np.testing.assert_array_equal(back.mean, norm.mean)
@@ -476,7 +632,7 @@ def test_nested_ensemble_is_flattened_with_weights(tmp_path: Path) -> None:
         "x2": {"model": "ensemble", "members": ["attn+aug", "attn-uem"]},
         "top": {"model": "ensemble", "members": ["meanstd-lr", "x2"]},
     }
-    head, _ = V.fit_final("top", cfg, fake_data(tmp_path))
+    head = V.fit_final("top", cfg, fake_data(tmp_path))[0].head
     assert [type(m).__name__ for m in head.members] == ["LinearHead", "AttentionHead", "AttentionHead"]
     assert head.weights == (0.5, 0.25, 0.25)
     path = tmp_path / "v.npz"
@@ -486,28 +642,150 @@ def test_nested_ensemble_is_flattened_with_weights(tmp_path: Path) -> None:
     np.testing.assert_allclose(load_voice_head(path).predict_frames(frames), expected, atol=1e-6)
 
 
+PROSODY_LATE = "lr+attn+prosody-nodur-sn"  # the shipped late fusion in small: one attention head instead of three
+CUT_DEPENDENT = {"voiced_rate", "active_ratio", "log_active_s"}
+
+
+def prosody_cfg() -> dict:
+    cfg = tiny_cfg()
+    late = {"model": "ensemble", "members": ["meanstd-lr-sn", "attn+aug-sn", "prosody-nodur-lr-sn"]}
+    cfg["recipes"] = {**cfg["recipes"], PROSODY_LATE: late}
+    return cfg
+
+
+def test_fit_final_of_a_late_prosody_fusion_writes_what_the_runtime_reads(tmp_path: Path) -> None:
+    """The shipped kind of recipe: an LR and attention on stream-normalised frames plus an LR on stream-normalised
+    prosody, a third each. The file carries the frames' and the prosody's normalisation and the prosody columns;
+    loaded back it predicts as fitted, and the prosody moves the probabilities."""
+    from streamer.adaptation import StreamHistory
+    from streamer.classifier import VoiceModel
+    from streamer.prosody import PROSODY_NAMES
+
+    cfg = prosody_cfg()
+    data = fake_data(tmp_path)
+    model, info = V.fit_final(PROSODY_LATE, cfg, data)
+    head, reader = model.head, model.prosody
+    assert [m.inputs if isinstance(m, LinearHead) else "attention" for m in head.members] == [
+        "frames",
+        "attention",
+        "prosody",
+    ]
+    assert head.weights == pytest.approx((1 / 3, 1 / 3, 1 / 3)) and head.reads_prosody and model.adapts
+    assert reader.names == tuple(n for n in PROSODY_NAMES if n not in CUT_DEPENDENT)
+    assert head.members[2].coef.shape == (6, len(reader.names))
+    # the prosody prior: the raw training vectors' global mean / variance (UEM and EmoDB, the head's columns)
+    raw = np.concatenate([data.prosody(n) for n in (D.UEM, D.EMODB)])[:, reader.columns].astype(np.float64)
+    np.testing.assert_allclose(reader.norm.mean, raw.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(reader.norm.var, raw.var(axis=0), rtol=1e-6)
+    assert reader.norm.n0 == CONFIG["stream_norm"]["n0"] and info["prosody"]["names"] == list(reader.names)
+    assert info["inputs"] == "frames+prosody" and info["prosody_norm"]["prior_rows"] == len(raw)
+
+    path = tmp_path / "voice_head.npz"
+    model.save(path)
+    back = VoiceModel.load(path)
+    rng = np.random.default_rng(0)
+    frames = rng.normal(size=(30, E)).astype(np.float32)
+    calm, tense = raw[0].astype(np.float32), (raw[0] + 3 * np.sqrt(raw.var(axis=0))).astype(np.float32)
+    history = StreamHistory().add(frames[:10], raw[1]).add(frames[10:], raw[2])
+    for past in (None, history):
+        np.testing.assert_allclose(back.predict(frames, past, calm), model.predict(frames, past, calm), atol=1e-6)
+    assert not np.allclose(back.predict(frames, history, calm), back.predict(frames, history, tense), atol=1e-3)
+    # the same prosody vector reads differently after a stream's own past: it is normalised by it
+    assert not np.allclose(back.predict(frames, None, calm), back.predict(frames, StreamHistory().add(frames, calm)))
+
+
+def test_fit_final_of_frames_and_prosody_in_one_lr(tmp_path: Path) -> None:
+    """`meanstd+prosody-nodur-lr-sn`: one LR over the pooled frames and then the prosody columns."""
+    model, _ = V.fit_final("meanstd+prosody-nodur-lr-sn", tiny_cfg(), fake_data(tmp_path))
+    assert isinstance(model.head, LinearHead) and model.head.inputs == "frames+prosody"
+    assert model.head.coef.shape == (6, 2 * E + 12) and len(model.prosody.names) == 12 and model.norm is not None
+    frames = np.random.default_rng(0).normal(size=(30, E)).astype(np.float32)
+    row = np.concatenate([voice_features(model.norm.apply(frames, None)), model.prosody.normalise(np.ones(12), None)])
+    np.testing.assert_allclose(model.predict(frames, None, np.ones(12)), model.head.predict_proba(row)[0], atol=1e-6)
+
+
+def test_members_must_agree_on_the_prosody_they_read(tmp_path: Path) -> None:
+    cfg = prosody_cfg()
+    cfg["recipes"] = {
+        **cfg["recipes"],
+        "two-prosodies": {"model": "ensemble", "members": ["prosody-lr-sn", "prosody-nodur-lr-sn"]},
+    }
+    with pytest.raises(ValueError, match="differ in prosody"):
+        V.fit_final("two-prosodies", cfg, fake_data(tmp_path))
+
+
+def test_pipeline_prosody_normalisation_equals_the_runtimes(tmp_path: Path) -> None:
+    """The prosody a `-sn` recipe is scored on (each test speaker one stream, causal order) is what the runtime
+    computes: the shipped `ProsodyReader` normalising each utterance's vector by the `StreamHistories` of the stream's
+    earlier final utterances."""
+    from streamer.adaptation import StreamHistories, StreamHistory
+
+    cfg = tiny_cfg()
+    data = fake_data(tmp_path)
+    rc = cfg["recipes"]["prosody-nodur-lr-sn"]
+    reader = V.fit_final("prosody-nodur-lr-sn", cfg, data)[0].prosody  # prior: all training vectors
+    inp = V.recipe_inputs(rc, data, cfg)
+    side = V.stream_sides(inp, rc, data, cfg)["prosody"]
+    test = np.arange(len(inp.ev))
+    speakers = side.ev_groups[test]
+    histories = V.stream_histories(speakers, side.y_ev[test], V.CAUSAL, np.random.default_rng(3))
+    norm = reader.norm
+    pipeline = V._rows(side.testing(test, histories, (norm.mean, norm.var), norm.n0))
+    raw = data.prosody(D.UEM)[:, reader.columns]
+    runtime = StreamHistories()
+    frames = np.zeros((2, E), np.float32)
+    for i in sorted(test, key=lambda i: len(histories[i])):  # each stream's utterances in its order
+        got = reader.normalise(raw[i], (runtime.get(speakers[i]) or StreamHistory()).prosody)
+        np.testing.assert_allclose(pipeline[i], got, rtol=2e-3, atol=2e-3)  # the pipeline's: float16
+        runtime.remember(speakers[i], frames, raw[i])
+    assert runtime.get(speakers[0]).prosody.utterances == np.sum(speakers == speakers[0])
+
+
+def test_a_shipped_head_file_is_byte_for_byte_reproducible(tmp_path: Path) -> None:
+    """Fitting and saving the same recipe twice gives the same bytes (fixed zip timestamps; np.savez stamps the
+    time), so a reshipped head has the same SHA-256."""
+    import hashlib
+    import zipfile
+
+    cfg = prosody_cfg()
+    digests = []
+    for run in ("a", "b"):
+        path = tmp_path / f"{run}.npz"
+        V.fit_final(PROSODY_LATE, cfg, fake_data(tmp_path))[0].save(path)
+        digests.append(hashlib.sha256(path.read_bytes()).hexdigest())
+        with zipfile.ZipFile(path) as z:
+            assert {i.date_time for i in z.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+    assert digests[0] == digests[1]
+
+
 def test_calibrating_a_stream_normalised_head_keeps_its_normalisation(tmp_path: Path, monkeypatch) -> None:
-    """`train_heads --calibrate-voice` rewrites the head file with its temperature: the `norm.*` arrays stay, and
-    the temperature is fitted on the causal-history predictions, also scored on the mostly-neutral histories."""
+    """`train_heads --calibrate-voice` rewrites the head file with its temperature: the `norm.*` and `prosody.*`
+    arrays stay, and the temperature is fitted on the causal-history predictions, also scored on the mostly-neutral
+    histories."""
     import dataclasses
 
     from pipelines import train_heads as T
     from streamer.adaptation import StreamNorm
+    from streamer.prosody import ProsodyReader
 
-    name = "ens-lr+attn+aug-sn"
-    cfg = {**tiny_cfg(), "ship": name}
+    name = PROSODY_LATE
+    cfg = {**prosody_cfg(), "ship": name}
     config = tmp_path / "voice.yaml"
     config.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    head, info = V.fit_final(name, cfg, fake_data(tmp_path))
-    norm = info.pop("norm")
-    head = dataclasses.replace(head, meta={"id": "x", "recipe": {"name": name}, "limit": None})
-    path = V.write_head(head, norm, tmp_path / "voice_head.npz")
+    model = V.fit_final(name, cfg, fake_data(tmp_path))[0]
+    norm = model.norm
+    head = dataclasses.replace(model.head, meta={"id": "x", "recipe": {"name": name}, "limit": None})
+    path = tmp_path / "voice_head.npz"
+    dataclasses.replace(model, head=head).save(path)
     data = fake_data(tmp_path)
     monkeypatch.setattr(V, "VoiceData", lambda *a: data)
     T.calibrate_voice(config, path, None, None)
     back, calibrated = StreamNorm.load(path), load_voice_head(path)
     assert back is not None and back.n0 == norm.n0
     np.testing.assert_array_equal(back.mean, norm.mean)
+    prosody = ProsodyReader.load(path)
+    assert prosody.names == model.prosody.names
+    np.testing.assert_array_equal(prosody.norm.var, model.prosody.norm.var)
     calib = calibrated.meta["calibration"]
     assert calibrated.temperature == calib["temperature"] > 0 and "causal" in calib["fitted_on"]
     assert "cv, mostly-neutral history" in calib and "heldout test1+test2" in calib
