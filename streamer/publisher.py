@@ -297,6 +297,9 @@ class MqttSink:
                         log.warning("MQTT broker %s is back: sending %d spooled events", self.address.url, waiting)
                     delay, outage_logged = 0.5, False
                     self._dirty |= set(self._retained)  # a broker restarted without persistence lost them
+                    # subscribed before anything else: a subscription cancelled before its SUBACK makes aiomqtt log a
+                    # traceback when the SUBACK comes (a stream that ends at once closes the sink that early)
+                    await self._subscribe(client)
                     listener = asyncio.create_task(self._listen(client))
                     try:
                         await self._drain(client)
@@ -369,12 +372,14 @@ class MqttSink:
             if self.opts.health_interval_s and time.monotonic() >= self._next_health:
                 await self._publish_health(client)
 
-    async def _listen(self, client) -> None:
-        """Answer `…/request` and re-announce to Home Assistant when it comes back online."""
-        ha_status = f"{self.opts.homeassistant_prefix}/status"
+    async def _subscribe(self, client) -> None:
+        """`…/request`, and Home Assistant's status to re-announce when it comes back online."""
         await client.subscribe(request_topic(self.node), qos=1)
         if self.opts.homeassistant:
-            await client.subscribe(ha_status, qos=1)
+            await client.subscribe(f"{self.opts.homeassistant_prefix}/status", qos=1)
+
+    async def _listen(self, client) -> None:
+        """Handle what `_subscribe` asked for until the connection ends."""
         import aiomqtt
 
         with contextlib.suppress(aiomqtt.MqttError):  # the connection ended: `_run` reconnects or is done
@@ -382,7 +387,7 @@ class MqttSink:
                 await self._received(client, message)
 
     async def _received(self, client, message) -> None:
-        """One incoming message (a subclass that subscribes to more topics in `_listen` handles those here)."""
+        """One incoming message (a subclass that subscribes to more topics in `_subscribe` handles those here)."""
         if str(message.topic) == f"{self.opts.homeassistant_prefix}/status":
             if message.payload == b"online":
                 self._dirty |= {t for t in self._retained if t.startswith(self.opts.homeassistant_prefix + "/")}

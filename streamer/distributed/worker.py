@@ -106,13 +106,13 @@ class Worker(MqttSink):
         client._client.manual_ack_set(True)  # aiomqtt does not expose it; paho acknowledges in `ack`
         return client
 
-    async def _listen(self, client) -> None:
+    async def _subscribe(self, client) -> None:
         self._connection = client
         await client.subscribe(self.subscription, qos=1)
         if not self.ready.is_set():
             log.info("worker %s ready: %s", self.worker_id, self.subscription)
             self.ready.set()
-        await super()._listen(client)
+        await super()._subscribe(client)
 
     async def _received(self, client, message) -> None:
         if str(message.topic).startswith(JOBS_ROOT + "/"):
