@@ -24,7 +24,7 @@ from streamer.frames import SAMPLE_RATE, AudioChunk
 
 log = logging.getLogger(__name__)
 
-CHUNK_S = 0.032  # one VAD window: a window is judged as soon as it arrives (64 ms chunks cost ≈ 14 ms of p50 latency)
+CHUNK_S = 0.032  # one VAD window, judged as soon as it arrives (64 ms chunks: p50 +14 ms in one run on UEM speech)
 
 
 class SourceError(RuntimeError):
