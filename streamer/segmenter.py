@@ -7,7 +7,7 @@ first speech window, and is split at the quietest point when it reaches `max_utt
 
 Recognition starts speculatively after one window of silence (`speculate_ms`), on the audio up to the last
 speech window plus `tail_ms`; if the silence lasts the whole hangover, that guess is the final result, so the
-event is out about 300 ms before the hangover ends.
+event goes out as soon as the hangover confirms the silence instead of a recognition time later.
 """
 
 from __future__ import annotations
