@@ -9,7 +9,7 @@ Cache: `.cache/features/<model id>/<sha256>.npy`; the key hashes the audio file'
 the pooling (voice), or every text in order (text), so a changed file or setting is a cache miss.
 `VoiceFeaturizer.frames` also caches the covered frame sequences themselves (float16, for attention pooling),
 optionally of an augmented copy of the clip (`augment_audio`: speed, noise, reverberation; seeded per clip).
-Prosody (`ProsodyFeaturizer`): `streamer.prosody.prosody_features` of the whole clip, cached under `prosody/`.
+Per-clip vectors (`ClipFeaturizer`: MFCC means, `streamer.prosody` vectors) are cached under `mfcc/` and `prosody/`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from tqdm import tqdm
 from pipelines.data import REPO_ROOT, SpeechClip
 from streamer.audio import AudioError, load_audio
 from streamer.classifier import TextEncoder, voice_features
+from streamer.prosody import PROSODY_SPEC, prosody_features
 
 log = logging.getLogger(__name__)
 
@@ -214,41 +215,23 @@ def mfcc_mean(audio: np.ndarray, n_mfcc: int = 128) -> np.ndarray:
     return dct(db, type=2, axis=0, norm="ortho")[:n_mfcc].mean(axis=1).astype(np.float32)
 
 
-class MfccFeaturizer:
-    """`mfcc_mean` of whole clips, cached under `<cache>/mfcc/<sha256 of audio bytes + spec>.npy`."""
+class ClipFeaturizer:
+    """One feature vector per whole clip (`extract` of its decoded audio), cached under
+    `<cache>/<kind>/<sha256 of audio bytes + spec>.npy`."""
+
+    kind = ""
+    spec = ""
 
     def __init__(self, cache_dir: Path | None = DEFAULT_CACHE) -> None:
-        self.cache = None if cache_dir is None else Path(cache_dir) / "mfcc"
-
-    def one(self, path: Path) -> np.ndarray:
-        digest = hashlib.sha256(path.read_bytes())
-        digest.update(MFCC_SPEC.encode())
-        cached = None if self.cache is None else self.cache / f"{digest.hexdigest()}.npy"
-        if cached is not None and cached.is_file():
-            return np.load(cached)
-        audio = load_audio(path)
-        if len(audio) == 0:
-            raise AudioError(f"{path}: no samples")
-        feats = mfcc_mean(audio)
-        if cached is not None:
-            _atomic_save(cached, feats)
-        return feats
-
-
-class ProsodyFeaturizer:
-    """`streamer.prosody.prosody_features` of whole clips (the runtime's utterance = the clip), cached under
-    `<cache>/prosody/<sha256 of audio bytes + PROSODY_SPEC>.npy`."""
-
-    def __init__(self, cache_dir: Path | None = DEFAULT_CACHE) -> None:
-        self.cache = None if cache_dir is None else Path(cache_dir) / "prosody"
+        self.cache = None if cache_dir is None else Path(cache_dir) / self.kind
         self.hits = self.misses = 0
-        self.extract_s = 0.0  # wall time of prosody_features on the cache misses (not the decoding)
+
+    def extract(self, audio: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
 
     def one(self, path: Path) -> np.ndarray:
-        from streamer.prosody import PROSODY_SPEC, prosody_features
-
         digest = hashlib.sha256(path.read_bytes())
-        digest.update(PROSODY_SPEC.encode())
+        digest.update(self.spec.encode())
         cached = None if self.cache is None else self.cache / f"{digest.hexdigest()}.npy"
         if cached is not None and cached.is_file():
             self.hits += 1
@@ -257,12 +240,28 @@ class ProsodyFeaturizer:
         audio = load_audio(path)
         if len(audio) == 0:
             raise AudioError(f"{path}: no samples")
-        t0 = time.perf_counter()
-        feats = prosody_features(audio)
-        self.extract_s += time.perf_counter() - t0
+        feats = self.extract(audio)
         if cached is not None:
             _atomic_save(cached, feats)
         return feats
+
+
+class MfccFeaturizer(ClipFeaturizer):
+    """`mfcc_mean` of whole clips."""
+
+    kind, spec = "mfcc", MFCC_SPEC
+
+    def extract(self, audio: np.ndarray) -> np.ndarray:
+        return mfcc_mean(audio)
+
+
+class ProsodyFeaturizer(ClipFeaturizer):
+    """`streamer.prosody.prosody_features` of whole clips (the runtime's utterance = the clip)."""
+
+    kind, spec = "prosody", PROSODY_SPEC
+
+    def extract(self, audio: np.ndarray) -> np.ndarray:
+        return prosody_features(audio)
 
 
 class SentenceFeaturizer:
