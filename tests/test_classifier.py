@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from pipelines.report import expected_calibration_error
+from streamer import models
 from streamer.classifier import (
     AttentionHead,
     EmotionClassifier,
@@ -24,7 +25,7 @@ from streamer.classifier import (
     temper,
 )
 from streamer.frames import LABELS, Transcript
-from streamer.models import TEXT_HEAD, TEXT_HEADS, VOICE_HEAD
+from streamer.models import TEXT_HEAD, TEXT_HEADS, VOICE_HEAD, ModelFileError
 from tests.conftest import ANGRY_ES, HAPPY_ES
 
 K = len(LABELS)
@@ -272,3 +273,13 @@ def test_a_linear_voice_head_reads_what_its_file_says(tmp_path: Path) -> None:
     np.savez(tmp_path / "odd.npz", **{**both.arrays(), "inputs": np.array("spectrogram")})
     with pytest.raises(ValueError, match="unknown inputs"):
         load_voice_head(tmp_path / "odd.npz")
+
+
+def test_sentence_encoder_files_are_verified(monkeypatch):
+    """Both sentence encoders' weights match their pinned SHA-256 (USE is read by the shipped English head, so it is
+    a run-time dependency); a changed file is refused."""
+    models.e5_small_path()
+    models.verify_use()
+    monkeypatch.setitem(models.USE_SHA256, "weights.npz", "0" * 64)
+    with pytest.raises(ModelFileError, match="SHA-256"):
+        models.verify_use()
