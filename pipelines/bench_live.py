@@ -5,7 +5,7 @@ real time through the real pipeline. Ground-truth speech ends come from the samp
 Prints p50/p95/max latency, the stage breakdown and CPU seconds per second of audio; `--json` saves them.
 
     .venv/bin/python -m pipelines.bench_live [--broker mqtt://127.0.0.1:1883] [--uem N] [--streams N]
-                                             [--speculate-ms MS] [--tail-ms MS]
+                                             [--speculate-ms MS] [--tail-ms MS] [--sentence-end-ms MS]
                                              [--config YAML] [--json OUT]
 """
 
@@ -143,7 +143,7 @@ async def bench(args: argparse.Namespace) -> dict:
     cpu0, wall0 = time.process_time(), time.monotonic()
     cutter = dataclasses.replace(
         config.segmenter,
-        **{k: v for k, v in (("speculate_ms", args.speculate_ms), ("tail_ms", args.tail_ms)) if v is not None},
+        **{k: v for k in ("speculate_ms", "tail_ms", "sentence_end_ms") if (v := getattr(args, k)) is not None},
     )
     all_stats = await asyncio.gather(*(run_stream(src, engine, [sink], name, cutter) for name, src in sources.items()))
     cpu = time.process_time() - cpu0
@@ -202,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pause", type=float, default=1.5, help="seconds of silence between utterances")
     parser.add_argument("--streams", type=int, default=1, help="live streams at once, sharing one engine")
     parser.add_argument("--speculate-ms", type=int, help="the segmenter's speculate_ms (default: its default)")
+    parser.add_argument("--sentence-end-ms", type=int, help="the segmenter's sentence_end_ms (0 = off)")
     parser.add_argument("--tail-ms", type=int, help="the segmenter's tail_ms (default: its default)")
     parser.add_argument("--config", help="daemon YAML config (e.g. other recogniser workers or threads)")
     parser.add_argument("--workdir", default="/tmp")

@@ -79,6 +79,9 @@ class Utterance:
         return self.end_s - self.start_s
 
 
+SENTENCE_MARKS = (".", "?", "!", "。", "？", "！", "؟", "।")
+
+
 @dataclass(frozen=True)
 class Transcript:
     """Whisper's reading of an utterance plus the encoder frames that cover it.
@@ -96,6 +99,12 @@ class Transcript:
     encoder_frames: np.ndarray
     encode_ms: float
     decode_ms: float
+
+    @property
+    def ends_sentence(self) -> bool:
+        """Whisper closed a kept text with a sentence mark; a trailing "..." means it heard the speaker break off."""
+        text = self.text.rstrip()
+        return self.rejected is None and text.endswith(SENTENCE_MARKS) and not text.endswith(("...", "…"))
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from streamer.metrics import HEALTH, STAGE_LATENCY
 from streamer.publisher import Sink, StreamSink
 from streamer.recogniser import Recogniser, RecogniserOptions
 from streamer.segmenter import Segmenter, SegmenterOptions
-from streamer.sources import Source
+from streamer.sources import FileSource, Source
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +262,9 @@ async def run_stream(
     ready = asyncio.Event()
     done = False
     cutter = Segmenter(stream, segmenter, source=source.name)
+    # semantic endpointing depends on how soon a guess is ready, so a file read as fast as possible is cut by the
+    # hangover alone, the same way on every run
+    live = not isinstance(source, FileSource) or source.realtime
     HEALTH.queues[stream] = backlog.__len__
 
     def enqueue(utterance: Utterance) -> None:
@@ -315,6 +318,17 @@ async def run_stream(
             speculation[1].cancel()
             speculation = None
 
+    def end_sentence(*_: object) -> None:
+        """Close the utterance now if its guess is ready, ends a sentence, and the silence has lasted
+        `sentence_end_ms`; asked after each chunk and when a guess is ready."""
+        if not live or not speculation or not speculation[1].done() or speculation[1].cancelled():
+            return
+        future = speculation[1]
+        if future.exception() is None and future.result().transcript.ends_sentence:
+            utterance = cutter.end_sentence(speculation[0])
+            if utterance:
+                enqueue(utterance)
+
     def speculate(utterance: Utterance) -> None:
         """Recognise a tentative utterance while the hangover runs, on a spare worker only. It supersedes the
         stream's previous guess."""
@@ -326,6 +340,7 @@ async def run_stream(
             return
         future = asyncio.ensure_future(engine.aprocess(utterance, 0, spare=True))
         future.add_done_callback(lambda f: f.cancelled() or f.exception())  # a superseded guess may fail quietly
+        future.add_done_callback(end_sentence)
         speculation = (utterance, future)
 
     async def confirmed(utterance: Utterance, seq: int) -> EmotionEvent | None:
@@ -357,6 +372,7 @@ async def run_stream(
                             (speculate if utterance.tentative else enqueue)(utterance)
                     if speculation and cutter.spoke_after(speculation[0]):
                         drop_speculation()
+                    end_sentence()
         except asyncio.CancelledError:
             log.info("stream %s: stopping, finishing %d waiting utterances", stream, len(backlog))
         except Exception as e:  # a broken source ends its own stream only

@@ -8,10 +8,10 @@ import soundfile as sf
 
 from streamer.classifier import LinearHead, load_voice_head, voice_features
 from streamer.event import to_wire, validate
-from streamer.frames import LABELS, SAMPLE_RATE, Utterance
+from streamer.frames import LABELS, SAMPLE_RATE, AudioChunk, Utterance
 from streamer.models import TEXT_HEAD, VOICE_HEAD
 from streamer.pipeline import StreamStats, Superseded, run_stream
-from streamer.segmenter import SegmenterOptions
+from streamer.segmenter import Segmenter, SegmenterOptions
 from streamer.sources import FileSource
 from tests.conftest import ANGRY_ES, HAPPY_ES, silence
 
@@ -218,6 +218,26 @@ async def test_a_live_stream_reuses_the_recognition_run_during_the_hangover(engi
     assert len(sink.events) >= 2 and all(e.transcript.text for e in sink.events)
     for e in sink.events:  # queue is 0 only for a confirmed speculation, which was ready before the cut or soon after
         assert e.latency.queue == 0.0 and (e.ready - e.utterance.emitted) * 1000 < e.latency.asr, e.latency
+
+
+async def test_a_live_stream_closes_a_finished_sentence_before_the_hangover(engine, speak, tmp_path):
+    """Semantic endpointing with a 1.5 s hangover: an event whose transcript ends a sentence goes out once its guess
+    is ready, long before the hangover; any other waits for the hangover. A file read as fast as possible is cut by
+    the hangover alone, as the segmenter cuts it offline."""
+    path = tmp_path / "two.wav"
+    audio = np.concatenate([silence(0.5), speak(HAPPY_ES), silence(2.5), speak(ANGRY_ES), silence(2.5)])
+    sf.write(path, audio, SAMPLE_RATE)
+    opts = SegmenterOptions(hangover_ms=1500, sentence_end_ms=160, interim_s=0)
+    live = ListSink()
+    await run_stream(FileSource(path, realtime=True), engine, [live], "semantic", opts)
+    assert any(e.transcript.ends_sentence for e in live.events), [e.transcript.text for e in live.events]
+    for e in live.events:
+        assert (e.latency.vad < 1200) == e.transcript.ends_sentence, (e.transcript.text, e.latency)
+    fast = ListSink()
+    await run_stream(FileSource(path, realtime=False), engine, [fast], "semantic-fast", opts)
+    cutter = Segmenter("offline", opts)
+    offline = [u for u in cutter.push(AudioChunk(audio, 0.0)) + cutter.flush() if not u.tentative]
+    assert [e.utterance.end_s for e in fast.events] == [u.end_s for u in offline]
 
 
 async def test_interim_events_come_before_the_final_one(engine, speak, tmp_path):

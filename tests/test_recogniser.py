@@ -3,7 +3,7 @@ import shutil
 import numpy as np
 import pytest
 
-from streamer.frames import SAMPLE_RATE, Utterance
+from streamer.frames import SAMPLE_RATE, Transcript, Utterance
 from streamer.models import ModelFileError, whisper_base_dir
 from streamer.recogniser import Recogniser, RecogniserOptions, compression_ratio, for_one_stream, guard
 from tests.conftest import NEUTRAL_ES, silence
@@ -131,3 +131,15 @@ def test_padding_extends_the_frames_and_a_guess_no_longer_wanted_is_not_decoded(
 def test_one_stream_takes_one_replica_with_every_thread_unless_told():
     assert for_one_stream(RecogniserOptions(cpu_threads=4)).workers == 1
     assert for_one_stream(RecogniserOptions(workers=2)).workers == 2
+
+
+def test_a_sentence_mark_ends_a_kept_transcript():
+    """Only a kept text closed by . ? ! (or another script's mark) ends a sentence; "..." means it broke off."""
+    frames = np.zeros((1, 512), np.float32)
+
+    def ends(text: str, rejected: str | None = None) -> bool:
+        return Transcript(text, "es", 1.0, 0.0, -0.2, 1.2, rejected, frames, 0.0, 0.0).ends_sentence
+
+    assert ends("Muchas gracias.") and ends("¿Puede repetirlo? ") and ends("¡Qué bien!") and ends("谢谢。")
+    assert not ends("Muchas gracias,") and not ends("La deuda que tenía con...") and not ends("Estoy muy…")
+    assert not ends("la gata gris") and not ends("") and not ends("Hola.", rejected="repetition")

@@ -141,3 +141,36 @@ def test_long_speech_sends_interim_utterances_every_second(speak):
     assert ends == sorted(ends) and ends[-1] < final.end_s
     assert all(0.7 < b - a < 1.3 for a, b in itertools.pairwise([final.start_s, *ends]))
     assert not any(u.interim for u in segment(speech, tentative=True))  # off by default
+
+
+def early_ends(audio: np.ndarray, opts: SegmenterOptions) -> list[tuple[object, object, int]]:
+    """Play `audio` in 32 ms chunks, asking `end_sentence` after each for the latest guess, as the pipeline does
+    once a guess's transcript ends a sentence: (guess, final, silent windows when it closed) per early close."""
+    cutter, step = Segmenter("t", opts), int(0.032 * SAMPLE_RATE)
+    guess, out = None, []
+    for i in range(0, len(audio), step):
+        for u in cutter.push(AudioChunk(audio[i : i + step], time.monotonic())):
+            guess = u if u.tentative else None
+        if guess is not None and (final := cutter.end_sentence(guess)):
+            out.append((guess, final, round((i + step) / 512) - round(final.end_s * SAMPLE_RATE / 512)))
+            guess = None
+    return out
+
+
+def test_a_sentence_end_closes_the_utterance_after_sentence_end_ms(conversation, speak):
+    """When every guess ends a sentence, a 1 s hangover with `sentence_end_ms` 160 cuts where a 160 ms hangover
+    would, after 5 silent windows, each final the same cut as its guess; a pause shorter than `sentence_end_ms`
+    never closes an utterance (it goes on over the pause), and 0 turns the rule off."""
+    audio, _ = conversation
+    closed = early_ends(audio, SegmenterOptions(hangover_ms=1000, sentence_end_ms=160, interim_s=0))
+    short_hangover = segment(audio, 0.032, SegmenterOptions(hangover_ms=160, sentence_end_ms=0))
+    assert len(closed) == len(short_hangover) >= 2
+    for (guess, final, silent), cut in zip(closed, short_hangover, strict=True):
+        assert not final.tentative and guess.same_cut(final) and np.array_equal(guess.audio, final.audio)
+        assert (final.start_s, final.end_s, final.segment_id) == (cut.start_s, cut.end_s, cut.segment_id)
+        assert silent == 5
+    pause = two_phrases_one_pause(speak)  # 0.2 s between the phrases
+    (whole,) = [final for _, final, _ in early_ends(pause, SegmenterOptions(hangover_ms=1000, sentence_end_ms=400))]
+    first, second = [final for _, final, _ in early_ends(pause, SegmenterOptions(hangover_ms=1000, sentence_end_ms=96))]
+    assert whole.start_s == first.start_s < first.end_s < second.start_s < second.end_s == whole.end_s
+    assert not early_ends(audio, SegmenterOptions(hangover_ms=1000, sentence_end_ms=0))
