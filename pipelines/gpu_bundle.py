@@ -20,7 +20,6 @@ import glob
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -129,11 +128,6 @@ def cuda_libraries(lib: Path, prefix: str = sys.prefix) -> list[str]:
     return [str(lib), *found]
 
 
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 def run(out: Path, quick: bool, broker_port: int) -> int:
     """Unpack the parts, start a broker, run the benchmarks into `out`; returns how many of them failed."""
     if not UNPACKED.exists():
@@ -141,16 +135,19 @@ def run(out: Path, quick: bool, broker_port: int) -> int:
         if not parts:
             raise SystemExit(f"no parts in {STAGE}: move each part there first (see `pack`)")
         unpack(parts, UNPACKED)
+    sys.path[:0] = [str(UNPACKED / "site"), str(ROOT)]  # what the benchmarks import, this process too
+    from streamer.publisher import is_listening
+
     env = dict(os.environ, PYTHONPATH=f"{UNPACKED / 'site'}:{ROOT}", PYTHONUNBUFFERED="1")
     env["LD_LIBRARY_PATH"] = ":".join([*cuda_libraries(UNPACKED / "lib"), env.get("LD_LIBRARY_PATH", "")])
     out.mkdir(parents=True, exist_ok=True)
     broker = None
-    if not _listening(broker_port):
+    if not is_listening("127.0.0.1", broker_port):
         serve = f"import asyncio; from streamer.publisher import EmbeddedBroker as B; b = B('127.0.0.1', {broker_port})"
         serve += "\nasync def main():\n    await b.start(); await asyncio.Event().wait()\nasyncio.run(main())"
         broker = subprocess.Popen([sys.executable, "-c", serve], env=env)
         for _ in range(100):
-            if _listening(broker_port):
+            if is_listening("127.0.0.1", broker_port):
                 break
             time.sleep(0.1)
     url, clips = f"mqtt://127.0.0.1:{broker_port}", str(UNPACKED / "clips")

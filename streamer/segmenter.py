@@ -195,17 +195,21 @@ class Segmenter:
             or self.spoke_after(guess)
         ):
             return None
-        utterance = self._close(opened.speech_end)
-        self._open = None
-        return utterance
+        return self._finish()
 
     def flush(self) -> list[Utterance]:
         """End of stream: close the open utterance, if any."""
         if self._open is None:
             return []
+        utterance = self._finish()
+        return [utterance] if utterance else []
+
+    def _finish(self) -> Utterance | None:
+        """Close the open utterance for good: the final cut, up to its last speech window plus the tail."""
+        assert self._open is not None
         utterance = self._close(self._open.speech_end)
         self._open = None
-        return [utterance] if utterance else []
+        return utterance
 
     def _step(self, window: np.ndarray, prob: float, speech: bool, arrived: float) -> Utterance | None:
         index = self._consumed
@@ -227,9 +231,7 @@ class Segmenter:
         if opts.speculate_ms and self._silence == self._speculate_windows() < self._windows_ms(opts.hangover_ms):
             return self._close(self._open.speech_end, tentative=True)
         if self._silence >= self._windows_ms(opts.hangover_ms):
-            utterance = self._close(self._open.speech_end)
-            self._open = None
-            return utterance
+            return self._finish()
         if len(self._open.windows) * WINDOW >= opts.max_utterance_s * SAMPLE_RATE:
             return self._split()
         if (
