@@ -36,7 +36,8 @@ COMMA_SENTENCES = (
     "Oiga, perdone, es que no me llega la factura, y ya van tres meses.",
     "Cuando llegué, la puerta estaba abierta, las luces encendidas, y nadie en casa.",
 )
-HANGOVER_WINDOWS = 10  # the default 320 ms hangover: pauses this long are cut with or without the rule
+HANGOVER_MS = SegmenterOptions().hangover_ms  # pauses this long are cut with or without the rule
+HANGOVER_WINDOWS = round(HANGOVER_MS * SAMPLE_RATE / 1000 / WINDOW)
 
 
 def pause_guesses(clip: np.ndarray, recogniser: Recogniser) -> list[dict]:
@@ -76,7 +77,8 @@ def summarise(clips: list[list[dict]]) -> dict:
     return {
         "sentences": len(clips),
         "ends_closed_early": round(sum(row["ends_sentence"] for row in ends) / max(1, len(ends)), 3),
-        "extra_cuts_per_sentence_hangover_320ms": round(baseline / len(clips), 3),
+        "hangover_ms": HANGOVER_MS,
+        "extra_cuts_per_sentence_hangover": round(baseline / len(clips), 3),
         "thresholds": table,
     }
 
@@ -86,13 +88,15 @@ def markdown(results: dict[str, dict]) -> str:
         "# Semantic endpointing: extra cuts inside sentences against the silence that closes an utterance",
         "",
         "An extra cut splits one recorded sentence in two. *Plain*: a hangover of that length. *Semantic*: the",
-        "320 ms hangover, or that much silence when the speculative transcript ends with . ? ! (`sentence_end_ms`).",
+        f"{HANGOVER_MS} ms hangover, or that much silence when the speculative transcript ends with . ? !"
+        " (`sentence_end_ms`).",
         "",
     ]
     for corpus, summary in results.items():
         lines += [
             f"**{corpus}**: {summary['sentences']} sentences; at their true ends {summary['ends_closed_early']:.0%} of"
-            f" the guesses end a sentence; a 320 ms hangover makes {summary['extra_cuts_per_sentence_hangover_320ms']}"
+            f" the guesses end a sentence; a {summary['hangover_ms']} ms hangover makes"
+            f" {summary['extra_cuts_per_sentence_hangover']}"
             " extra cuts per sentence.",
             "",
             "| silence ms | extra cuts per sentence, plain | semantic |",
