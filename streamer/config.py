@@ -21,7 +21,7 @@ from streamer.distributed import DistributedOptions
 from streamer.ingest.calls import IngestOptions
 from streamer.pipeline import PipelineOptions
 from streamer.publisher import MqttOptions
-from streamer.recogniser import RecogniserOptions
+from streamer.recogniser import RecogniserOptions, language_code
 from streamer.segmenter import SegmenterOptions
 
 
@@ -79,6 +79,15 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
             ingest.token = Path(ingest.token_file).read_text().strip()
         except OSError as e:
             raise ConfigError(f"cannot read ingest.token_file: {e}") from e
+    return check(config)
+
+
+def check(config: MonitorConfig) -> MonitorConfig:
+    """Refuse at start-up what would otherwise fail later, on every utterance."""
+    try:
+        language_code(config.recogniser.language)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return config
 
 

@@ -39,7 +39,7 @@ class RecogniserOptions:
     # a CPU (many streams: two 1-thread replicas beat one 2-thread one, 16 calls p95 0.84 vs 1.03 s measured here),
     # 1 on a GPU; `run` (one stream) takes one replica with every thread (`for_one_stream`).
     workers: int | None = None
-    language: str | None = "es"  # None → detected per utterance
+    language: str | None = "auto"  # auto (or None): Whisper detects it per utterance; or a code such as es
     beam_size: int = 1
     # The encoder input is padded with silence to at least this many seconds. Whisper was trained on
     # 30 s windows; 10 s keeps 98 % transcript agreement with 30 s at a quarter of the encoder cost.
@@ -49,6 +49,18 @@ class RecogniserOptions:
     compression_ratio_threshold: float = 2.4
     max_chars_per_speech_second: float = 30.0
     max_tokens_per_second: float = 12.0
+
+
+def language_code(value: str | None) -> str | None:
+    """The Whisper language code `value` names, or None for detection (`auto`, null). A misspelt language would
+    fail every utterance, so it is refused up front, with the valid codes."""
+    from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+    if value is None or value == "auto":
+        return None
+    if value not in _LANGUAGE_CODES:
+        raise ValueError(f"unknown language {value!r}: use auto or a Whisper code: {', '.join(_LANGUAGE_CODES)}")
+    return value
 
 
 def for_one_stream(opts: RecogniserOptions) -> RecogniserOptions:
@@ -106,6 +118,7 @@ class Recogniser:
         threadpoolctl.threadpool_limits(1, user_api="blas")
 
         self.opts = opts or RecogniserOptions()
+        self.language = language_code(self.opts.language)
         device = self.opts.device
         if device == "auto":
             device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
@@ -176,8 +189,8 @@ class Recogniser:
         return encoded, np.array(encoded.to_device(self._cpu) if on_gpu else encoded)
 
     def _languages(self, encoded, count: int) -> list[tuple[str, float]]:
-        if self.opts.language:
-            return [(self.opts.language, 1.0)] * count
+        if self.language:
+            return [(self.language, 1.0)] * count
         return [(best[0][0][2:-2], float(best[0][1])) for best in self._whisper.model.detect_language(encoded)]
 
     def _decode(self, encoded, languages: list[str], n_samples: list[int]) -> list[tuple[str, float, float]]:
@@ -224,7 +237,7 @@ class Recogniser:
             groups.setdefault(self._window(piece[3]), []).append(piece)
         frames: dict[tuple[int, int], np.ndarray] = {}
         decoded: dict[tuple[int, int], tuple[str, float, float]] = {}
-        language = [(self.opts.language or "", 1.0)] * len(items)
+        language = [(self.language or "", 1.0)] * len(items)
         encode_s, decode_s = [0.0] * len(items), [0.0] * len(items)
         skipped: list[str | None] = [None if decode else "overload" for _, decode in items]
         for window, group in sorted(groups.items(), reverse=True):  # longest window first: a long utterance's first

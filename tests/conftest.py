@@ -165,9 +165,11 @@ def conversation(speak) -> tuple[np.ndarray, list[tuple[float, float]]]:
 
 @pytest.fixture(scope="session")
 def engine():
+    """The Spanish engine: the tests' speech is Spanish, pinned (the default detects the language)."""
     from streamer.pipeline import Engine
+    from streamer.recogniser import RecogniserOptions
 
-    e = Engine(node="test")
+    e = Engine(RecogniserOptions(language="es"), node="test")
     yield e
     e.close()
 

@@ -144,6 +144,7 @@ def pool(broker, node, tmp_path_factory):
     # 2 attempts 4 s apart: long enough to see other jobs finish while a poison job waits for its retry.
     config.write_text(
         "distributed: {max_attempts: 2, retry_delay_s: 4.0, session_expiry_s: 120}\nmqtt: {health_interval_s: 0}\n"
+        "recogniser: {language: es}\n"  # the jobs are Spanish speech
     )
     workers = Pool(tmp, node, config)
     workers.start("a")

@@ -57,6 +57,8 @@ def test_live_microphone_to_event(fake_home, broker, tmp_path):
     proc = emotion_monitor(
         fake_home,
         "run",
+        "--language",
+        "es",
         "--source",
         "mic:fake",
         "--broker",

@@ -63,6 +63,8 @@ def start_monitor(path, *args):
             "-m",
             "streamer",
             "run",
+            "--language",
+            "es",
             "--source",
             f"file:{path}",
             "--quiet",

@@ -5,7 +5,14 @@ import pytest
 
 from streamer.frames import SAMPLE_RATE, Transcript, Utterance
 from streamer.models import ModelFileError, whisper_base_dir
-from streamer.recogniser import Recogniser, RecogniserOptions, compression_ratio, for_one_stream, guard
+from streamer.recogniser import (
+    Recogniser,
+    RecogniserOptions,
+    compression_ratio,
+    for_one_stream,
+    guard,
+    language_code,
+)
 from tests.conftest import NEUTRAL_ES, silence
 
 
@@ -15,7 +22,7 @@ def utterance(audio: np.ndarray, speech_s: float | None = None) -> Utterance:
 
 @pytest.fixture(scope="module")
 def recogniser():
-    return Recogniser()
+    return Recogniser(RecogniserOptions(language="es"))
 
 
 def test_spanish_speech_is_transcribed_with_one_encoder_pass(recogniser, speak):
@@ -30,8 +37,8 @@ def test_spanish_speech_is_transcribed_with_one_encoder_pass(recogniser, speak):
     assert t.encode_ms > 0 and t.decode_ms > 0
 
 
-def test_language_is_detected_when_not_configured(speak):
-    english = Recogniser(RecogniserOptions(language=None))
+def test_language_is_detected_by_default(speak):
+    english = Recogniser()
     t = english.recognise(utterance(speak("Good morning, I would like to check the status of my order", "en")))
     assert t.language == "en"
     assert "order" in t.text.lower()
@@ -51,6 +58,12 @@ def test_long_audio_is_recognised_in_30_s_pieces(recogniser, speak):
     assert t.encoder_frames.shape[0] == int(np.ceil(len(audio) / 320))
     text = t.text.lower()
     assert "tren" in text and "parque" in text, t.text  # words from the first and the second piece
+
+
+def test_an_unknown_language_is_refused_with_the_valid_codes():
+    assert language_code("auto") is None and language_code(None) is None and language_code("en") == "en"
+    with pytest.raises(ValueError, match=r"unknown language 'english': use auto or a Whisper code: af, .*\ben\b"):
+        language_code("english")
 
 
 def test_guard_rules():
