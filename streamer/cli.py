@@ -14,9 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from streamer.config import ConfigError, MonitorConfig, load_config
+from streamer.config import ConfigError, MonitorConfig, check, load_config
 
 log = logging.getLogger("emotion-monitor")
+
+BUFFER_OFFLINE = "start even if the broker cannot be reached, spooling events until it can (default: exit)"
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -37,7 +39,7 @@ def _setup_logging(verbose: bool) -> None:
 def _config(args: argparse.Namespace) -> MonitorConfig:
     config = load_config(args.config)
     if getattr(args, "language", None):
-        config.recogniser.language = None if args.language == "auto" else args.language
+        config.recogniser.language = args.language
     if getattr(args, "broker", None):
         config.mqtt.url = args.broker
     if getattr(args, "stream", None):
@@ -48,7 +50,9 @@ def _config(args: argparse.Namespace) -> MonitorConfig:
         config.source = args.source
     if getattr(args, "metrics", None):
         config.metrics = args.metrics
-    return config
+    if getattr(args, "buffer_offline", False):
+        config.mqtt.buffer_offline = True
+    return check(config)
 
 
 async def _engine(config: MonitorConfig, live: bool = False):
@@ -90,24 +94,23 @@ async def _monitoring(config: MonitorConfig, jsonl: str | None, live: bool, extr
     from streamer.metrics import serve as serve_metrics
     from streamer.publisher import JsonlSink, MqttSink, resolve_broker
 
-    engine = await _engine(config, live)
-    url, embedded = await resolve_broker(config.mqtt)
-    mqtt = MqttSink(config.mqtt, url, config.node)
-    sinks = [mqtt, *([JsonlSink(jsonl, config.mqtt.publish_transcript)] if jsonl else []), *extra_sinks]
-    for sink in sinks:
-        await sink.start()
-    HEALTH.sink = mqtt
-    metrics = await serve_metrics(config.metrics) if config.metrics else None
-    try:
-        yield engine, url, sinks
-    finally:
-        for sink in sinks:
-            await sink.close()
-        if metrics:
-            metrics.close()
+    async with contextlib.AsyncExitStack() as stack:
+        url, embedded = await resolve_broker(config.mqtt)
         if embedded:
-            await embedded.stop()
-        engine.close()
+            stack.push_async_callback(embedded.stop)
+        mqtt = MqttSink(config.mqtt, url, config.node)
+        await mqtt.start()  # a broker that cannot be reached fails here, before the models load (seconds)
+        stack.push_async_callback(mqtt.close)
+        engine = await _engine(config, live)
+        stack.callback(engine.close)
+        sinks = [mqtt, *([JsonlSink(jsonl, config.mqtt.publish_transcript)] if jsonl else []), *extra_sinks]
+        for sink in sinks[1:]:
+            await sink.start()
+            stack.push_async_callback(sink.close)
+        HEALTH.sink = mqtt
+        if config.metrics:
+            stack.callback((await serve_metrics(config.metrics)).close)
+        yield engine, url, sinks
 
 
 async def _run(args: argparse.Namespace, config: MonitorConfig) -> int:
@@ -170,7 +173,7 @@ async def _run(args: argparse.Namespace, config: MonitorConfig) -> int:
 
 
 async def _serve(args: argparse.Namespace, config: MonitorConfig) -> int:
-    from streamer.ingest import PROTOCOLS, start_listeners
+    from streamer.ingest import PROTOCOLS, check_listeners, start_listeners
     from streamer.ingest.calls import CallHub
 
     for protocol in PROTOCOLS:
@@ -179,6 +182,7 @@ async def _serve(args: argparse.Namespace, config: MonitorConfig) -> int:
     if not any(getattr(config.ingest, p) for p in PROTOCOLS):
         log.error("nothing to serve: give --audiosocket, --twilio, --freeswitch or --audiohook HOST:PORT (or ingest:)")
         return 2
+    check_listeners(config.ingest)
     async with _monitoring(config, args.jsonl, live=True) as (engine, _, sinks):
         hub = CallHub(engine, sinks, config.ingest, config.segmenter, config.pipeline)
         servers = []
@@ -246,6 +250,7 @@ async def _worker(args: argparse.Namespace, config: MonitorConfig) -> int:
     from streamer.distributed.worker import Worker
     from streamer.metrics import HEALTH
     from streamer.metrics import serve as serve_metrics
+    from streamer.publisher import BrokerUnreachableError
 
     for option in ("group", "jobs"):
         if getattr(args, option):
@@ -254,7 +259,11 @@ async def _worker(args: argparse.Namespace, config: MonitorConfig) -> int:
         config.distributed.worker_id = args.id
     engine = await _engine(config)
     worker = Worker(config.mqtt, _scale_out_broker(config), engine, config.distributed)
-    await worker.start()
+    try:
+        await worker.start()
+    except BrokerUnreachableError:
+        engine.close()
+        raise
     HEALTH.sink = worker
     metrics = await serve_metrics(config.metrics) if config.metrics else None
     stop = asyncio.Event()
@@ -339,8 +348,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def cmd_classify_text(args: argparse.Namespace) -> int:
     from streamer.classifier import EmotionClassifier, as_scores
     from streamer.frames import LABELS
+    from streamer.recogniser import language_code
 
-    config = _config(args)
+    config = _config(args)  # refuses an unknown --language
+    language = language_code(args.language)
+    if language is None:  # Whisper detects the language of speech; a text has nothing it could detect from
+        raise ConfigError("classify-text needs the language of the texts: --language es, en, … (auto is for speech)")
     try:
         with open(args.csv, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
@@ -351,6 +364,7 @@ def cmd_classify_text(args: argparse.Namespace) -> int:
         log.error("%s has no column %r; columns: %s", args.csv, args.column, ", ".join(rows[0]))
         return 1
     classifier = EmotionClassifier(config.classifier)
+    model = classifier.text_model_for(language)
     texts = [(row.get(args.column) or "").strip() for row in rows]
     out = sys.stdout if args.jsonl == "-" else open(args.jsonl, "w", encoding="utf-8")  # noqa: SIM115
     empty = 0
@@ -358,9 +372,10 @@ def cmd_classify_text(args: argparse.Namespace) -> int:
         for start in range(0, len(texts), 64):
             batch = texts[start : start + 64]
             filled = [t for t in batch if t]
-            probs = iter(classifier.classify_text(filled)) if filled else iter(())
+            probs = iter(classifier.classify_text(filled, language)) if filled else iter(())
             for offset, text in enumerate(batch):
-                line: dict = {"row": start + offset, "transcript": text, "model": {"emotion": classifier.text.model_id}}
+                line: dict = {"row": start + offset, "transcript": text, "language": language}
+                line["model"] = {"emotion": model.model_id}
                 if text:
                     p = next(probs)
                     best = int(np.argmax(p))
@@ -425,15 +440,19 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def cmd_install_service(args: argparse.Namespace) -> int:
-    from streamer.service import install, unit_text
+    from streamer.service import ENABLE, ServiceError, install, unit_text
 
     if args.print:
         print(unit_text(args.run_args))
         return 0
-    path = install(args.run_args, args.enable)
+    try:
+        path = install(args.run_args, args.enable)
+    except ServiceError as e:
+        log.error("%s", e)
+        return 1
     print(f"wrote {path}")
     if not args.enable:
-        print("start it with: systemctl --user daemon-reload && systemctl --user enable --now emotion-monitor")
+        print(f"start it with: {ENABLE}")
     return 0
 
 
@@ -444,7 +463,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", help="YAML config (see configs/monitor.yaml)")
-        p.add_argument("--language", help="language code such as es, or auto to detect per utterance")
+        p.add_argument("--language", help="auto (default: Whisper detects it per utterance) or a code such as es, en")
 
     def source(p: argparse.ArgumentParser) -> None:
         """Where the audio of `run` and `ingest` comes from, and the names it gets."""
@@ -456,6 +475,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def publishing(p: argparse.ArgumentParser, broker: str, metrics: bool = True) -> None:
         p.add_argument("--broker", help=broker)
+        p.add_argument("--buffer-offline", action="store_true", help=BUFFER_OFFLINE)
         p.add_argument("--node", help="node id used in topics (default: host name)")
         if metrics:
             p.add_argument("--metrics", metavar="HOST:PORT", help="serve /metrics (Prometheus) and /healthz here")
@@ -491,6 +511,7 @@ def _parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="scale-out: process jobs from a shared subscription and publish events")
     common(worker)
     worker.add_argument("--broker", help=shared_broker)
+    worker.add_argument("--buffer-offline", action="store_true", help=BUFFER_OFFLINE)
     worker.add_argument("--group", help="shared-subscription group of the worker pool (default emotion-workers)")
     worker.add_argument("--id", help="fixed id, unique per worker: names its persistent session (default: host name)")
     worker.add_argument("--jobs", metavar="FILTER", help="job topic filter (default emotion/v1/jobs/#)")
@@ -508,6 +529,7 @@ def _parser() -> argparse.ArgumentParser:
     text.add_argument("--config")
     text.add_argument("--csv", required=True)
     text.add_argument("--column", required=True)
+    text.add_argument("--language", default="es", help="language of the texts, picks the words head (default es)")
     text.add_argument("--jsonl", required=True, help="output JSON lines (- for stdout)")
     text.set_defaults(func=cmd_classify_text)
 

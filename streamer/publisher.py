@@ -60,6 +60,10 @@ class MqttOptions:
     # `auto` = <cache>/spool/<node>-<broker>.sqlite, `memory` = not durable.
     spool: str = "auto"
     spool_max_events: int = 100_000
+    # A broker that cannot be reached when the monitor starts (unknown host, connection or credentials refused)
+    # is a start-up error, since it is mostly a typo; true: start anyway and spool until it can be reached
+    # (--buffer-offline; the systemd unit sets it, as the network may come up after the monitor).
+    buffer_offline: bool = False
     health_interval_s: float = 30.0  # retained health and counts on emotion/v1/<node>/health; 0 = off
     publish_transcript: bool = True
     protocol: str = "auto"  # auto: MQTT v5 (content type, expiry, user properties) where the broker speaks it; 5; 3.1.1
@@ -160,6 +164,34 @@ async def resolve_broker(opts: MqttOptions) -> tuple[str, EmbeddedBroker | None]
     return url, broker
 
 
+class BrokerUnreachableError(ConnectionError):
+    """The broker could not be reached at start-up, and buffering offline was not asked for."""
+
+
+# CONNACK reason codes that refuse the credentials: MQTT 3.1.1 (4, 5) and v5 (0x86, 0x87, 0x8C)
+CREDENTIALS_REFUSED = {4, 5, 0x86, 0x87, 0x8C}
+PROTOCOL_REFUSED = {1, 0x84}  # unacceptable / unsupported protocol version
+
+
+def connect_failure(error: Exception, address: BrokerAddress) -> tuple[str, bool]:
+    """Why a connection attempt failed, in words, and whether the protocol version may be why (so the other
+    one is worth a try): a name that does not resolve or a refused connection is not about MQTT v5."""
+    cause = error.__cause__ or error.__context__
+    if isinstance(cause, socket.gaierror):
+        return f"cannot resolve the host name {address.host!r} ({cause.strerror})", False
+    if isinstance(cause, ConnectionRefusedError):
+        return f"connection refused: nothing listens on {address.host}:{address.port}", False
+    if isinstance(cause, TimeoutError):  # amqtt does not answer a v5 CONNECT with a will
+        return f"no answer from {address.host}:{address.port} in time", True
+    if isinstance(cause, OSError):
+        return f"cannot connect to {address.host}:{address.port} ({cause})", False
+    rc = getattr(error, "rc", None)
+    code = getattr(rc, "value", rc)
+    if code in CREDENTIALS_REFUSED:
+        return f"the broker refused the credentials ({error})", False
+    return str(error), code is None or code in PROTOCOL_REFUSED
+
+
 class Sink(Protocol):
     async def start(self) -> None: ...
 
@@ -227,7 +259,21 @@ class MqttSink:
         return self.spool.dropped
 
     async def start(self) -> None:
+        """Connect in the background; unless `buffer_offline`, first wait for the broker to answer, and raise
+        `BrokerUnreachableError` (leaving no spool behind) when it cannot be reached."""
         self._task = asyncio.create_task(self._run(), name="mqtt-sink")
+        if self.opts.buffer_offline:
+            return
+        connected = asyncio.create_task(self.connected.wait())
+        await asyncio.wait((connected, self._task), return_when=asyncio.FIRST_COMPLETED)
+        connected.cancel()
+        if self.connected.is_set():
+            return
+        self.spool.close()
+        raise BrokerUnreachableError(
+            f"MQTT broker {self.address.url} cannot be reached: {self._task.result()}; check --broker (or"
+            " mqtt.url), or give --buffer-offline to start anyway and spool events until it can be reached"
+        )
 
     def send(self, event: EmotionEvent) -> None:
         self.spool.append(*self._wire(event), event.final)
@@ -281,7 +327,9 @@ class MqttSink:
         }
         return aiomqtt.Client(self.address.host, self.address.port, **(settings | overrides))
 
-    async def _run(self) -> None:
+    async def _run(self) -> str | None:
+        """Connect, publish, reconnect, until closed; the reason, when the first connection failed and the sink
+        does not buffer offline."""
         import aiomqtt
 
         delay, outage_logged = 0.5, False
@@ -308,18 +356,21 @@ class MqttSink:
                     if self.opts.health_interval_s:
                         await self._publish_health(client)
                     await client.publish(status_topic(self.node), "offline", qos=1, retain=True)
-                    return
+                    return None
             except aiomqtt.MqttError as e:
-                if self.opts.protocol == "auto" and not self.connected_once:
+                why, maybe_protocol = connect_failure(e, self.address)
+                if self.opts.protocol == "auto" and not self.connected_once and (maybe_protocol or not self._v5):
                     self._v5 = not self._v5  # a broker without v5 may refuse it, or (amqtt, with a will) not answer
                     if not self._v5:
-                        log.info("MQTT broker %s: no MQTT v5 (%s), trying 3.1.1", self.address.url, e)
+                        log.info("MQTT broker %s: no MQTT v5 (%s), trying 3.1.1", self.address.url, why)
                         continue
-                delay, outage_logged = await self._outage(e, delay, outage_logged)
+                if not self.connected_once and not self.opts.buffer_offline:
+                    return why
+                delay, outage_logged = await self._outage(why, delay, outage_logged)
             if self._closing and not self.spool.size():
-                return
+                return None
 
-    async def _outage(self, error: Exception, delay: float, logged: bool) -> tuple[float, bool]:
+    async def _outage(self, error: str, delay: float, logged: bool) -> tuple[float, bool]:
         self.connected.clear()
         if self._closing and not self.spool.size():
             return delay, logged

@@ -94,7 +94,13 @@ class Spool:
             self._size -= self._db.execute("DELETE FROM outbox WHERE id = ?", (rowid,)).rowcount
 
     def close(self) -> None:
+        """Release the spool. An empty spool file goes, so that a run that sent everything, or a mistyped broker
+        that was never reached, leaves no file behind (the lock is held while deleting: nobody else has it)."""
         with self._lock:
             self._db.close()
             if self._owner:
+                if not self._size:
+                    for suffix in ("", "-wal", "-shm", ".lock"):
+                        Path(f"{self.path}{suffix}").unlink(missing_ok=True)
                 self._owner.close()
+                self._owner = None

@@ -4,6 +4,7 @@ import asyncio
 import csv
 import json
 import os
+import socket
 import subprocess
 import sys
 import uuid
@@ -12,9 +13,11 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
+from streamer.classifier import EmotionClassifier
 from streamer.event import validate
 from streamer.frames import SAMPLE_RATE
-from tests.conftest import ANGRY_ES, HAPPY_ES, silence
+from tests.conftest import ANGRY_ES, HAPPY_ES, free_port, silence
+from tests.test_homeassistant import retained
 from tests.test_publisher import clear_retained, receive
 
 CLI = [sys.executable, "-m", "streamer"]
@@ -46,6 +49,8 @@ async def test_run_publishes_each_utterance_to_mosquitto(broker, conversation_wa
     proc = await asyncio.create_subprocess_exec(
         *CLI,
         "run",
+        "--language",
+        "es",
         "--source",
         f"file:{conversation_wav}",
         "--fast",
@@ -83,6 +88,8 @@ def test_stdin_pcm_at_8k(conversation):
     pcm8k = (soxr.resample(audio, SAMPLE_RATE, 8000) * 32767).astype("<i2").tobytes()
     result = cli(
         "run",
+        "--language",
+        "es",
         "--source",
         "stdin",
         "--rate",
@@ -119,7 +126,7 @@ def test_analyze_whole_file_gives_one_event_per_file(speak, tmp_path):
     corrupt = tmp_path / "corrupt.mp3"
     corrupt.write_bytes(os.urandom(2000))
     out = tmp_path / "out.jsonl"
-    result = cli("analyze", *map(str, paths), str(corrupt), "--whole-file", "--jsonl", str(out))
+    result = cli("analyze", *map(str, paths), str(corrupt), "--whole-file", "--language", "es", "--jsonl", str(out))
     assert result.returncode == 1  # one file failed, the others were analysed
     assert "corrupt.mp3" in result.stderr.decode()
     events = {Path(e["source"].removeprefix("file:")).stem: e for e in read_jsonl(out)}
@@ -136,7 +143,7 @@ def test_analyze_without_whole_file_segments_and_ignores_silence(conversation_wa
     quiet = tmp_path / "quiet.wav"
     sf.write(quiet, silence(3.0), SAMPLE_RATE)
     out = tmp_path / "out.jsonl"
-    result = cli("analyze", str(conversation_wav), str(quiet), "--jsonl", str(out))
+    result = cli("analyze", str(conversation_wav), str(quiet), "--language", "es", "--jsonl", str(out))
     assert result.returncode == 0, result.stderr.decode()
     events = read_jsonl(out)
     assert [(e["stream"], e["seq"]) for e in events] == [("conversation", 0), ("conversation", 1)]
@@ -163,6 +170,30 @@ def test_classify_text(tmp_path):
     assert bad.returncode == 1 and "no column 'nope'" in bad.stderr.decode()
 
 
+def test_classify_text_in_english_uses_the_english_head(tmp_path):
+    src = tmp_path / "in.csv"
+    src.write_text("text\nI am absolutely furious with you\n")
+    out = tmp_path / "out.jsonl"
+    result = cli("classify-text", "--csv", str(src), "--column", "text", "--language", "en", "--jsonl", str(out))
+    assert result.returncode == 0, result.stderr.decode()
+    [row] = read_jsonl(out)
+    assert row["label"] == "anger" and row["language"] == "en"
+    assert row["model"]["emotion"] == EmotionClassifier().text_model_for("en").model_id
+    auto = cli("classify-text", "--csv", str(src), "--column", "text", "--language", "auto", "--jsonl", str(out))
+    assert auto.returncode == 2 and "needs the language of the texts" in auto.stderr.decode()
+
+
+@pytest.mark.parametrize("command", ["run", "analyze", "classify-text"])
+def test_an_unknown_language_is_a_start_up_error(command, tmp_path):
+    """Before: accepted, then every utterance failed with a traceback and the exit status was 0."""
+    args = {"run": ["--source", "file:x.wav"], "analyze": ["x.wav", "--jsonl", "-"]}
+    args["classify-text"] = ["--csv", "x.csv", "--column", "text", "--jsonl", "-"]
+    result = cli(command, *args[command], "--language", "english", timeout=30)
+    stderr = result.stderr.decode()
+    assert result.returncode == 2, stderr
+    assert "unknown language 'english'" in stderr and ", en, " in stderr and "Traceback" not in stderr
+
+
 def test_devices_and_install_service(tmp_path):
     result = cli("devices")
     assert result.returncode == 0 and result.stdout
@@ -177,5 +208,55 @@ def test_devices_and_install_service(tmp_path):
     )
     assert result.returncode == 0, result.stderr.decode()
     unit = (tmp_path / "systemd" / "user" / "emotion-monitor.service").read_text()
-    assert "run --source mic:USB --broker mqtt://h:1883" in unit
+    assert "run --buffer-offline --source mic:USB --broker mqtt://h:1883" in unit  # the daemon may start first
     assert "[Install]" in unit
+
+
+def test_install_service_explains_a_missing_user_bus(tmp_path):
+    """Before: a CalledProcessError traceback from `systemctl --user daemon-reload`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XDG_RUNTIME_DIR", "DBUS_SESSION_BUS_ADDRESS")}
+    result = subprocess.run(
+        [*CLI, "install-service", "--enable"],
+        capture_output=True,
+        text=True,
+        env=env | {"XDG_CONFIG_HOME": str(tmp_path)},
+    )
+    assert result.returncode == 1
+    assert "no systemd user bus" in result.stderr and "loginctl enable-linger" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (tmp_path / "systemd" / "user" / "emotion-monitor.service").is_file()  # written, nothing lost
+
+
+@pytest.mark.parametrize(
+    ("broker", "cause"),
+    [
+        ("mqtt://no-such-broker.invalid:1883", "cannot resolve the host name 'no-such-broker.invalid'"),
+        ("mqtt://127.0.0.1:{port}", "connection refused"),
+    ],
+)
+def test_run_with_a_broker_that_cannot_be_reached_exits_at_once(broker, cause, tmp_path):
+    """Before: exit status 0 after retrying forever, "trying 3.1.1" in the log, and a spool file per wrong URL."""
+    audio = tmp_path / "speech.wav"
+    sf.write(audio, silence(1.0), SAMPLE_RATE)
+    cache = tmp_path / "cache"
+    broker = broker.format(port=free_port())
+    result = cli(
+        "run", "--source", f"file:{audio}", "--broker", broker, env={"EMOTION_MONITOR_CACHE": str(cache)}, timeout=10
+    )
+    stderr = result.stderr.decode()
+    assert result.returncode == 1, stderr
+    assert f"MQTT broker {broker} cannot be reached: {cause}" in stderr and "--buffer-offline" in stderr
+    assert "3.1.1" not in stderr and "Traceback" not in stderr
+    assert not list(cache.glob("spool/*.sqlite"))
+
+
+async def test_serve_publishes_nothing_when_a_listener_cannot_bind(broker):
+    """Before: a port in use failed `serve` only after it had published its retained status and health."""
+    node, port = f"bind{uuid.uuid4().hex[:6]}", free_port()
+    with socket.create_server(("127.0.0.1", port)):
+        result = await asyncio.to_thread(
+            cli, "serve", "--audiosocket", f"127.0.0.1:{port}", "--broker", "mqtt://127.0.0.1:1883", "--node", node
+        )
+    stderr = result.stderr.decode()
+    assert result.returncode == 1 and f"audiosocket listener 127.0.0.1:{port}" in stderr and "in use" in stderr
+    assert await retained(f"emotion/v1/{node}/#") == {}

@@ -1,6 +1,7 @@
 """Sinks against the real Mosquitto, an embedded amqtt broker, and a broker that appears mid-run."""
 
 import asyncio
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,7 +12,15 @@ import aiomqtt
 import pytest
 
 from streamer.event import event_topic, status_topic, topic_safe, validate
-from streamer.publisher import JsonlSink, MqttOptions, MqttSink, is_listening, parse_broker_url, resolve_broker
+from streamer.publisher import (
+    BrokerUnreachableError,
+    JsonlSink,
+    MqttOptions,
+    MqttSink,
+    is_listening,
+    parse_broker_url,
+    resolve_broker,
+)
 from tests.conftest import free_port, make_event
 
 
@@ -154,7 +163,7 @@ async def test_events_survive_a_broker_that_is_late_and_then_restarts(tmp_path):
     mosquitto = start_mosquitto(port, tmp_path)
     await collect_seqs(port, node, 0)  # create the subscriber's persistent session
     stop_mosquitto(mosquitto)
-    sink = MqttSink(MqttOptions(), f"mqtt://127.0.0.1:{port}", node)
+    sink = MqttSink(MqttOptions(buffer_offline=True), f"mqtt://127.0.0.1:{port}", node)
     await sink.start()
     for i in range(4):
         sink.send(make_event("s", i, node))
@@ -290,12 +299,12 @@ async def test_tls_with_username_and_password(tmp_path):
         await asyncio.wait_for(sink.connected.wait(), 10)
         await sink.close()
         assert sink.published == 1
-        # a wrong password never connects: events stay buffered, nothing is lost silently
-        wrong = MqttSink(
-            MqttOptions(username="monitor", password="nope", tls_ca=str(tmp_path / "ca.crt")),
-            f"mqtts://127.0.0.1:{port}",
-            "tls",
-        )
+        # a wrong password is a start-up error that names it …
+        wrong = MqttOptions(username="monitor", password="nope", tls_ca=str(tmp_path / "ca.crt"), spool="memory")
+        with pytest.raises(BrokerUnreachableError, match="refused the credentials"):
+            await MqttSink(wrong, f"mqtts://127.0.0.1:{port}", "tls").start()
+        # … and when buffering offline it never connects: events stay buffered, nothing is lost silently
+        wrong = MqttSink(dataclasses.replace(wrong, buffer_offline=True), f"mqtts://127.0.0.1:{port}", "tls")
         await wrong.start()
         wrong.send(make_event("s", 0, "tls"))
         await asyncio.sleep(1.0)
@@ -310,7 +319,7 @@ async def test_spooled_events_survive_a_restart_of_the_monitor(broker, tmp_path)
     """Broker unreachable until the monitor stops: the events wait on disk and the next run sends them."""
     spool = str(tmp_path / "spool.sqlite")
     node = f"n{uuid.uuid4().hex[:6]}"
-    first = MqttSink(MqttOptions(spool=spool), f"mqtt://127.0.0.1:{free_port()}", node)
+    first = MqttSink(MqttOptions(spool=spool, buffer_offline=True), f"mqtt://127.0.0.1:{free_port()}", node)
     await first.start()
     for i in range(3):
         first.send(make_event("s", i, node))
@@ -361,3 +370,35 @@ def test_a_spool_file_serves_one_process_at_a_time(tmp_path):
     second = Spool(path)  # released on close: the next run takes over what is left
     assert [m.payload for m in second.head()] == ["kept"]
     second.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "cause"),
+    [
+        ("mqtt://no-such-broker.invalid:1883", "cannot resolve the host name 'no-such-broker.invalid'"),
+        ("mqtt://127.0.0.1:{port}", "connection refused: nothing listens on 127.0.0.1:{port}"),
+    ],
+)
+async def test_a_broker_that_cannot_be_reached_at_start_up_is_an_error(url, cause, tmp_path, caplog):
+    """Before: "no MQTT v5 …, trying 3.1.1", then retries forever, and a spool file per mistyped URL."""
+    port = free_port()
+    url, cause = url.format(port=port), cause.format(port=port)
+    sink = MqttSink(MqttOptions(spool=str(tmp_path / "spool.sqlite")), url, "typo")
+    t0 = time.monotonic()
+    with pytest.raises(BrokerUnreachableError, match=f"{url} cannot be reached: {cause}.*--buffer-offline"):
+        await sink.start()
+    assert time.monotonic() - t0 < 10
+    assert "3.1.1" not in caplog.text
+    assert not list(tmp_path.iterdir())  # no spool left behind
+
+
+def test_a_spool_file_goes_when_it_is_empty(tmp_path):
+    from streamer.spool import Spool
+
+    kept, emptied = Spool(tmp_path / "kept.sqlite"), Spool(tmp_path / "emptied.sqlite")
+    kept.append("t", "waiting")
+    emptied.append("t", "sent")
+    emptied.remove(emptied.head()[0].rowid)
+    kept.close()
+    emptied.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.sqlite", "kept.sqlite.lock"]

@@ -8,9 +8,10 @@
 from __future__ import annotations
 
 import logging
+import socket
 
 from streamer.ingest import audiohook, audiosocket, freeswitch, twilio
-from streamer.ingest.calls import CallHub
+from streamer.ingest.calls import CallHub, IngestOptions
 from streamer.ingest.websocket import listen
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,18 @@ def parse_listen(spec: str) -> tuple[str, int]:
         return host.strip("[]") or "127.0.0.1", int(port)
     except ValueError:
         raise ValueError(f"listen address {spec!r} must be HOST:PORT or PORT") from None
+
+
+def check_listeners(opts: IngestOptions) -> None:
+    """Bind each listener's address once and let it go, so that a port in use fails `serve` before it connects
+    to the broker and publishes anything."""
+    for protocol in PROTOCOLS:
+        if spec := getattr(opts, protocol):
+            host, port = parse_listen(spec)
+            try:
+                socket.create_server((host, port)).close()
+            except OSError as e:
+                raise OSError(f"{protocol} listener {host}:{port}: {e.strerror or e}") from None
 
 
 async def start_listeners(hub: CallHub) -> list:
