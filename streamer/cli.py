@@ -9,6 +9,7 @@ import csv
 import json
 import logging
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -121,6 +122,8 @@ async def _run(args: argparse.Namespace, config: MonitorConfig) -> int:
 
     source = open_source(_source_spec(config.source), realtime=not args.fast, rate=args.rate, channels=args.channels)
     config.recogniser = for_one_stream(config.recogniser)
+    if args.dashboard and not config.mqtt.homeassistant_url:
+        config.mqtt.homeassistant_url = _page_url(args.dashboard)
     console = () if args.quiet else (ConsoleSink(show_transcript=config.mqtt.publish_transcript),)
     stats = None
     async with _monitoring(config, args.jsonl, not args.fast, console) as (engine, url, sinks):
@@ -414,10 +417,20 @@ def cmd_devices(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _start_dashboard(broker: str, listen: str, node: str | None, config: MonitorConfig):
+def _page_url(listen: str) -> str:
+    """The dashboard's page as another machine (Home Assistant's browser) opens it: a wildcard address becomes the
+    host name."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    return f"http://{socket.getfqdn() if host in ('', '0.0.0.0', '::') else host}:{port}/"
+
+
+async def _start_dashboard(
+    broker: str, listen: str, node: str | None, config: MonitorConfig, forget_offline_s: float = 3600.0
+):
     from streamer.dashboard import Dashboard
 
-    dashboard = Dashboard(broker, listen, node, config.mqtt)
+    dashboard = Dashboard(broker, listen, node, config.mqtt, forget_offline_s=forget_offline_s)
     await dashboard.start()
     return dashboard
 
@@ -427,7 +440,7 @@ async def _dashboard(args: argparse.Namespace, config: MonitorConfig) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    dashboard = await _start_dashboard(broker, args.http, args.node, config)
+    dashboard = await _start_dashboard(broker, args.http, args.node, config, args.forget_offline)
     try:
         await stop.wait()
     finally:
@@ -541,6 +554,13 @@ def _parser() -> argparse.ArgumentParser:
     dash.add_argument("--broker", help="mqtt://[user:pass@]host:port | mqtts://… (default mqtt://127.0.0.1:1883)")
     dash.add_argument("--http", metavar="HOST:PORT", default="127.0.0.1:8765", help="serve the page here")
     dash.add_argument("--node", help="show only this node (default: all)")
+    dash.add_argument(
+        "--forget-offline",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="forget a node offline for longer than this, with its streams (default 3600)",
+    )
     dash.set_defaults(func=cmd_dashboard)
 
     service = sub.add_parser("install-service", help="install a systemd user unit running `run`")

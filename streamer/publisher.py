@@ -33,7 +33,7 @@ from streamer.event import (
     topic_safe,
 )
 from streamer.frames import EmotionEvent
-from streamer.homeassistant import discovery_config, discovery_topic, last_state
+from streamer.homeassistant import Discovery, escalation_topic, last_state
 from streamer.metrics import HEALTH
 from streamer.models import cache_dir
 from streamer.spool import Spool
@@ -70,6 +70,9 @@ class MqttOptions:
     event_expiry_s: int = 3600  # MQTT v5 message expiry of events (a subscriber that returns later skips stale ones)
     homeassistant: bool = True  # retained Home Assistant discovery per stream (not per call track)
     homeassistant_prefix: str = "homeassistant"
+    homeassistant_expire_after_s: int = 3600  # HA shows a stream's sensors unavailable after this long without an event
+    homeassistant_transcript: bool = False  # the transcript in HA's attributes (and so in its recorder database)
+    homeassistant_url: str | None = None  # the device's configuration URL in HA (default: `run --dashboard`'s page)
     embedded_host: str = "127.0.0.1"
     embedded_port: int = 1883
 
@@ -245,6 +248,16 @@ class MqttSink:
         # Retained messages are state, not a log: the latest payload per topic ("" deletes it), re-sent on connect.
         self._retained: dict[str, str] = {}
         self._dirty: set[str] = set()
+        self.ha = Discovery(
+            opts.homeassistant_prefix,
+            node,
+            opts.homeassistant_expire_after_s,
+            opts.homeassistant_transcript,
+            opts.homeassistant_url,
+        )
+        self._escalated: dict[str, dict] = {}  # call id → its latest escalation alert, while the call lasts
+        self._last_alert: dict | None = None
+        self._announced: set[str] = set()  # streams with Home Assistant entities: their utterances fire its event
 
     def _spool_path(self) -> Path | None:
         if self.opts.spool == "memory":
@@ -276,7 +289,10 @@ class MqttSink:
         )
 
     def send(self, event: EmotionEvent) -> None:
-        self.spool.append(*self._wire(event), event.final)
+        topic, payload = self._wire(event)
+        self.spool.append(topic, payload, event.final)
+        if event.final and event.call_id is None and event.stream in self._announced:
+            self.spool.append(*self.ha.utterance(json.loads(payload)))
         self._wakeup.set()
 
     def _wire(self, event: EmotionEvent) -> tuple[str, str]:
@@ -289,17 +305,26 @@ class MqttSink:
         return event_topic(event.node, event.stream, event.call_id, event.role), json.dumps(wire, ensure_ascii=False)
 
     def stream_started(self, stream: str, call_id: str | None, role: str | None) -> None:
-        if self.opts.homeassistant and call_id is None:
-            self._retain(
-                discovery_topic(self.opts.homeassistant_prefix, self.node, stream), discovery_config(self.node, stream)
-            )
+        """Announce the stream's Home Assistant entities, or for the first call the node's escalation sensor."""
+        if not self.opts.homeassistant:
+            return
+        if call_id is None:
+            for topic, config in self.ha.stream(stream).items():
+                self._retain(topic, config)
+            self._announced.add(stream)
+        elif escalation_topic(self.node) not in self._retained:
+            self._retain(*self.ha.escalation())
+            self._escalation_changed()
 
     def stream_ended(self, stream: str, call_id: str | None, role: str | None) -> None:
-        """Remove the stream's Home Assistant sensor; a call track's last state goes too (calls do not return)."""
+        """A call track's last state goes (calls do not return); a stream's says when it ended (dashboards mark
+        it). A stream's Home Assistant entities stay: the node's status makes them unavailable, and HA keeps the
+        name and area the user gave them."""
+        topic = state_topic(self.node, stream, call_id, role)
         if call_id is not None:
-            self._retain(state_topic(self.node, stream, call_id, role), "")
-        elif self.opts.homeassistant:
-            self._retain(discovery_topic(self.opts.homeassistant_prefix, self.node, stream), "")
+            self._retain(topic, "")
+        elif last := self._retained.get(topic):
+            self._retain(topic, json.dumps(json.loads(last) | {"ended": iso_utc(time.time())}, ensure_ascii=False))
 
     def _retain(self, topic: str, payload: str) -> None:
         self._retained[topic] = payload
@@ -307,9 +332,27 @@ class MqttSink:
         self._wakeup.set()
 
     def send_message(self, topic: str, message: dict) -> None:
-        """Spooled and published in order with the events (QoS 1, not retained), so `ended` follows them."""
+        """Spooled and published in order with the events (QoS 1, not retained), so `ended` follows them. A call's
+        escalation alert turns the escalation sensor on until the call ends."""
         self.spool.append(topic, json.dumps(message, ensure_ascii=False), True)
+        if self.opts.homeassistant:
+            self._track_escalation(topic, message)
         self._wakeup.set()
+
+    def _track_escalation(self, topic: str, message: dict) -> None:
+        call = message.get("call_id")
+        if topic.endswith("/alert"):
+            self._escalated[call] = self._last_alert = message
+        elif topic.endswith("/lifecycle") and message.get("type") == "ended" and call in self._escalated:
+            del self._escalated[call]
+        else:
+            return
+        self._escalation_changed()
+
+    def _escalation_changed(self) -> None:
+        """The escalation sensor's retained state: on while a call that raised an alert lasts."""
+        state = {"state": "ON" if self._escalated else "OFF", "calls": sorted(self._escalated)}
+        self._retain(escalation_topic(self.node), json.dumps(state | {"last": self._last_alert}, ensure_ascii=False))
 
     def _client(self, **overrides):
         """An aiomqtt client for this broker; `overrides` replace its keyword arguments (session, identifier)."""

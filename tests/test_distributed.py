@@ -154,7 +154,8 @@ def pool(broker, node, tmp_path_factory):
     for name, proc in workers.procs.items():
         if proc.poll() is None:
             workers.stop(name)
-    clear_retained([f"emotion/v1/{node}/#", *(f"emotion/v1/worker-{workers.worker_id(n)}/#" for n in "ab")])
+    workers_topics = [f"emotion/v1/worker-{workers.worker_id(n)}/#" for n in "ab"]
+    clear_retained([f"emotion/v1/{node}/#", f"homeassistant/+/{node}/#", *workers_topics])
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from streamer.ingest import start_listeners
 from streamer.ingest.calls import CallHub, EscalationRule, IngestOptions
 from streamer.publisher import JsonlSink, MqttOptions, MqttSink
 from tests.conftest import ANGRY_ES, HAPPY_ES, free_port, make_event, silence
-from tests.test_publisher import clear_retained
+from tests.test_publisher import clear_node
 
 pytestmark = pytest.mark.slow
 
@@ -122,7 +122,7 @@ async def serving(engine, **limits):
         await sink.close()
         await asyncio.sleep(0.3)  # let the watcher see the last messages
         watching.cancel()
-        await clear_retained("127.0.0.1", 1883, f"emotion/v1/{engine.node}/status")
+        await clear_node(engine.node)
 
 
 async def audiosocket_call(
@@ -563,7 +563,7 @@ async def test_serve_command_takes_calls_and_ends_them_on_sigterm(broker, speak,
         if proc.returncode is None:
             proc.kill()
         watching.cancel()
-        await clear_retained("127.0.0.1", 1883, f"emotion/v1/{node}/status")
+        await clear_node(node)
     assert ended["reason"] == "shutdown" and ended["summary"]["utterances"].get("customer", 0) >= 1
     check_call(watcher, done, {"customer"})
     lines = [json.loads(line) for line in out.read_text().splitlines()]

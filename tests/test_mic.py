@@ -4,6 +4,7 @@ ALSA's `file` plugin with `infile` turns a raw PCM file into a capture device, s
 and the live pipeline run exactly as with a USB headset, on a machine without a sound card.
 """
 
+import asyncio
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import soxr
 
 from streamer.frames import SAMPLE_RATE
 from tests.conftest import HAPPY_ES, silence
+from tests.test_publisher import clear_node
 
 pytest.importorskip("pyaudio", reason="PyAudio is not installed (needs apt portaudio19-dev; ./setup.sh does it)")
 
@@ -78,6 +80,7 @@ def test_live_microphone_to_event(fake_home, broker, tmp_path):
         _, stderr = proc.communicate(timeout=30)
     finally:
         proc.kill()
+    asyncio.run(clear_node("mic-test"))
     event = json.loads(events.read_text().splitlines()[0])
     assert event["source"] == "mic:fakemic"
     assert "gracias" in event["transcript"].lower()

@@ -18,7 +18,7 @@ from streamer.event import validate
 from streamer.frames import SAMPLE_RATE
 from tests.conftest import ANGRY_ES, HAPPY_ES, free_port, silence
 from tests.test_homeassistant import retained
-from tests.test_publisher import clear_retained, receive
+from tests.test_publisher import clear_node, receive
 
 CLI = [sys.executable, "-m", "streamer"]
 
@@ -67,7 +67,7 @@ async def test_run_publishes_each_utterance_to_mosquitto(broker, conversation_wa
     _, stderr = await proc.communicate()
     assert proc.returncode == 0, stderr.decode()
     events = [json.loads(payload) for _, payload, _ in await collector]
-    await clear_retained(*broker, f"emotion/v1/{node}/status")
+    await clear_node(node)
     assert [e["seq"] for e in events] == [0, 1]
     for event in events:
         validate(event)
@@ -86,6 +86,7 @@ def test_stdin_pcm_at_8k(conversation):
     import soxr
 
     pcm8k = (soxr.resample(audio, SAMPLE_RATE, 8000) * 32767).astype("<i2").tobytes()
+    node = f"n{uuid.uuid4().hex[:6]}"
     result = cli(
         "run",
         "--language",
@@ -99,11 +100,14 @@ def test_stdin_pcm_at_8k(conversation):
         "--quiet",
         "--stream",
         "stdin-test",
+        "--node",
+        node,
         "--jsonl",
         "-",
         stdin=pcm8k,
     )
     assert result.returncode == 0, result.stderr.decode()
+    asyncio.run(clear_node(node))
     events = [json.loads(line) for line in result.stdout.decode().splitlines()]
     assert len(events) == 2
     assert all(e["source"] == "stdin" for e in events)

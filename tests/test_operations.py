@@ -1,5 +1,6 @@
 """Operations: graceful SIGTERM, overload shedding, /metrics and /healthz, on the real chain."""
 
+import asyncio
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ from streamer.pipeline import PipelineOptions, run_stream
 from streamer.sources import FileSource
 from tests.conftest import NEUTRAL_ES, free_port, silence
 from tests.test_pipeline import ListSink
+from tests.test_publisher import clear_node
 
 SENTENCES = NEUTRAL_ES[:6]
 
@@ -54,6 +56,13 @@ async def test_overload_sheds_to_voice_only_then_drops_oldest(engine, many_utter
         options=PipelineOptions(voice_only_backlog=100, max_backlog=100),
     )
     assert calm.voice_only == calm.dropped == 0 and calm.events == stats.utterances + stats.dropped
+
+
+@pytest.fixture(scope="module", autouse=True)
+def clean_broker():
+    """What the monitor of these tests (node ops-test) leaves retained goes at the end."""
+    yield
+    asyncio.run(clear_node("ops-test"))
 
 
 def start_monitor(path, *args):
@@ -149,8 +158,6 @@ def test_metrics_and_healthz(many_utterances, broker, tmp_path):
 async def test_every_utterance_arrives_once_across_two_broker_restarts(engine, many_utterances, tmp_path):
     """The whole chain publishing while the broker goes away twice: after dropping QoS-1 duplicates by
     event_id, each utterance's event arrives exactly once and in order."""
-    import asyncio
-
     from streamer.publisher import MqttOptions, MqttSink
     from tests.test_publisher import collect_seqs, start_mosquitto, stop_mosquitto
 

@@ -12,6 +12,7 @@ import aiomqtt
 import pytest
 
 from streamer.event import event_topic, status_topic, topic_safe, validate
+from streamer.homeassistant import slug
 from streamer.publisher import (
     BrokerUnreachableError,
     JsonlSink,
@@ -54,6 +55,28 @@ async def clear_retained(host: str, port: int, topic: str) -> None:
     """Leave the shared broker as we found it: an empty retained message deletes the retained status."""
     async with aiomqtt.Client(host, port) as client:
         await client.publish(topic, b"", qos=1, retain=True)
+
+
+async def retained(topic: str, wait: float = 1.0) -> dict[str, bytes]:
+    """What a newly connecting subscriber gets at once: the retained messages under `topic`."""
+    got = {}
+    async with aiomqtt.Client("127.0.0.1", 1883, identifier=f"late-{uuid.uuid4().hex[:8]}") as client:
+        await client.subscribe(topic, qos=1)
+        try:
+            async with asyncio.timeout(wait):
+                async for message in client.messages:
+                    if message.retain:
+                        got[str(message.topic)] = message.payload
+        except TimeoutError:
+            pass
+    return got
+
+
+async def clear_node(node: str) -> None:
+    """Delete every retained message a node left: its topics and its Home Assistant discovery configs."""
+    got = await retained(f"emotion/v1/{topic_safe(node)}/#") | await retained(f"homeassistant/+/{slug(node)}/#")
+    for topic in got:
+        await clear_retained("127.0.0.1", 1883, topic)
 
 
 async def publish_and_collect(url: str, host: str, port: int, node: str, events: int, opts: MqttOptions):
