@@ -29,7 +29,9 @@ from playwright.sync_api import expect, sync_playwright
 
 from streamer.dashboard import Dashboard, DashboardState
 from streamer.frames import LABELS
-from tests.conftest import free_port
+from streamer.publisher import MqttOptions, MqttSink
+from tests.conftest import free_port, make_event
+from tests.test_publisher import clear_node
 
 CHROMIUM = "/usr/bin/chromium"
 needs_chromium = pytest.mark.skipif(
@@ -276,6 +278,32 @@ def test_state_forgets_old_ended_calls_and_their_streams():
     assert list(state.calls) == ["n/c3", "n/live"]  # an ended call goes before a live one
 
 
+def test_state_starts_from_retained_states_and_marks_ended_streams():
+    state = DashboardState()
+    last = {k: v for k, v in event("n", "s", 4, "joy").items() if k in ("label", "confidence", "scores", "time")}
+    topic = "emotion/v1/n/s/state"
+    assert state.handle(topic, json.dumps(last).encode()) is None  # live: the event topic carries it
+    assert state.handle(topic, json.dumps(last).encode(), retained=True)["data"]["retained"] is True
+    assert state.handle(topic, json.dumps(last).encode(), retained=True) is None  # known already
+    ended = state.handle(topic, json.dumps(last | {"ended": iso(time.time())}).encode())
+    assert ended["kind"] == "ended" and ended["key"] == "n/s" and ended in state.snapshot()
+    state.handle(event_topic("n", "s"), json.dumps(event("n", "s", 5, "anger")).encode())
+    assert [e["kind"] for e in state.snapshot()] == ["event", "event"]  # back: no longer ended
+    assert state.handle(topic, b"") is None and not state.skipped  # a deleted retained state
+
+
+def test_state_forgets_nodes_offline_for_too_long():
+    state = DashboardState(forget_offline_s=60)
+    for node in ("gone", "here"):
+        state.handle(f"emotion/v1/{node}/status", b"offline")
+        state.handle(event_topic(node, "s"), json.dumps(event(node, "s", 0, "joy")).encode())
+        state.handle(call_topic(node, "c", "lifecycle"), json.dumps({"type": "started", "roles": []}).encode())
+    state.handle("emotion/v1/here/status", b"online")
+    assert state.forget_offline(time.monotonic() + 30) == []
+    assert [e["node"] for e in state.forget_offline(time.monotonic() + 61)] == ["gone"]
+    assert {e["node"] for e in state.snapshot()} == {"here"}
+
+
 # ---- HTTP without a browser --------------------------------------------------------------------------------
 
 
@@ -371,9 +399,10 @@ def test_events_update_label_plot_captions_and_incongruent_mark(page, background
     assert wait_painted(page, sel, one_point) > one_point > 0
 
 
-@needs_chromium
-def test_call_alert_and_summary(page, background, node):
-    call, roles, start = "c-1001", ["customer", "agent"], time.time() - 20
+def billing_call(node: str, call: str, start: float) -> tuple[list, tuple[str, dict]]:
+    """A call in which the customer gets angry: its messages up to the escalation alert, and its `ended` with the
+    summary."""
+    roles = ["customer", "agent"]
     lines = [
         ("customer", "neutral", 0.5, "Hola, llamo por la factura."),
         ("agent", "joy", 0.6, "Con mucho gusto le ayudo."),
@@ -386,13 +415,20 @@ def test_call_alert_and_summary(page, background, node):
     ]
     rule = "anger ≥ 0.7 in 2 of the last 3 utterances"
     alert = escalation(node, call, "customer", "anger", 0.88, start + 12, rule)
-    background.publish(
-        [
-            lifecycle(node, call, "started", start, roles, metadata={"queue": "billing"}),
-            *[(f"emotion/v1/{node}/call/{call}/{e['role']}/event", e) for e in events],
-            alert,
-        ]
-    )
+    opening = [
+        lifecycle(node, call, "started", start, roles, metadata={"queue": "billing"}),
+        *[(f"emotion/v1/{node}/call/{call}/{e['role']}/event", e) for e in events],
+        alert,
+    ]
+    summary = summarise(events, 20.0, [alert[1]])
+    return opening, lifecycle(node, call, "ended", start + 20, roles, reason="hangup", error=None, summary=summary)
+
+
+@needs_chromium
+def test_call_alert_and_summary(page, background, node):
+    call = "c-1001"
+    opening, ended = billing_call(node, call, time.time() - 20)
+    background.publish(opening)
     group = f'.group[data-call="{node}/{call}"]'
     page.wait_for_selector(f'{group}[data-state="active"]')
     page.wait_for_selector(f'{card(node, f"call/{call}/customer")}[data-alerts="1"][data-label="anger"]')
@@ -400,10 +436,7 @@ def test_call_alert_and_summary(page, background, node):
     assert "anger 0.88" in page.inner_text(f'#alerts .alert[data-call="{node}/{call}"]')
     assert "billing" in page.inner_text(f"{group} .meta")
 
-    summary = summarise(events, 20.0, [alert[1]])
-    background.publish(
-        [lifecycle(node, call, "ended", start + 20, roles, reason="hangup", error=None, summary=summary)]
-    )
+    background.publish([ended])
     page.wait_for_selector(f'{group}[data-state="ended"] .summary[data-call="{node}/{call}"]')
     text = page.inner_text(f"{group} .summary")
     assert "0:20" in text and "hangup" in text and "customer" in text and "agent" in text
@@ -590,3 +623,60 @@ def test_screenshot_of_a_realistic_page(page, background, node, tmp_path):
     assert shot.stat().st_size > 20_000
     if target := os.environ.get("DASHBOARD_SCREENSHOT"):
         shutil.copyfile(shot, target)
+
+
+@needs_chromium
+def test_a_dashboard_started_after_a_run_shows_it_then_forgets_the_node(browser, background, node):
+    """Before: "Waiting for events" after a run; nodes of earlier runs stayed in the header forever."""
+
+    async def a_run() -> None:
+        opts = MqttOptions(spool="memory", health_interval_s=0, homeassistant=False)
+        sink = MqttSink(opts, "mqtt://127.0.0.1:1883", node)
+        await sink.start()
+        sink.stream_started("desk", None, None)
+        sink.send(make_event("desk", 0, node, label="joy", confidence=0.8))
+        sink.stream_ended("desk", None, None)
+        await sink.close()
+
+    async def start() -> Dashboard:
+        dash = Dashboard("mqtt://127.0.0.1:1883", f"127.0.0.1:{free_port()}", node=node, forget_offline_s=4)
+        await dash.start()
+        return dash
+
+    background.run(a_run())
+    dash = background.run(start())
+    context = browser.new_context(viewport={"width": 1200, "height": 800})
+    try:
+        page = context.new_page()
+        page.goto(dash.url)
+        page.wait_for_selector(f'{card(node, "desk")}.ended[data-label="joy"]')
+        assert page.text_content(f"{card(node, 'desk')} .badge") == "JOY 0.80"
+        assert "ended" in page.text_content(f"{card(node, 'desk')} .info")
+        expect(page.locator("#nodes li.off")).to_have_text(f"{node} offline")
+        page.wait_for_selector(card(node, "desk"), state="detached", timeout=10_000)
+        expect(page.locator("#nodes li")).to_have_count(0)
+    finally:
+        context.close()
+        background.run(dash.stop())
+        background.run(clear_node(node))
+
+
+@needs_chromium
+def test_the_page_fits_a_phone(browser, background, dashboard, node):
+    """Before: 390 px wide, the cards and the call summary overflowed sideways."""
+    opening, ended = billing_call(node, "c-2002", time.time() - 20)
+    background.publish([(event_topic(node, "desk"), event(node, "desk", 0, "sadness", 0.7, "Qué pena.")), *opening])
+    background.publish([ended])
+    context = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=3, is_mobile=True)
+    try:
+        page = context.new_page()
+        page.goto(dashboard.url)
+        page.wait_for_selector(f'.group[data-call="{node}/c-2002"][data-state="ended"] .summary')
+        page.wait_for_selector(f'{card(node, "desk")}[data-label="sadness"]')
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        widest = (
+            "Math.max(...[...document.querySelectorAll('.card, .summary')].map(e => e.getBoundingClientRect().right))"
+        )
+        assert page.evaluate(widest) <= 390
+    finally:
+        context.close()

@@ -4,16 +4,18 @@ Server-Sent Events from here rather than MQTT over WebSockets in the page: it wo
 embedded one too) without a WebSockets listener to configure, one subscription serves any number of tabs,
 and broker credentials never reach the browser. A tab that connects first gets a snapshot of recent state
 (last events per stream, active and recently ended calls, alerts, node status) so a page opened mid-call is
-populated; a tab that cannot keep up is disconnected and, reconnecting, gets a fresh snapshot.
+populated; a tab that cannot keep up is disconnected and, reconnecting, gets a fresh snapshot. A dashboard started
+after a run begins from the streams' retained last states; nodes offline for longer than `forget_offline_s` are
+forgotten, with their streams and calls.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
+import time
 from collections import OrderedDict, deque
 from importlib import resources
 
@@ -53,23 +55,30 @@ class DashboardState:
     Messages are stored as the envelopes sent to browsers, `{"kind", "key", "node", "call", "role", "data"}`,
     each with a sequence number, so the snapshot replays them in arrival order through the page's one handler.
     Bounded everywhere: `history` events per stream, `max_streams` streams, `max_calls` calls (the oldest ended
-    ones go first; then the oldest, for calls whose `ended` never came).
+    ones go first; then the oldest, for calls whose `ended` never came), and nodes offline for longer than
+    `forget_offline_s` go with their streams and calls (`forget_offline`).
     """
 
-    def __init__(self, history: int = 60, max_streams: int = 200, max_calls: int = 100) -> None:
+    def __init__(
+        self, history: int = 60, max_streams: int = 200, max_calls: int = 100, forget_offline_s: float = 3600.0
+    ) -> None:
         self.history, self.max_streams, self.max_calls = history, max_streams, max_calls
+        self.forget_offline_s = forget_offline_s
         self._seq = 0
         self.streams: OrderedDict[str, OrderedDict[object, tuple[int, dict]]] = OrderedDict()
+        self.ended: dict[str, tuple[int, dict]] = {}  # streams whose last state says they ended
         self.calls: OrderedDict[str, dict[str, object]] = OrderedDict()
         self.nodes: dict[tuple[str, str], tuple[int, dict]] = {}
+        self.offline_since: dict[str, float] = {}  # node → monotonic time its status said offline (or we learnt it)
         self.skipped = 0
 
     def _stamp(self, envelope: dict) -> tuple[int, dict]:
         self._seq += 1
         return self._seq, envelope
 
-    def handle(self, topic: str, payload: bytes) -> dict | None:
-        """Store one MQTT message; the envelope to broadcast, or None for a topic we ignore or a bad payload."""
+    def handle(self, topic: str, payload: bytes, retained: bool = False) -> dict | None:
+        """Store one MQTT message; the envelope to broadcast, or None for a topic we ignore or a bad payload.
+        `retained`: the broker's retained copy, sent on subscribing (what happened before we started)."""
         parts = topic.split("/")
         if parts[:2] != ROOT.split("/") or len(parts) < 4:
             return None
@@ -82,6 +91,8 @@ class DashboardState:
             return self._node(topic, node, rest[0], payload)
         if len(rest) == 2 and rest[1] == "event":
             return self._event(topic, f"{node}/{rest[0]}", node, None, None, payload)
+        if len(rest) == 2 and rest[1] == "state":
+            return self._state(topic, f"{node}/{rest[0]}", node, payload, retained)
         if len(rest) == 4 and rest[0] == "call" and rest[3] == "event":
             call, role = rest[1], rest[2]
             return self._event(topic, f"{node}/call/{call}/{role}", node, call, role, payload)
@@ -103,6 +114,24 @@ class DashboardState:
                 return self._skip(topic, "health is not a JSON object")
         envelope = {"kind": kind, "key": node, "node": node, "data": data}
         self.nodes[node, kind] = self._stamp(envelope)
+        if data == "offline":
+            self.offline_since.setdefault(node, time.monotonic())
+        elif kind == "status":
+            self.offline_since.pop(node, None)
+        return envelope
+
+    def _state(self, topic: str, key: str, node: str, payload: bytes, retained: bool) -> dict | None:
+        """A stream's last state: the stream as it was when we started (retained), or its end. Live events
+        come on `…/event`, so a live state that does not end its stream adds nothing."""
+        data = _json(payload)
+        if not isinstance(data, dict):
+            return None if not payload else self._skip(topic, "state is not a JSON object")
+        if retained and key not in self.streams:  # its `ended`, if any, comes along
+            return self._event(topic, key, node, None, None, json.dumps(data | {"retained": True}).encode())
+        if "ended" not in data:
+            return None
+        envelope = {"kind": "ended", "key": key, "node": node, "data": {"ended": data["ended"]}}
+        self.ended[key] = self._stamp(envelope)
         return envelope
 
     def _event(
@@ -118,6 +147,7 @@ class DashboardState:
             while len(self.streams) > self.max_streams:
                 self.streams.popitem(last=False)
         self.streams.move_to_end(key)
+        self.ended.pop(key, None)  # the stream is back
         # The final event of a segment replaces its interim ones.
         segment = data.get("segment_id", data.get("event_id"))
         segment = segment if isinstance(segment, int | str) else id(envelope)
@@ -156,9 +186,21 @@ class DashboardState:
             for stream in [s for s in self.streams if s.startswith(prefix)]:
                 del self.streams[stream]
 
+    def forget_offline(self, now: float | None = None) -> list[dict]:
+        """Drop the nodes offline for longer than `forget_offline_s`, with their streams and calls (a header
+        listing every node of earlier runs, forever, helps nobody); the envelopes telling open pages."""
+        now = time.monotonic() if now is None else now
+        gone = [node for node, since in self.offline_since.items() if now - since > self.forget_offline_s]
+        for node in gone:
+            del self.offline_since[node]
+            for table in (self.nodes, self.streams, self.ended, self.calls):
+                for key in [k for k in table if (k[0] if isinstance(k, tuple) else k.split("/", 1)[0]) == node]:
+                    del table[key]
+        return [{"kind": "forget", "key": node, "node": node, "data": {}} for node in gone]
+
     def snapshot(self) -> list[dict]:
         """Every stored envelope, oldest first."""
-        stamped = list(self.nodes.values())
+        stamped = list(self.nodes.values()) + list(self.ended.values())
         for events in self.streams.values():
             stamped += events.values()
         for call in self.calls.values():
@@ -178,18 +220,19 @@ class Dashboard:
         opts: MqttOptions | None = None,
         history: int = 60,
         client_queue: int = 5000,
+        forget_offline_s: float = 3600.0,
     ) -> None:
         self.opts = opts or MqttOptions()
         self.address = parse_broker_url(broker, self.opts)
         host, _, port = listen.rpartition(":")
         self.host, self.port = host.strip("[]") or "127.0.0.1", int(port)
         self.topic = f"{ROOT}/{node}/#" if node else f"{ROOT}/#"
-        self.state = DashboardState(history)
+        self.state = DashboardState(history, forget_offline_s=forget_offline_s)
         self.client_queue = client_queue
         self.subscribed = asyncio.Event()
         self._clients: dict[asyncio.Queue[str], asyncio.Task] = {}
         self._server: asyncio.Server | None = None
-        self._mqtt_task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
 
     @property
     def url(self) -> str:
@@ -198,14 +241,16 @@ class Dashboard:
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
-        self._mqtt_task = asyncio.create_task(self._mqtt(), name="dashboard-mqtt")
+        self._tasks = [
+            asyncio.create_task(self._mqtt(), name="dashboard-mqtt"),
+            asyncio.create_task(self._forget(), name="dashboard-forget"),
+        ]
         log.info("dashboard on %s (MQTT %s, topic %s)", self.url, self.address.url, self.topic)
 
     async def stop(self) -> None:
-        if self._mqtt_task:
-            self._mqtt_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._mqtt_task
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         clients = list(self._clients.values())
         for task in clients:
             task.cancel()
@@ -240,7 +285,7 @@ class Dashboard:
                     async for message in client.messages:
                         payload = message.payload
                         raw = payload if isinstance(payload, bytes | bytearray) else str(payload or "").encode()
-                        envelope = self.state.handle(str(message.topic), bytes(raw))
+                        envelope = self.state.handle(str(message.topic), bytes(raw), message.retain)
                         if envelope is not None:
                             self._broadcast(envelope)
             except aiomqtt.MqttError as e:
@@ -251,6 +296,13 @@ class Dashboard:
                     outage_logged = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    async def _forget(self) -> None:
+        """Forget the nodes offline for too long, looking a few times within that time."""
+        while True:
+            await asyncio.sleep(min(60.0, max(0.1, self.state.forget_offline_s / 4)))
+            for envelope in self.state.forget_offline():
+                self._broadcast(envelope)
 
     def _broadcast(self, envelope: dict) -> None:
         encoded = json.dumps(envelope, ensure_ascii=False)

@@ -91,7 +91,7 @@ function getStream(env, role) {
     const group = getGroup(env);
     const name = group.isCall ? text(role || env.role) : env.key.slice(text(env.node).length + 1);
     stream = {
-      key: env.key, group, name, points: [], alerts: [], incongruent: 0,
+      key: env.key, group, name, points: [], alerts: [], incongruent: 0, ended: false,
       el: null, visible: !observer, viewDirty: true, drawnAt: -Infinity, // drawn once the observer reports it on screen
     };
     model.streams.set(env.key, stream);
@@ -147,7 +147,8 @@ function applyEvent(env) {
     if (pts.length > MAX_POINTS) stream.incongruent -= pts.shift().incongruent;
   }
   stream.incongruent += point.incongruent;
-  model.eventTimes.push(performance.now());
+  stream.ended = Boolean(d.ended); // a retained last state says whether its stream had ended
+  if (!d.retained) model.eventTimes.push(performance.now());
   touch(stream);
   const group = stream.group;
   if (group.isCall) refreshDomain(group);
@@ -201,6 +202,38 @@ function applyAlert(env) {
   dirty.alerts = true;
 }
 
+function markEnded(stream) {
+  stream.ended = true;
+  touch(stream);
+}
+
+function applyEnded(env) {
+  const stream = model.streams.get(env.key);
+  if (stream) markEnded(stream);
+}
+
+function setStatus(env) {
+  const status = text(env.data);
+  nodeOf(env).status = status;
+  if (status !== "offline") return;
+  const group = model.groups.get(`node:${env.node}`); // a node gone offline ended its streams
+  for (const stream of group ? group.streams : []) markEnded(stream);
+}
+
+function forgetNode(env) { // offline for longer than the daemon keeps nodes: it goes with its streams and calls
+  model.nodes.delete(env.node);
+  for (const group of [...model.groups.values()].filter((g) => g.node === env.node)) {
+    for (const stream of group.streams) {
+      model.streams.delete(stream.key);
+      dirty.streams.delete(stream);
+      if (observer) observer.unobserve(stream.el);
+    }
+    dirty.groups.delete(group);
+    model.groups.delete(group.key);
+    group.el.remove();
+  }
+}
+
 function nodeOf(env) {
   if (!model.nodes.has(env.node)) model.nodes.set(env.node, {});
   return model.nodes.get(env.node);
@@ -213,7 +246,9 @@ function apply(env) {
       case "event": applyEvent(env); break;
       case "call": applyCall(env); break;
       case "alert": applyAlert(env); break;
-      case "status": nodeOf(env).status = text(env.data); break;
+      case "status": setStatus(env); break;
+      case "ended": applyEnded(env); break;
+      case "forget": forgetNode(env); break;
       case "health": nodeOf(env).health = env.data; break;
       case "broker": model.broker = env.data; break;
       default: return;
@@ -359,9 +394,11 @@ function renderHead(stream, card, pts, last) {
     stream.badgeEl.textContent = `${last.label.toUpperCase()} ${last.confidence.toFixed(2)}`;
     stream.barEl.style.width = pct(last.confidence);
     const latency = Number.isFinite(last.latency) ? ` · ${Math.round(last.latency)} ms` : "";
-    stream.infoEl.textContent = `${pts.length} utt. · v ${last.valence.toFixed(2)} a ${last.arousal.toFixed(2)}${latency}`;
+    const info = `${pts.length} utt. · v ${last.valence.toFixed(2)} a ${last.arousal.toFixed(2)}${latency}`;
+    stream.infoEl.textContent = stream.ended ? `ended · ${info}` : info;
     card.classList.toggle("interim", !last.final);
   }
+  card.classList.toggle("ended", stream.ended);
 }
 
 function renderCaptions(stream) {
