@@ -170,16 +170,18 @@ function applyCall(env) {
 
 function forgetOldCalls() {
   const ended = [...model.groups.values()].filter((g) => g.ended);
-  for (const group of ended.slice(0, Math.max(0, ended.length - MAX_ENDED_CALLS))) {
-    for (const stream of group.streams) {
-      model.streams.delete(stream.key);
-      dirty.streams.delete(stream);
-      if (observer) observer.unobserve(stream.el);
-    }
-    dirty.groups.delete(group);
-    model.groups.delete(group.key);
-    group.el.remove();
+  ended.slice(0, Math.max(0, ended.length - MAX_ENDED_CALLS)).forEach(dropGroup);
+}
+
+function dropGroup(group) { // with its streams, from the model and the page
+  for (const stream of group.streams) {
+    model.streams.delete(stream.key);
+    dirty.streams.delete(stream);
+    if (observer) observer.unobserve(stream.el);
   }
+  dirty.groups.delete(group);
+  model.groups.delete(group.key);
+  group.el.remove();
 }
 
 function applyAlert(env) {
@@ -222,16 +224,7 @@ function setStatus(env) {
 
 function forgetNode(env) { // offline for longer than the daemon keeps nodes: it goes with its streams and calls
   model.nodes.delete(env.node);
-  for (const group of [...model.groups.values()].filter((g) => g.node === env.node)) {
-    for (const stream of group.streams) {
-      model.streams.delete(stream.key);
-      dirty.streams.delete(stream);
-      if (observer) observer.unobserve(stream.el);
-    }
-    dirty.groups.delete(group);
-    model.groups.delete(group.key);
-    group.el.remove();
-  }
+  [...model.groups.values()].filter((g) => g.node === env.node).forEach(dropGroup);
 }
 
 function nodeOf(env) {
