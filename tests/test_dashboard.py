@@ -643,10 +643,10 @@ def test_a_dashboard_started_after_a_run_shows_it_then_forgets_the_node(browser,
         await dash.start()
         return dash
 
-    background.run(a_run())
-    dash = background.run(start())
-    context = browser.new_context(viewport={"width": 1200, "height": 800})
+    context, dash = browser.new_context(viewport={"width": 1200, "height": 800}), None
     try:
+        background.run(a_run())
+        dash = background.run(start())
         page = context.new_page()
         page.goto(dash.url)
         page.wait_for_selector(f'{card(node, "desk")}.ended[data-label="joy"]')
@@ -657,7 +657,8 @@ def test_a_dashboard_started_after_a_run_shows_it_then_forgets_the_node(browser,
         expect(page.locator("#nodes li")).to_have_count(0)
     finally:
         context.close()
-        background.run(dash.stop())
+        if dash:
+            background.run(dash.stop())
         background.run(clear_node(node))
 
 

@@ -17,8 +17,7 @@ from streamer.classifier import EmotionClassifier
 from streamer.event import validate
 from streamer.frames import SAMPLE_RATE
 from tests.conftest import ANGRY_ES, HAPPY_ES, free_port, silence
-from tests.test_homeassistant import retained
-from tests.test_publisher import clear_node, receive
+from tests.test_publisher import clear_node, receive, retained
 
 CLI = [sys.executable, "-m", "streamer"]
 
