@@ -447,7 +447,7 @@ class MqttSink:
                         message.topic, message.payload, qos=1, properties=self._properties(message.topic)
                     )
                     self.spool.remove(message.rowid)
-                    self.published += 1
+                    self.published += not message.topic.endswith("/utterance")  # HA's copy of an event: not counted
             while self._dirty:
                 topic = self._dirty.pop()
                 payload = self._retained.get(topic)

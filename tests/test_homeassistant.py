@@ -95,6 +95,7 @@ async def test_discovery_follows_ha_conventions_and_survives_a_restart(broker):
         assert event["event_types"] == list(LABELS) and event["state_topic"] == utterance_topic(node, "baño")
         assert [f["event_type"] for f in fired] == ["anger", "anger"]  # the same label twice: two events
         assert fired[0]["confidence"] == 0.8 and "transcript" not in fired[0]
+        assert sink.published == 2  # events; HA's copies are not counted
         assert (await retained(status_topic(node)))[status_topic(node)] == b"offline"  # availability does the job
     finally:
         await clear_node(node)
