@@ -115,7 +115,11 @@ def test_stdin_pcm_at_8k(conversation):
 def test_unreadable_source_is_a_clear_error(tmp_path):
     bad = tmp_path / "broken.wav"
     bad.write_bytes(b"RIFF\x00\x00junk" * 10)
-    result = cli("run", "--source", f"file:{bad}", "--fast", "--broker", "mqtt://127.0.0.1:1883", "--quiet")
+    node = f"n{uuid.uuid4().hex[:6]}"
+    result = cli(
+        "run", "--source", f"file:{bad}", "--fast", "--quiet", "--broker", "mqtt://127.0.0.1:1883", "--node", node
+    )
+    asyncio.run(clear_node(node))
     assert result.returncode == 1
     stderr = result.stderr.decode()
     assert "broken.wav" in stderr and "Traceback" not in stderr

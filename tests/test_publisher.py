@@ -105,7 +105,7 @@ async def test_events_and_status_reach_mosquitto(broker):
     started = asyncio.Event()
     late = await receive(*broker, status_topic(node), 1, started)
     assert late == [(status_topic(node), "offline", True)]
-    await clear_retained(*broker, status_topic(node))
+    await clear_node(node)
 
 
 async def test_last_will_marks_a_dead_publisher_offline(broker, tmp_path):
@@ -129,7 +129,7 @@ async def test_last_will_marks_a_dead_publisher_offline(broker, tmp_path):
         proc.kill()
         got = await watcher
         assert [p for _, p, _ in got] == ["online", "offline"]
-        await clear_retained(*broker, status_topic(node))
+        await clear_node(node)
     finally:
         proc.kill()
         proc.wait()
@@ -357,7 +357,7 @@ async def test_spooled_events_survive_a_restart_of_the_monitor(broker, tmp_path)
     assert [json.loads(p)["seq"] for _, p, _ in await collector] == [0, 1, 2]
     await second.close()
     assert second.published == 3
-    await clear_retained(*broker, status_topic(node))
+    await clear_node(node)
 
 
 def test_full_spool_drops_interim_before_final_and_counts(tmp_path):
