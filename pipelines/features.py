@@ -32,6 +32,9 @@ from streamer.prosody import PROSODY_SPEC, prosody_features
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE = REPO_ROOT / ".cache" / "features"
+# Whisper's language for the training corpora, pinned rather than detected (the runtime default): the frames do not
+# depend on it, and the transcripts and their caches stay those the shipped heads were trained and scored with
+TRAINING_LANGUAGE = "es"
 VOICE_FEATURE_SPEC = "whisper-encoder-last-layer-covered-frames-mean+std-1024"
 FRAMES_SPEC = "whisper-encoder-last-layer-covered-frames-f16"
 AUGMENT_SPEC = "aug-v1:speed0.9|1.1,noise-white|pink|brown-snr5-20,reverb-rt60-0.2-0.9,each-p0.5-at-least-one"
@@ -98,13 +101,13 @@ def augment_audio(audio: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarr
 
 
 class VoiceFeaturizer:
-    """Whisper (bundled base, runtime defaults unless told otherwise) → 1024-d pooled voice features, or the
-    covered frame sequences themselves (`frames`)."""
+    """Whisper (bundled base, runtime defaults but the pinned `TRAINING_LANGUAGE`, unless told otherwise) → 1024-d
+    pooled voice features, or the covered frame sequences themselves (`frames`)."""
 
     def __init__(self, cache_dir: Path | None = DEFAULT_CACHE, opts=None) -> None:
         from streamer.recogniser import Recogniser, RecogniserOptions
 
-        self.recogniser = Recogniser(opts or RecogniserOptions())
+        self.recogniser = Recogniser(opts or RecogniserOptions(language=TRAINING_LANGUAGE))
         self.window_s = float(self.recogniser.opts.encoder_window_s)
         self.model_id = f"{self.recogniser.model_id}-{self.recogniser.device}-{self.recogniser.compute_type}"
         self.cache = None if cache_dir is None else Path(cache_dir) / self.model_id
@@ -304,13 +307,13 @@ def UseFeaturizer(cache_dir: Path | None = DEFAULT_CACHE, threads: int = 2, batc
 
 
 class Transcriber:
-    """Whisper transcripts of whole clips, exactly `Recogniser.recognise` (runtime defaults), cached as JSON
-    under `.cache/transcripts/<model id>/<sha256 of the audio bytes + options>.json`."""
+    """Whisper transcripts of whole clips, exactly `Recogniser.recognise` (runtime defaults, `TRAINING_LANGUAGE`
+    pinned), cached as JSON under `.cache/transcripts/<model id>/<sha256 of the audio bytes + options>.json`."""
 
     def __init__(self, cache_dir: Path | None = REPO_ROOT / ".cache" / "transcripts", opts=None) -> None:
         from streamer.recogniser import Recogniser, RecogniserOptions
 
-        self.opts = opts or RecogniserOptions()
+        self.opts = opts or RecogniserOptions(language=TRAINING_LANGUAGE)
         self._recogniser = None
         self._make = lambda: Recogniser(self.opts)
         self.model_id = f"whisper-base-{self.opts.model}-{self.opts.language}-w{self.opts.encoder_window_s:g}"
