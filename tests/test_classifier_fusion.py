@@ -133,8 +133,7 @@ def test_shipped_text_head_names_its_encoders_and_is_small() -> None:
     head = LinearHead.load(TEXT_HEAD)
     encoders = head.meta.get("encoders", ["e5"])
     assert set(encoders) <= set(TEXT_ENCODERS)
-    dims = {"e5": 384, "use": 512}
-    assert head.coef.shape == (K, sum(dims[e] for e in encoders)) == (K, head.meta["input_dim"])
+    assert head.coef.shape == (K, sum(TEXT_ENCODERS[e].dim for e in encoders)) == (K, head.meta["input_dim"])
     assert TEXT_HEAD.stat().st_size < 5_000_000
     assert head.meta["limit"] is None
     if "bias_offsets" in head.meta:

@@ -15,7 +15,7 @@ import pytest
 import soundfile as sf
 
 from pipelines import data as D
-from streamer.classifier import LinearHead, load_voice_head, voice_features
+from streamer.classifier import TEXT_ENCODERS, LinearHead, load_voice_head, voice_features
 from streamer.frames import LABELS, SAMPLE_RATE, Utterance
 from streamer.models import TEXT_HEAD, VOICE_HEAD
 
@@ -227,7 +227,7 @@ def test_tiny_training_run_writes_loadable_heads(tmp_path: Path, capsys) -> None
     assert "grouped CV" in table and "held-out speakers" in table
 
     rng = np.random.default_rng(0)
-    text_dim = sum({"e5": 384, "use": 512}[e] for e in LinearHead.load(out / "text_head.npz").meta["encoders"])
+    text_dim = sum(TEXT_ENCODERS[e].dim for e in LinearHead.load(out / "text_head.npz").meta["encoders"])
     for filename, dim, kind in (("voice_head.npz", 1024, "voice"), ("text_head.npz", text_dim, "text")):
         head = LinearHead.load(out / filename)
         assert head.labels == LABELS and head.coef.shape == (6, dim) and head.mean.shape == (dim,)
@@ -319,7 +319,7 @@ def test_emoevent_reader_maps_others_and_drops_surprise(tmp_path: Path) -> None:
 def test_shipped_heads_load_with_the_right_shapes() -> None:
     from streamer.recogniser import RecogniserOptions
 
-    text_dim = sum({"e5": 384, "use": 512}[e] for e in LinearHead.load(TEXT_HEAD).meta.get("encoders", ["e5"]))
+    text_dim = sum(TEXT_ENCODERS[e].dim for e in LinearHead.load(TEXT_HEAD).meta.get("encoders", ["e5"]))
     assert TEXT_HEAD.is_file(), f"{TEXT_HEAD} missing: run python -m pipelines.train_heads --config {CONFIG}"
     assert TEXT_HEAD.stat().st_size < 500_000
     head = LinearHead.load(TEXT_HEAD)
@@ -376,10 +376,9 @@ def test_shipped_voice_head_on_real_clips(recogniser) -> None:
 def test_shipped_text_head_on_real_texts() -> None:
     """EmoSPeech rows (in the head's training data: a consistency check, the CV estimate is in the meta)."""
     require(D.EMOSPEECH)
-    from streamer.classifier import TextEncoder
+    from streamer.classifier import TextModel
 
-    head = LinearHead.load(TEXT_HEAD)
     rows = D.read_emospeech(include_extra=False).records[::15]
-    p = head.predict_proba(TextEncoder(threads=2).encode([r.text for r in rows]))
+    p = TextModel.load(TEXT_HEAD, threads=2).predict_proba([r.text for r in rows])
     assert np.allclose(p.sum(axis=1), 1.0, atol=1e-5)
     assert macro_f1([r.label for r in rows], [LABELS[i] for i in p.argmax(axis=1)]) > 0.6

