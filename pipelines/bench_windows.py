@@ -53,7 +53,7 @@ def timed_batches(recogniser: Recogniser, utterances: list[Utterance], batch: in
         for utterance, _ in items:
             recogniser._whisper.feature_extractor(np.zeros(recogniser._window(len(utterance.audio)), np.float32))
         mels.append((time.perf_counter() - t0) * 1000 / batch)
-    tokenizer = recogniser._tokenizer(recogniser.opts.language or "es")
+    tokenizer = recogniser._tokenizer(recogniser.language or "es")
     tokens = sum(len(tokenizer.encode(t.text)) + 1 for t in transcripts) / batch  # + end of text
     return {
         "batch": batch,

