@@ -178,9 +178,15 @@ def fake_q4_0(w):
     return w + (((q - 8) * d).reshape(w.shape) - w).detach()
 
 
-class FakeQ4(__import__("torch").nn.Module):
-    def forward(self, w):
-        return fake_q4_0(w)
+def fake_q4_module():
+    """`fake_q4_0` as the module `torch.nn.utils.parametrize` needs (torch is imported only when training)."""
+    import torch
+
+    class FakeQ4(torch.nn.Module):
+        def forward(self, w):
+            return fake_q4_0(w)
+
+    return FakeQ4()
 
 
 class TopModel:
@@ -201,7 +207,7 @@ class TopModel:
                 if not recipe.train_weights:
                     module.weight.requires_grad_(False)
                 elif quantize:
-                    parametrize.register_parametrization(module, "weight", FakeQ4())
+                    parametrize.register_parametrization(module, "weight", fake_q4_module())
         self.head = torch.nn.Linear(encoder.file.header.hidden, len(LABELS))
         self.dropout = torch.nn.Dropout(recipe.head_dropout)
 
