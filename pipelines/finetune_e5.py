@@ -45,8 +45,8 @@ import yaml
 
 from pipelines import data as D
 from pipelines.e5_torch import E5Tokenizer, file_tensors, load_bert, mean_pool, pad_batch
-from pipelines.report import bootstrap_ci, macro_f1
-from pipelines.train_heads import apply_bias, calibration, text_folds, tune_bias
+from pipelines.report import Predictions, bootstrap_ci, macro_f1
+from pipelines.train_heads import apply_bias, calibration, pooled_scores, text_folds, tune_bias
 from streamer.classifier import LinearHead
 from streamer.e5file import E5File, splice
 from streamer.frames import LABELS
@@ -382,21 +382,19 @@ def cross_validate(encoder: Encoder, recipe: Recipe, texts, y, videos, splits) -
 def summary(y: np.ndarray, p: np.ndarray, fold: np.ndarray, n_boot: int = 1000) -> dict:
     """Mean ± sd of the folds' macro-F1, the pooled macro-F1 with a bootstrap CI, accuracy, per-class F1, and the
     mean F1 of the five classes other than fear (31 rows, whose F1 swings with a handful of them)."""
-    from sklearn.metrics import f1_score
-
-    pred = p.argmax(1)
-    per_fold = [macro_f1(y[fold == k], pred[fold == k]) for k in np.unique(fold)]
-    names_true, names_pred = np.array(LABELS)[y], np.array(LABELS)[pred]
-    lo, hi = bootstrap_ci(names_true, names_pred, n_boot, 0)
-    per_class = f1_score(y, pred, labels=range(len(LABELS)), average=None)
+    names = np.array(LABELS)
+    pred = Predictions(names[y], names[p.argmax(1)], fold)
+    per_fold = pred.fold_f1()
+    pooled = pooled_scores(pred.y_true, pred.y_pred)
+    per_class = pooled["pooled_per_class_f1"]
     return {
         "macro_f1_mean": float(np.mean(per_fold)),
         "macro_f1_sd": float(np.std(per_fold)),
-        "pooled_macro_f1": macro_f1(names_true, names_pred),
-        "pooled_ci95": [lo, hi],
-        "accuracy": float(np.mean(pred == y)),
-        "per_class_f1": dict(zip(LABELS, per_class.tolist(), strict=True)),
-        "macro_f1_without_fear": float(np.delete(per_class, LABELS.index("fear")).mean()),
+        "pooled_macro_f1": pooled["pooled_macro_f1"],
+        "pooled_ci95": list(bootstrap_ci(pred.y_true, pred.y_pred, n_boot, 0)),
+        "accuracy": pooled["pooled_accuracy"],
+        "per_class_f1": per_class,
+        "macro_f1_without_fear": float(np.mean([f for label, f in per_class.items() if label != "fear"])),
     }
 
 

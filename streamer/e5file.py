@@ -20,6 +20,7 @@ MAGIC = b"E5S1"
 QK = 32  # weights per Q4_0 block
 Q4_0 = np.dtype([("d", "<f2"), ("qs", "u1", (QK // 2,))])  # one block: 18 bytes
 DTYPES = {0: "f32", 1: "q4_0"}
+TOKENIZER_OFFSET = 44  # the header: magic, version, 7 sizes, eps, qk
 
 
 class E5FileError(ValueError):
@@ -66,7 +67,6 @@ class E5File:
     data: bytes
     header: Header
     tensors: dict[str, Tensor]
-    tokenizer_offset: int
 
     @classmethod
     def read(cls, path: str | Path) -> E5File:
@@ -84,10 +84,9 @@ class E5File:
         h, nl, nh, ff, voc, maxp, tvs = struct.unpack_from("<7i", data, 8)
         (eps,) = struct.unpack_from("<f", data, 36)
         header = Header(h, nl, nh, ff, voc, maxp, tvs, float(eps))
-        tokenizer_offset = 44
-        n_pieces = struct.unpack_from("<i", data, tokenizer_offset)[0]
-        (blob_len,) = struct.unpack_from("<Q", data, tokenizer_offset + 20)
-        o = tokenizer_offset + 28 + (n_pieces + 1) * 4 + n_pieces * 4 + blob_len
+        n_pieces = struct.unpack_from("<i", data, TOKENIZER_OFFSET)[0]
+        (blob_len,) = struct.unpack_from("<Q", data, TOKENIZER_OFFSET + 20)
+        o = TOKENIZER_OFFSET + 28 + (n_pieces + 1) * 4 + n_pieces * 4 + blob_len
         _, norm_bytes = struct.unpack_from("<iI", data, o)
         o += 8 + norm_bytes
         (n_dir,) = struct.unpack_from("<i", data, o)
@@ -103,10 +102,10 @@ class E5File:
             if dtype is None or offset + nbytes > len(data):
                 raise E5FileError(f"{path}: tensor {name} is unknown or runs past the end of the file")
             tensors[name] = Tensor(name, dtype, count, offset, nbytes)
-        return cls(path, data, header, tensors, tokenizer_offset)
+        return cls(path, data, header, tensors)
 
     def tokenizer(self) -> Tokenizer:
-        o = self.tokenizer_offset
+        o = TOKENIZER_OFFSET
         n, bos, eos, pad, unk = struct.unpack_from("<5i", self.data, o)
         (blob_len,) = struct.unpack_from("<Q", self.data, o + 20)
         o += 28
