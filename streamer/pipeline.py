@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from streamer.adaptation import StreamHistories
 from streamer.classifier import ClassifierOptions, EmotionClassifier
-from streamer.frames import EmotionEvent, Latency, Transcript, Utterance
+from streamer.frames import AudioChunk, EmotionEvent, Latency, Transcript, Utterance
 from streamer.metrics import HEALTH, STAGE_LATENCY
 from streamer.publisher import Sink, StreamSink
 from streamer.recogniser import Recogniser, RecogniserOptions
@@ -46,7 +46,7 @@ class Engine:
 
     Utterances from all streams wait in one queue; whenever the worker thread is free it takes every waiting
     utterance, at most one per stream and `max_batch` in all, oldest first, and recognises them in one batch.
-    A stream has at most one utterance waiting here (its own backlog stays in its `run_stream`), so a
+    A stream has at most one utterance waiting here (its own backlog stays in its `StreamRunner`), so a
     talkative stream cannot starve the others, and each stream's events stay in order. Guesses (speculative and
     interim utterances) go after every final, and are only sent while a worker is spare (`has_spare_worker`).
     """
@@ -239,6 +239,224 @@ def _observe(event: EmotionEvent) -> None:
         STAGE_LATENCY.labels(stage).observe(ms / 1000)
 
 
+class StreamRunner:
+    """One stream's run: its segmenter, its backlog of cut utterances, its guess in flight (speculation), its
+    interim task, the last segment finalised and its stats.
+
+    The state lives here rather than in closures so that each step (enqueue, speculate, confirm, push a chunk,
+    finish the oldest utterance) can be driven and checked on its own. `run` reads the source and works off the
+    backlog at once, as two tasks, until the source ends or `stop` is set; a runner runs once.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        engine: Engine,
+        sinks: Sequence[Sink],
+        stream: str,
+        segmenter: SegmenterOptions | None = None,
+        options: PipelineOptions | None = None,
+        call_id: str | None = None,
+        role: str | None = None,
+    ) -> None:
+        self.source, self.engine, self.sinks, self.stream = source, engine, sinks, stream
+        self.options = options or PipelineOptions()
+        self.call_id, self.role = call_id, role
+        self.stats = StreamStats()
+        self.backlog: collections.deque[Utterance] = collections.deque()  # final utterances not yet sent to the engine
+        self.ready = asyncio.Event()  # set when the backlog grows or the source has ended
+        self.done = False  # the source has ended and its last utterance is in the backlog
+        self.cutter = Segmenter(stream, segmenter, source=source.name)
+        # semantic endpointing depends on how soon a guess is ready, so a file read as fast as possible is cut by
+        # the hangover alone, the same way on every run
+        self.live = not isinstance(source, FileSource) or source.realtime
+        self.speculation: tuple[Utterance, asyncio.Future[EmotionEvent]] | None = None
+        self.interim_task: asyncio.Task[None] | None = None
+        self.finalised = -1  # the last segment whose final event went out: later interims of it are stale
+
+    async def run(self, stop: asyncio.Event | None = None) -> StreamStats:
+        """Announce the stream, read and work until the source ends (or `stop`), then finish and announce its end."""
+        HEALTH.queues[self.stream] = self.backlog.__len__
+        announced = [sink for sink in self.sinks if isinstance(sink, StreamSink)]
+        for sink in announced:
+            sink.stream_started(self.stream, self.call_id, self.role)
+        reader = asyncio.create_task(self.read())
+        stopper = asyncio.create_task(stop.wait()) if stop else None
+        if stopper:
+            stopper.add_done_callback(lambda _: reader.cancel())
+        try:
+            await asyncio.gather(reader, self.work())
+        finally:
+            if stopper:
+                stopper.cancel()
+            if self.interim_task:
+                self.interim_task.cancel()
+            HEALTH.queues.pop(self.stream, None)
+            self.engine.forget(self.stream)
+            for sink in announced:
+                sink.stream_ended(self.stream, self.call_id, self.role)
+        return self.stats
+
+    def enqueue(self, utterance: Utterance) -> None:
+        """Queue a final utterance; the reader never waits, so beyond `max_backlog` the oldest one is dropped."""
+        if len(self.backlog) >= self.options.max_backlog:
+            lost = self.backlog.popleft()
+            self.stats.dropped += 1
+            HEALTH.count("dropped")
+            log.error(
+                "stream %s: %d utterances waiting, dropped segment %d (%d dropped so far)",
+                self.stream,
+                len(self.backlog) + 1,
+                lost.segment_id,
+                self.stats.dropped,
+            )
+        self.backlog.append(utterance)
+        self.ready.set()
+
+    def emit(self, event: EmotionEvent) -> None:
+        """Number the event in the stream's one sequence (finals and interims alike) and hand it to every sink."""
+        event.seq, event.call_id, event.role = self.stats.events, self.call_id, self.role
+        self.stats.events += 1
+        for sink in self.sinks:
+            sink.send(event)
+
+    def push(self, chunk: AudioChunk) -> None:
+        """One chunk of audio: route what the segmenter cuts (interim, guess or final), drop a guess that speech
+        overtook, and close the utterance early if its guess ends a sentence."""
+        for utterance in self.cutter.push(chunk):
+            if utterance.interim:
+                self.interim(utterance)
+            elif utterance.tentative:
+                self.speculate(utterance)
+            else:
+                self.enqueue(utterance)
+        if self.speculation and self.cutter.spoke_after(self.speculation[0]):
+            self.drop_speculation()
+        self.end_sentence()
+
+    def interim(self, utterance: Utterance) -> None:
+        """Voice-only emotion of the speech so far, only on a spare worker (never at a final's expense)."""
+        if self.backlog or not self.engine.has_spare_worker() or (self.interim_task and not self.interim_task.done()):
+            return
+        self.interim_task = asyncio.create_task(self.run_interim(utterance))
+
+    async def run_interim(self, utterance: Utterance) -> None:
+        """Send the interim event unless the segment's final went out first (a late interim would read as news)."""
+        try:
+            event = await self.engine.aprocess(utterance, 0, decode=False, spare=True)
+        except Exception:
+            log.debug("stream %s: interim of segment %d failed", self.stream, utterance.segment_id, exc_info=True)
+            return
+        if utterance.segment_id > self.finalised:
+            event.final = False
+            event.transcript = dataclasses.replace(event.transcript, rejected="interim")
+            self.emit(event)
+
+    def speculate(self, utterance: Utterance) -> None:
+        """Recognise a tentative utterance while the hangover runs, on a spare worker only. It supersedes the
+        stream's previous guess."""
+        if self.backlog:  # the guess in hand may be for the final waiting there
+            return
+        self.drop_speculation()
+        if not self.engine.has_spare_worker():
+            return
+        future = asyncio.ensure_future(self.engine.aprocess(utterance, 0, spare=True))
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # a superseded guess may fail quietly
+        future.add_done_callback(self.end_sentence)
+        self.speculation = (utterance, future)
+
+    def drop_speculation(self) -> None:
+        """Speech went on after the guess: it is dropped if it has not started, and not decoded if it is
+        being encoded."""
+        if self.speculation:
+            self.speculation[1].cancel()
+            self.speculation = None
+
+    def end_sentence(self, *_: object) -> None:
+        """Close the utterance now if its guess is ready, ends a sentence, and the silence has lasted
+        `sentence_end_ms`; asked after each chunk and when a guess is ready."""
+        if not self.live or not self.speculation or not self.speculation[1].done() or self.speculation[1].cancelled():
+            return
+        future = self.speculation[1]
+        if future.exception() is None and future.result().transcript.ends_sentence:
+            utterance = self.cutter.end_sentence(self.speculation[0])
+            if utterance:
+                self.enqueue(utterance)
+
+    async def confirmed(self, utterance: Utterance, seq: int) -> EmotionEvent | None:
+        """The speculative event for exactly this utterance, renumbered; None when there is none."""
+        guess, self.speculation = self.speculation, None
+        if guess is None or not guess[0].same_cut(utterance):
+            if guess:
+                guess[1].cancel()
+            return None
+        try:
+            event = await guess[1]
+        except Exception:
+            return None
+        event.seq, event.utterance, event.ready = seq, utterance, time.monotonic()
+        event.latency.vad = (utterance.emitted - utterance.speech_end_arrived) * 1000
+        event.latency.queue = 0.0  # asr and emotion ran during the hangover
+        return event
+
+    async def read(self) -> None:
+        """Feed the source's chunks to `push` until it ends, fails or is cancelled; then cut what is still open."""
+        try:
+            async with contextlib.aclosing(self.source.chunks()) as chunks:
+                async for chunk in chunks:
+                    self.push(chunk)
+        except asyncio.CancelledError:
+            log.info("stream %s: stopping, finishing %d waiting utterances", self.stream, len(self.backlog))
+        except Exception as e:  # a broken source ends its own stream only
+            self.stats.error = f"{type(e).__name__}: {e}"
+            log.error("stream %s: source %s failed: %s", self.stream, self.source.name, e)
+        finally:
+            for utterance in self.cutter.flush():
+                self.enqueue(utterance)
+            self.done = True
+            self.ready.set()
+
+    async def work(self) -> None:
+        """Finish the backlog's utterances in order, one at a time, until the source has ended and none is left."""
+        while self.backlog or not self.done:
+            if not self.backlog:
+                self.ready.clear()
+                await self.ready.wait()
+                continue
+            await self.finish_next()
+
+    async def finish_next(self) -> None:
+        """The oldest waiting utterance's final event: its confirmed guess, or a new recognition (voice-only when
+        more than `voice_only_backlog` wait); a failure is counted and logged, and the stream goes on."""
+        decode = len(self.backlog) <= self.options.voice_only_backlog
+        utterance = self.backlog.popleft()
+        self.stats.utterances += 1
+        try:
+            event = await self.confirmed(utterance, self.stats.events) or await self.engine.aprocess(
+                utterance, self.stats.events, decode
+            )
+        except Exception:
+            self.stats.failed += 1
+            HEALTH.count("failed")
+            log.exception("stream %s: segment %d could not be processed", self.stream, utterance.segment_id)
+            return
+        decode = event.transcript.rejected != "overload"  # a reused speculation was decoded
+        if not decode:
+            self.stats.voice_only += 1
+            log.warning(
+                "stream %s: behind by %d utterances, segment %d classified from the voice only",
+                self.stream,
+                len(self.backlog) + 1,
+                utterance.segment_id,
+            )
+        HEALTH.count("processed" if decode else "voice_only")
+        self.finalised = utterance.segment_id
+        self.engine.remember(event)
+        self.emit(event)
+        self.stats.latencies_ms.append(event.latency.total)
+        _observe(event)
+
+
 async def run_stream(
     source: Source,
     engine: Engine,
@@ -256,185 +474,5 @@ async def run_stream(
 
     Errors of the source or of one utterance are logged, never raised: the other streams and the daemon go on.
     """
-    opts = options or PipelineOptions()
-    stats = StreamStats()
-    backlog: collections.deque[Utterance] = collections.deque()
-    ready = asyncio.Event()
-    done = False
-    cutter = Segmenter(stream, segmenter, source=source.name)
-    # semantic endpointing depends on how soon a guess is ready, so a file read as fast as possible is cut by the
-    # hangover alone, the same way on every run
-    live = not isinstance(source, FileSource) or source.realtime
-    HEALTH.queues[stream] = backlog.__len__
-
-    def enqueue(utterance: Utterance) -> None:
-        if len(backlog) >= opts.max_backlog:
-            lost = backlog.popleft()
-            stats.dropped += 1
-            HEALTH.count("dropped")
-            log.error(
-                "stream %s: %d utterances waiting, dropped segment %d (%d dropped so far)",
-                stream,
-                len(backlog) + 1,
-                lost.segment_id,
-                stats.dropped,
-            )
-        backlog.append(utterance)
-        ready.set()
-
-    speculation: tuple[Utterance, asyncio.Future[EmotionEvent]] | None = None
-    interim_task: asyncio.Task | None = None
-    finalised = -1  # the last segment whose final event went out: later interims of it are stale
-
-    def emit(event: EmotionEvent) -> None:
-        event.seq, event.call_id, event.role = stats.events, call_id, role
-        stats.events += 1
-        for sink in sinks:
-            sink.send(event)
-
-    async def run_interim(utterance: Utterance) -> None:
-        try:
-            event = await engine.aprocess(utterance, 0, decode=False, spare=True)
-        except Exception:
-            log.debug("stream %s: interim of segment %d failed", stream, utterance.segment_id, exc_info=True)
-            return
-        if utterance.segment_id > finalised:
-            event.final = False
-            event.transcript = dataclasses.replace(event.transcript, rejected="interim")
-            emit(event)
-
-    def interim(utterance: Utterance) -> None:
-        """Voice-only emotion of the speech so far, only on a spare worker (never at a final's expense)."""
-        nonlocal interim_task
-        if backlog or not engine.has_spare_worker() or (interim_task and not interim_task.done()):
-            return
-        interim_task = asyncio.create_task(run_interim(utterance))
-
-    def drop_speculation() -> None:
-        """Speech went on after the guess: it is dropped if it has not started, and not decoded if it is
-        being encoded."""
-        nonlocal speculation
-        if speculation:
-            speculation[1].cancel()
-            speculation = None
-
-    def end_sentence(*_: object) -> None:
-        """Close the utterance now if its guess is ready, ends a sentence, and the silence has lasted
-        `sentence_end_ms`; asked after each chunk and when a guess is ready."""
-        if not live or not speculation or not speculation[1].done() or speculation[1].cancelled():
-            return
-        future = speculation[1]
-        if future.exception() is None and future.result().transcript.ends_sentence:
-            utterance = cutter.end_sentence(speculation[0])
-            if utterance:
-                enqueue(utterance)
-
-    def speculate(utterance: Utterance) -> None:
-        """Recognise a tentative utterance while the hangover runs, on a spare worker only. It supersedes the
-        stream's previous guess."""
-        nonlocal speculation
-        if backlog:  # the guess in hand may be for the final waiting there
-            return
-        drop_speculation()
-        if not engine.has_spare_worker():
-            return
-        future = asyncio.ensure_future(engine.aprocess(utterance, 0, spare=True))
-        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # a superseded guess may fail quietly
-        future.add_done_callback(end_sentence)
-        speculation = (utterance, future)
-
-    async def confirmed(utterance: Utterance, seq: int) -> EmotionEvent | None:
-        """The speculative event for exactly this utterance, renumbered; None when there is none."""
-        nonlocal speculation
-        guess, speculation = speculation, None
-        if guess is None or not guess[0].same_cut(utterance):
-            if guess:
-                guess[1].cancel()
-            return None
-        try:
-            event = await guess[1]
-        except Exception:
-            return None
-        event.seq, event.utterance, event.ready = seq, utterance, time.monotonic()
-        event.latency.vad = (utterance.emitted - utterance.speech_end_arrived) * 1000
-        event.latency.queue = 0.0  # asr and emotion ran during the hangover
-        return event
-
-    async def read() -> None:
-        nonlocal done
-        try:
-            async with contextlib.aclosing(source.chunks()) as chunks:
-                async for chunk in chunks:
-                    for utterance in cutter.push(chunk):
-                        if utterance.interim:
-                            interim(utterance)
-                        else:
-                            (speculate if utterance.tentative else enqueue)(utterance)
-                    if speculation and cutter.spoke_after(speculation[0]):
-                        drop_speculation()
-                    end_sentence()
-        except asyncio.CancelledError:
-            log.info("stream %s: stopping, finishing %d waiting utterances", stream, len(backlog))
-        except Exception as e:  # a broken source ends its own stream only
-            stats.error = f"{type(e).__name__}: {e}"
-            log.error("stream %s: source %s failed: %s", stream, source.name, e)
-        finally:
-            for utterance in cutter.flush():
-                enqueue(utterance)
-            done = True
-            ready.set()
-
-    async def work() -> None:
-        nonlocal finalised
-        while backlog or not done:
-            if not backlog:
-                ready.clear()
-                await ready.wait()
-                continue
-            decode = len(backlog) <= opts.voice_only_backlog
-            utterance = backlog.popleft()
-            stats.utterances += 1
-            try:
-                event = await confirmed(utterance, stats.events) or await engine.aprocess(
-                    utterance, stats.events, decode
-                )
-            except Exception:
-                stats.failed += 1
-                HEALTH.count("failed")
-                log.exception("stream %s: segment %d could not be processed", stream, utterance.segment_id)
-                continue
-            decode = event.transcript.rejected != "overload"  # a reused speculation was decoded
-            if not decode:
-                stats.voice_only += 1
-                log.warning(
-                    "stream %s: behind by %d utterances, segment %d classified from the voice only",
-                    stream,
-                    len(backlog) + 1,
-                    utterance.segment_id,
-                )
-            HEALTH.count("processed" if decode else "voice_only")
-            finalised = utterance.segment_id
-            engine.remember(event)
-            emit(event)
-            stats.latencies_ms.append(event.latency.total)
-            _observe(event)
-
-    announced = [sink for sink in sinks if isinstance(sink, StreamSink)]
-    for sink in announced:
-        sink.stream_started(stream, call_id, role)
-    reader = asyncio.create_task(read())
-    stopper = asyncio.create_task(stop.wait()) if stop else None
-    if stopper:
-        stopper.add_done_callback(lambda _: reader.cancel())
-    try:
-        await asyncio.gather(reader, work())
-    finally:
-        if stopper:
-            stopper.cancel()
-        if interim_task:
-            interim_task.cancel()
-        HEALTH.queues.pop(stream, None)
-        engine.forget(stream)
-        for sink in announced:
-            sink.stream_ended(stream, call_id, role)
-    return stats
+    runner = StreamRunner(source, engine, sinks, stream, segmenter, options, call_id, role)
+    return await runner.run(stop)
