@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
+import uuid
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import numpy as np
+import paho.mqtt.client as mqtt
 import pytest
 import soundfile as sf
 
@@ -181,6 +186,118 @@ def broker() -> tuple[str, int]:
     except OSError:
         pytest.fail("the tests need Mosquitto on 127.0.0.1:1883 (`mosquitto -d`; .ci/run starts it)")
     return BROKER
+
+
+# ---- retained messages: the shared broker is left as the tests found it --------------------------------------
+# Retained status, health, last states, `ended` markers and Home Assistant discovery configs of made-up nodes stay
+# on the broker after a test and show up as offline nodes on a dashboard (or devices in Home Assistant) on the same
+# broker. Every node a test names comes from `unique_node`; whatever is retained under it is deleted when the scope
+# that asked for it ends, pass or fail. Only topics with such a name in them are touched, never the whole broker.
+
+_SWEEP_TOPIC = "emotion-monitor-tests/sweep"  # a non-retained sentinel: the broker has sent every retained message
+_ISSUED: set[str] = set()  # every name handed out this session (swept once more at its end: late Last Wills)
+_OWNED: list[set[str]] = [set()]  # names by running scope: session, module, test (innermost last)
+
+
+def unique_node(prefix: str = "t") -> str:
+    """A node id no real monitor and no other test run uses: `prefix` and 12 hex digits. Owned by the innermost
+    scope running (a test, or a module while a module fixture sets up), which deletes all retained under it."""
+    name = f"{prefix}{uuid.uuid4().hex[:12]}"
+    _ISSUED.add(name)
+    _OWNED[-1].add(name)
+    return name
+
+
+@pytest.fixture
+def mqtt_node() -> str:
+    """This test's own node id (topics `emotion/v1/<node>/…`, `homeassistant/+/<node>/…`), cleared after it."""
+    return unique_node("n")
+
+
+def retained_under(names: Collection[str], timeout: float = 10.0) -> dict[str, bytes]:
+    """The retained messages on the shared broker whose topic has one of `names` in it (none if it is down).
+    Subscribing to `#` finds them wherever the code put them (`worker-<node>-a`, a Home Assistant prefix);
+    a sentinel published after the subscription says when the broker has sent them all, instead of a fixed wait."""
+    if not names:
+        return {}
+    found: dict[str, bytes] = {}
+    subscribed, done = threading.Event(), threading.Event()
+    sentinel = f"{_SWEEP_TOPIC}/{uuid.uuid4().hex}"
+
+    def on_message(_client, _userdata, message: mqtt.MQTTMessage) -> None:
+        if message.topic == sentinel:
+            done.set()
+        elif message.retain and message.payload and any(name in message.topic for name in names):
+            found[message.topic] = message.payload
+
+    client = _sweeper()
+    client.on_message = on_message
+    client.on_subscribe = lambda *_: subscribed.set()
+    try:
+        client.connect(*BROKER)
+    except OSError:
+        return {}
+    client.loop_start()
+    try:
+        client.subscribe("#", qos=0)  # QoS 0: delivered in order, so the sentinel comes after the retained ones
+        assert subscribed.wait(timeout), "the broker did not acknowledge the subscription to #"
+        client.publish(sentinel, b"end", qos=0)
+        assert done.wait(timeout), "the sentinel did not come back from the broker"
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return found
+
+
+def clear_retained_under(names: Collection[str]) -> list[str]:
+    """Delete (an empty retained message) everything retained under `names`; the topics deleted."""
+    topics = sorted(retained_under(names))
+    if topics:
+        client = _sweeper()
+        client.connect(*BROKER)
+        client.loop_start()
+        try:
+            for topic in topics:
+                client.publish(topic, b"", qos=1, retain=True).wait_for_publish(10)
+        finally:
+            client.disconnect()
+            client.loop_stop()
+    return topics
+
+
+def _sweeper() -> mqtt.Client:
+    return mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-sweep-{uuid.uuid4().hex[:8]}")
+
+
+@contextlib.contextmanager
+def _owning_scope() -> Iterator[None]:
+    """Names asked for while this scope runs are its own; its end deletes what they left retained."""
+    _OWNED.append(set())
+    try:
+        yield
+    finally:
+        clear_retained_under(_OWNED.pop())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _retained_session() -> Iterator[None]:
+    """Last, every name of the session again: a killed process's Last Will may land after its test's sweep."""
+    yield
+    clear_retained_under(_ISSUED)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _retained_module() -> Iterator[None]:
+    with _owning_scope():
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _retained_test() -> Iterator[None]:
+    """Set up before the test's other fixtures (autouse goes first in its scope), so it also owns their names and
+    is torn down after them (their processes have stopped publishing)."""
+    with _owning_scope():
+        yield
 
 
 def free_port() -> int:

@@ -30,7 +30,7 @@ from playwright.sync_api import expect, sync_playwright
 from streamer.dashboard import Dashboard, DashboardState
 from streamer.frames import LABELS
 from streamer.publisher import MqttOptions, MqttSink
-from tests.conftest import free_port, make_event
+from tests.conftest import free_port, make_event, unique_node
 from tests.test_publisher import clear_node
 
 CHROMIUM = "/usr/bin/chromium"
@@ -179,7 +179,7 @@ def background() -> Iterator[Background]:
 
 @pytest.fixture
 def node() -> str:
-    return f"pbx-{uuid.uuid4().hex[:6]}"
+    return unique_node("pbx-")
 
 
 @pytest.fixture

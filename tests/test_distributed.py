@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from paho.mqtt.properties import Properties
 from streamer.distributed.jobs import Job, JobError, decode, encode, header
 from streamer.event import validate
 from streamer.frames import SAMPLE_RATE, Utterance
-from tests.conftest import HAPPY_ES, REPO, silence
+from tests.conftest import HAPPY_ES, REPO, silence, unique_node
 
 BROKER_URL = "mqtt://127.0.0.1:1883"
 CLI = [sys.executable, "-m", "streamer"]
@@ -134,7 +133,7 @@ def clear_retained(filters: list[str]) -> None:
 
 @pytest.fixture(scope="module")
 def node() -> str:
-    return f"dist{uuid.uuid4().hex[:8]}"
+    return unique_node("dist")
 
 
 @pytest.fixture(scope="module")

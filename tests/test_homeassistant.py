@@ -5,7 +5,6 @@ import asyncio
 import json
 import re
 import socket
-import uuid
 
 import aiomqtt
 import jinja2
@@ -18,7 +17,7 @@ from streamer.frames import LABELS
 from streamer.homeassistant import Discovery, escalation_topic, slug, utterance_topic
 from streamer.metrics import HEALTH
 from streamer.publisher import MqttOptions, MqttSink
-from tests.conftest import make_event
+from tests.conftest import make_event, unique_node
 from tests.test_publisher import clear_node, retained
 
 V5 = aiomqtt.ProtocolVersion.V5
@@ -38,7 +37,7 @@ def render(template: str, payload: bytes | str) -> str:
 async def test_discovery_follows_ha_conventions_and_survives_a_restart(broker):
     """Before: one text sensor, deleted on every stop (HA dropped the user's rename and area), nothing to graph,
     no event for two angry utterances in a row, object ids HA ignores for `baño`, transcripts in the attributes."""
-    node = f"ha{uuid.uuid4().hex[:6]}"
+    node = unique_node("ha")
     opts = MqttOptions(spool="memory", health_interval_s=0, homeassistant_url="http://monitor.local:8765/")
     sink = MqttSink(opts, "mqtt://127.0.0.1:1883", node)
     await sink.start()
@@ -119,7 +118,7 @@ def test_discovery_ids_are_transliterated_and_kept_apart():
 
 
 async def test_calls_get_an_escalation_sensor_and_no_stream_sensors(broker):
-    node = f"ha{uuid.uuid4().hex[:6]}"
+    node = unique_node("ha")
     sink = MqttSink(MqttOptions(spool="memory", health_interval_s=0), "mqtt://127.0.0.1:1883", node)
     await sink.start()
     try:
@@ -154,7 +153,7 @@ async def test_calls_get_an_escalation_sensor_and_no_stream_sensors(broker):
 
 
 async def test_v5_properties_and_the_request_topic(broker):
-    node = f"v5{uuid.uuid4().hex[:6]}"
+    node = unique_node("v5")
     sink = MqttSink(MqttOptions(spool="memory", health_interval_s=0), "mqtt://127.0.0.1:1883", node)
     HEALTH.queues["desk"] = lambda: 2
     try:

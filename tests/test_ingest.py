@@ -23,7 +23,7 @@ from streamer.frames import LABELS, SAMPLE_RATE
 from streamer.ingest import start_listeners
 from streamer.ingest.calls import CallHub, EscalationRule, IngestOptions
 from streamer.publisher import JsonlSink, MqttOptions, MqttSink
-from tests.conftest import ANGRY_ES, HAPPY_ES, free_port, make_event, silence
+from tests.conftest import ANGRY_ES, HAPPY_ES, free_port, make_event, silence, unique_node
 from tests.test_publisher import clear_node
 
 pytestmark = pytest.mark.slow
@@ -103,26 +103,31 @@ class Watcher:
 
 @contextlib.asynccontextmanager
 async def serving(engine, **limits):
-    """The three listeners on free ports, a hub on the shared engine, a real MQTT sink and a watcher."""
+    """The three listeners on free ports, a hub on the shared engine, a real MQTT sink and a watcher. The engine
+    publishes as a node of this test's own (not the shared `test`): two runs on one broker stay apart, and what
+    it leaves retained is deleted after the test (conftest)."""
     ports = {p: free_port() for p in ("audiosocket", "twilio", "freeswitch", "audiohook")}
     opts = IngestOptions(**{p: f"127.0.0.1:{port}" for p, port in ports.items()}, **limits)
+    shared_node, engine.node = engine.node, unique_node("calls")
     sink = MqttSink(MqttOptions(spool="memory", health_interval_s=0), "mqtt://127.0.0.1:1883", engine.node)
-    await sink.start()
-    watcher = Watcher(engine.node)
-    watching = asyncio.create_task(watcher.run())
-    await asyncio.wait_for(watcher._ready.wait(), 10)
-    hub = CallHub(engine, [sink], opts)
-    servers = await start_listeners(hub)
     try:
-        yield hub, ports, watcher
+        await sink.start()
+        watcher = Watcher(engine.node)
+        watching = asyncio.create_task(watcher.run())
+        await asyncio.wait_for(watcher._ready.wait(), 10)
+        hub = CallHub(engine, [sink], opts)
+        servers = await start_listeners(hub)
+        try:
+            yield hub, ports, watcher
+        finally:
+            await hub.close()
+            for server in servers:
+                server.close()
+            await sink.close()
+            await asyncio.sleep(0.3)  # let the watcher see the last messages
+            watching.cancel()
     finally:
-        await hub.close()
-        for server in servers:
-            server.close()
-        await sink.close()
-        await asyncio.sleep(0.3)  # let the watcher see the last messages
-        watching.cancel()
-        await clear_node(engine.node)
+        engine.node = shared_node
 
 
 async def audiosocket_call(
@@ -509,7 +514,7 @@ async def test_escalation_rule_needs_hits_within_the_window_and_rearms(engine, t
 
 async def test_serve_command_takes_calls_and_ends_them_on_sigterm(broker, speak, tmp_path):
     """`emotion-monitor serve` as a user starts it; a call still open at SIGTERM ends with reason shutdown."""
-    node, ports = f"serve{uuid.uuid4().hex[:6]}", [free_port() for _ in range(3)]
+    node, ports = unique_node("serve"), [free_port() for _ in range(3)]
     out = tmp_path / "calls.jsonl"
     proc = await asyncio.create_subprocess_exec(
         sys.executable,

@@ -4,7 +4,6 @@ ALSA's `file` plugin with `infile` turns a raw PCM file into a capture device, s
 and the live pipeline run exactly as with a USB headset, on a machine without a sound card.
 """
 
-import asyncio
 import json
 import os
 import signal
@@ -18,7 +17,6 @@ import soxr
 
 from streamer.frames import SAMPLE_RATE
 from tests.conftest import HAPPY_ES, silence
-from tests.test_publisher import clear_node
 
 pytest.importorskip("pyaudio", reason="PyAudio is not installed (needs apt portaudio19-dev; ./setup.sh does it)")
 
@@ -54,7 +52,7 @@ def test_devices_lists_the_fake_microphone(fake_home):
     assert b"fakemic" in out
 
 
-def test_live_microphone_to_event(fake_home, broker, tmp_path):
+def test_live_microphone_to_event(fake_home, broker, tmp_path, mqtt_node):
     events = tmp_path / "events.jsonl"
     proc = emotion_monitor(
         fake_home,
@@ -67,7 +65,7 @@ def test_live_microphone_to_event(fake_home, broker, tmp_path):
         "mqtt://127.0.0.1:1883",
         "--quiet",
         "--node",
-        "mic-test",
+        mqtt_node,
         "--jsonl",
         str(events),
     )
@@ -80,15 +78,17 @@ def test_live_microphone_to_event(fake_home, broker, tmp_path):
         _, stderr = proc.communicate(timeout=30)
     finally:
         proc.kill()
-    asyncio.run(clear_node("mic-test"))
     event = json.loads(events.read_text().splitlines()[0])
     assert event["source"] == "mic:fakemic"
     assert "gracias" in event["transcript"].lower()
     assert proc.returncode == 0, stderr.decode()
 
 
-def test_unknown_microphone_names_what_exists(fake_home):
-    proc = emotion_monitor(fake_home, "run", "--source", "mic:Blue Yeti", "--broker", "mqtt://127.0.0.1:1883")
+def test_unknown_microphone_names_what_exists(fake_home, mqtt_node):
+    """The node is named: the host name would be a real-looking node if anything were published."""
+    proc = emotion_monitor(
+        fake_home, "run", "--source", "mic:Blue Yeti", "--broker", "mqtt://127.0.0.1:1883", "--node", mqtt_node
+    )
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 1
     assert b"no input device matches 'Blue Yeti'; available: 0: fakemic" in stderr

@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import soundfile as sf
 from streamer.classifier import EmotionClassifier
 from streamer.event import validate
 from streamer.frames import SAMPLE_RATE
-from tests.conftest import ANGRY_ES, HAPPY_ES, free_port, silence
+from tests.conftest import ANGRY_ES, HAPPY_ES, free_port, silence, unique_node
 from tests.test_publisher import clear_node, receive, retained
 
 CLI = [sys.executable, "-m", "streamer"]
@@ -40,7 +39,7 @@ def conversation_wav(conversation, tmp_path_factory) -> Path:
 
 
 async def test_run_publishes_each_utterance_to_mosquitto(broker, conversation_wav, tmp_path):
-    node, stream = f"n{uuid.uuid4().hex[:6]}", "desk"
+    node, stream = unique_node("n"), "desk"
     started = asyncio.Event()
     collector = asyncio.create_task(receive(*broker, f"emotion/v1/{node}/{stream}/event", 2, started, 120))
     await started.wait()
@@ -85,7 +84,7 @@ def test_stdin_pcm_at_8k(conversation):
     import soxr
 
     pcm8k = (soxr.resample(audio, SAMPLE_RATE, 8000) * 32767).astype("<i2").tobytes()
-    node = f"n{uuid.uuid4().hex[:6]}"
+    node = unique_node("n")
     result = cli(
         "run",
         "--language",
@@ -115,7 +114,7 @@ def test_stdin_pcm_at_8k(conversation):
 def test_unreadable_source_is_a_clear_error(tmp_path):
     bad = tmp_path / "broken.wav"
     bad.write_bytes(b"RIFF\x00\x00junk" * 10)
-    node = f"n{uuid.uuid4().hex[:6]}"
+    node = unique_node("n")
     result = cli(
         "run", "--source", f"file:{bad}", "--fast", "--quiet", "--broker", "mqtt://127.0.0.1:1883", "--node", node
     )
@@ -259,7 +258,7 @@ def test_run_with_a_broker_that_cannot_be_reached_exits_at_once(broker, cause, t
 
 async def test_serve_publishes_nothing_when_a_listener_cannot_bind(broker):
     """Before: a port in use failed `serve` only after it had published its retained status and health."""
-    node, port = f"bind{uuid.uuid4().hex[:6]}", free_port()
+    node, port = unique_node("bind"), free_port()
     with socket.create_server(("127.0.0.1", port)):
         result = await asyncio.to_thread(
             cli, "serve", "--audiosocket", f"127.0.0.1:{port}", "--broker", "mqtt://127.0.0.1:1883", "--node", node

@@ -19,7 +19,6 @@ from streamer.pipeline import PipelineOptions, run_stream
 from streamer.sources import FileSource
 from tests.conftest import NEUTRAL_ES, free_port, silence
 from tests.test_pipeline import ListSink
-from tests.test_publisher import clear_node
 
 SENTENCES = NEUTRAL_ES[:6]
 
@@ -58,14 +57,7 @@ async def test_overload_sheds_to_voice_only_then_drops_oldest(engine, many_utter
     assert calm.voice_only == calm.dropped == 0 and calm.events == stats.utterances + stats.dropped
 
 
-@pytest.fixture(scope="module", autouse=True)
-def clean_broker():
-    """What the monitor of these tests (node ops-test) leaves retained goes at the end."""
-    yield
-    asyncio.run(clear_node("ops-test"))
-
-
-def start_monitor(path, *args):
+def start_monitor(path, node: str, *args):
     return subprocess.Popen(
         [
             sys.executable,
@@ -80,7 +72,7 @@ def start_monitor(path, *args):
             "--broker",
             "mqtt://127.0.0.1:1883",
             "--node",
-            "ops-test",
+            node,
             *args,
         ],
         stdout=subprocess.PIPE,
@@ -99,11 +91,11 @@ def wait_for_lines(proc, count: int, timeout: float = 90) -> list[str]:
     return lines
 
 
-def test_sigterm_finishes_the_utterance_in_progress(speak, tmp_path, broker):
+def test_sigterm_finishes_the_utterance_in_progress(speak, tmp_path, broker, mqtt_node):
     path = tmp_path / "two.wav"
     second = speak("Mañana iremos al mercado a comprar fruta y verdura para toda la semana.")
     sf.write(path, np.concatenate([silence(0.5), speak(SENTENCES[0]), silence(1.0), second, silence(5.0)]), SAMPLE_RATE)
-    proc = start_monitor(path, "--jsonl", "-")
+    proc = start_monitor(path, mqtt_node, "--jsonl", "-")
     try:
         assert len(wait_for_lines(proc, 1)) == 1  # first sentence published, real time
         time.sleep(1.5)  # the second sentence is being spoken
@@ -126,11 +118,13 @@ def get(url: str) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
-def test_metrics_and_healthz(many_utterances, broker, tmp_path):
+def test_metrics_and_healthz(many_utterances, broker, tmp_path, mqtt_node):
     port = free_port()
     config = tmp_path / "c.yaml"
     config.write_text("mqtt:\n  health_interval_s: 0.5\n")
-    proc = start_monitor(many_utterances, "--metrics", f"127.0.0.1:{port}", "--jsonl", "-", "--config", str(config))
+    proc = start_monitor(
+        many_utterances, mqtt_node, "--metrics", f"127.0.0.1:{port}", "--jsonl", "-", "--config", str(config)
+    )
     try:
         assert len(wait_for_lines(proc, 2)) == 2
         status, body = get(f"http://127.0.0.1:{port}/healthz")
@@ -144,7 +138,7 @@ def test_metrics_and_healthz(many_utterances, broker, tmp_path):
         assert get(f"http://127.0.0.1:{port}/nope")[0] == 404
         time.sleep(1.0)
         retained = subprocess.run(
-            ["mosquitto_sub", "-t", "emotion/v1/ops-test/health", "-C", "1", "-W", "10"],
+            ["mosquitto_sub", "-t", f"emotion/v1/{mqtt_node}/health", "-C", "1", "-W", "10"],
             capture_output=True,
             timeout=20,
         )

@@ -22,7 +22,7 @@ from streamer.publisher import (
     parse_broker_url,
     resolve_broker,
 )
-from tests.conftest import free_port, make_event
+from tests.conftest import free_port, make_event, unique_node
 
 
 async def receive(
@@ -93,7 +93,7 @@ async def publish_and_collect(url: str, host: str, port: int, node: str, events:
 
 
 async def test_events_and_status_reach_mosquitto(broker):
-    node = f"n{uuid.uuid4().hex[:6]}"
+    node = unique_node("n")
     got, sink = await publish_and_collect("mqtt://127.0.0.1:1883", *broker, node, 5, MqttOptions())
     assert (status_topic(node), "online", False) in got
     events = [json.loads(p) for t, p, _ in got if t == event_topic(node, "s1")]
@@ -109,7 +109,7 @@ async def test_events_and_status_reach_mosquitto(broker):
 
 
 async def test_last_will_marks_a_dead_publisher_offline(broker, tmp_path):
-    node = f"n{uuid.uuid4().hex[:6]}"
+    node = unique_node("n")
     script = tmp_path / "pub.py"
     script.write_text(
         "import asyncio, os, sys\n"
@@ -341,7 +341,7 @@ async def test_tls_with_username_and_password(tmp_path):
 async def test_spooled_events_survive_a_restart_of_the_monitor(broker, tmp_path):
     """Broker unreachable until the monitor stops: the events wait on disk and the next run sends them."""
     spool = str(tmp_path / "spool.sqlite")
-    node = f"n{uuid.uuid4().hex[:6]}"
+    node = unique_node("n")
     first = MqttSink(MqttOptions(spool=spool, buffer_offline=True), f"mqtt://127.0.0.1:{free_port()}", node)
     await first.start()
     for i in range(3):
