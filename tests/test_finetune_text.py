@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from pipelines.data import TextRow
-from pipelines.finetune_text import FinetuneOptions, finetune
-from pipelines.report import macro_f1
+from pipelines.data.corpora import TextRow
+from pipelines.evaluate.report import macro_f1
+from pipelines.train.finetune_text import FinetuneOptions, finetune
 from streamer.frames import LABELS
 
 pytest.importorskip("transformers", reason="the fine-tuning path needs the train extra (transformers)")

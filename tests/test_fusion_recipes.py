@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines import fusion_eval as E
-from pipelines import fusion_recipes as F
+from pipelines.evaluate import fusion as E
+from pipelines.train import fusion as F
 from streamer.frames import LABELS
 
 pytest.importorskip("torch", reason="torch (train extra / setup.sh) is needed to train the learned fusion recipes")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from pipelines import data as D
+from pipelines.data import corpora as D
 from streamer.classifier import TEXT_ENCODERS, LinearHead, load_voice_head, voice_features
 from streamer.frames import LABELS, SAMPLE_RATE, Utterance
 from streamer.models import TEXT_HEAD, VOICE_HEAD
@@ -124,7 +124,7 @@ def test_readers_skip_bad_rows_with_counts_and_warnings(fake_data: Path, caplog)
 
 
 def test_unreadable_audio_is_skipped_not_fatal(fake_data: Path, tmp_path: Path, caplog) -> None:
-    from pipelines.features import VoiceFeaturizer
+    from pipelines.data.features import VoiceFeaturizer
 
     bad = fake_data / D.UEM / "data" / "Ira_2.flac"
     bad.write_bytes(b"this is not audio at all")
@@ -218,7 +218,7 @@ def test_real_folds_never_share_a_speaker_or_video() -> None:
 def test_tiny_training_run_writes_loadable_heads(tmp_path: Path, capsys) -> None:
     for name in (D.UEM, D.EMODB, D.EMOSPEECH):
         require(name)
-    from pipelines.train_heads import main
+    from pipelines.train.heads import main
 
     out = tmp_path / "models"
     args = ["--config", str(CONFIG), "--out", str(out), "--limit", "24", "--cache-dir", str(tmp_path / "cache")]
@@ -254,10 +254,10 @@ def test_tiny_training_run_writes_loadable_heads(tmp_path: Path, capsys) -> None
 
 @pytest.mark.slow
 def test_tiny_text_recipes_run_writes_the_table(tmp_path: Path) -> None:
-    """Every recipe of `pipelines.text_recipes` (embeddings, TF-IDF, averages, EmoEvent, nested bias) on 60 rows."""
+    """Every recipe of `pipelines.train.text` (embeddings, TF-IDF, averages, EmoEvent, nested bias) on 60 rows."""
     for name in (D.EMOSPEECH, D.EMOEVENT):
         require(name)
-    from pipelines.text_recipes import main
+    from pipelines.train.text import main
 
     out = tmp_path / "recipes.md"
     args = ["--limit", "60", "--quick", "--folds", "3", "--out", str(out), "--cache-dir", str(tmp_path / "c")]
@@ -279,7 +279,7 @@ def test_tiny_text_recipes_run_writes_the_table(tmp_path: Path) -> None:
 
 
 def test_bias_tuning_raises_macro_f1_on_a_skewed_model() -> None:
-    from pipelines.train_heads import apply_bias, tune_bias
+    from pipelines.train.linear import apply_bias, tune_bias
 
     rng = np.random.default_rng(0)
     y = np.array(LABELS)[rng.integers(0, 6, 600)]
@@ -320,12 +320,12 @@ def test_shipped_heads_load_with_the_right_shapes() -> None:
     from streamer.recogniser import RecogniserOptions
 
     text_dim = sum(TEXT_ENCODERS[e].dim for e in LinearHead.load(TEXT_HEAD).meta.get("encoders", ["e5"]))
-    assert TEXT_HEAD.is_file(), f"{TEXT_HEAD} missing: run python -m pipelines.train_heads --config {CONFIG}"
+    assert TEXT_HEAD.is_file(), f"{TEXT_HEAD} missing: run python -m pipelines.train.heads --config {CONFIG}"
     assert TEXT_HEAD.stat().st_size < 500_000
     head = LinearHead.load(TEXT_HEAD)
     assert head.coef.shape == (6, text_dim) and head.mean.shape == head.scale.shape == (text_dim,)
     assert head.intercept.shape == (6,) and (head.scale > 0).all()
-    # the voice head may be a LinearHead (train_heads) or an attention/ensemble head (pipelines.voice_recipes --ship)
+    # the voice head: a LinearHead (pipelines.train.heads) or an attention/ensemble head (pipelines.train.voice --ship)
     assert VOICE_HEAD.is_file() and VOICE_HEAD.stat().st_size < 3_000_000
     voice = load_voice_head(VOICE_HEAD)
     p = voice.predict_frames(np.random.default_rng(0).normal(size=(120, 512)).astype(np.float32))
@@ -345,7 +345,7 @@ def test_shipped_voice_head_on_real_clips(recogniser) -> None:
     those are the grouped-CV figures in the head's meta.
     """
     require(D.UEM)
-    from pipelines.features import VoiceFeaturizer
+    from pipelines.data.features import VoiceFeaturizer
     from streamer.adaptation import StreamHistory
     from streamer.classifier import VoiceModel
 

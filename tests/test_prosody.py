@@ -1,6 +1,6 @@
 """Prosody features (`streamer.prosody`, issue #3) on real espeak-ng speech and on signals whose pitch we set:
 pitch, loudness, voicing, slope and robustness to bad input. The run-time cost is a benchmark figure, not a test:
-`python -m pipelines.voice_recipes --runtime-cost`."""
+`python -m pipelines.train.voice --runtime-cost`."""
 
 from __future__ import annotations
 

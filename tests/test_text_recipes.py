@@ -1,4 +1,4 @@
-"""`pipelines.text_recipes`: the Spanish table and the English section share one page without overwriting each
+"""`pipelines.train.text`: the Spanish table and the English section share one page without overwriting each
 other, and a tiny `--english` run (real data and the shipped heads; skipped where the data is absent)."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import data as D
-from pipelines.text_recipes import EN_SECTION, write_part
+from pipelines.data import corpora as D
+from pipelines.train.text import EN_SECTION, write_part
 
 
 def test_each_mode_rewrites_only_its_own_part(tmp_path: Path) -> None:
@@ -27,7 +27,7 @@ def test_tiny_english_run_writes_the_section(tmp_path: Path) -> None:
     for name in (D.GOEMOTIONS, D.EMOEVENT, D.EMOSPEECH):
         if not (D.data_dir() / name).is_dir():
             pytest.skip(f"dataset {name} not found at {D.data_dir() / name} (set EMOTION_DATA_DIR)")
-    from pipelines.text_recipes import main
+    from pipelines.train.text import main
 
     page = tmp_path / "text_recipes.md"
     page.write_text("# Spanish table\n")

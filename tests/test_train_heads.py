@@ -1,4 +1,4 @@
-"""Calibration and the English recipe of `pipelines.train_heads`: temperature fitting on cases with a known answer,
+"""Calibration and the English recipe of `pipelines.train.heads`: temperature fitting on cases with a known answer,
 out-of-fold probabilities, and a tiny English training run on the real data (skipped where it is absent)."""
 
 from __future__ import annotations
@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines import data as D
-from pipelines.report import expected_calibration_error
-from pipelines.train_heads import calibration, crossfit_temper, fit_temperature, oof_proba
+from pipelines.data import corpora as D
+from pipelines.evaluate.calibration import calibration, crossfit_temper, fit_temperature
+from pipelines.evaluate.metrics import expected_calibration_error
+from pipelines.train.linear import oof_proba
 from streamer.classifier import LinearHead, softmax, temper
 from streamer.frames import LABELS
 
@@ -79,7 +80,7 @@ def test_tiny_english_training_run_is_deterministic(tmp_path: Path) -> None:
     for name in (D.GOEMOTIONS, D.EMOEVENT):
         if not (D.data_dir() / name).is_dir():
             pytest.skip(f"dataset {name} not found at {D.data_dir() / name} (set EMOTION_DATA_DIR)")
-    from pipelines.train_heads import main
+    from pipelines.train.heads import main
 
     args = ["--config", str(CONFIG), "--heads", "text_en", "--limit", "30", "--cache-dir", str(tmp_path / "cache")]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0

@@ -9,15 +9,21 @@ import numpy as np
 import pytest
 import yaml
 
-from pipelines import data as D
-from pipelines import report as R
-from pipelines import voice_recipes as V
+from pipelines.data import corpora as D
+from pipelines.evaluate import metrics as M
+from pipelines.evaluate import report as R
+from pipelines.train.voice import cli as VC
+from pipelines.train.voice import inputs as VI
+from pipelines.train.voice import models as VM
+from pipelines.train.voice import norm as VN
+from pipelines.train.voice import recipes as VR
+from pipelines.train.voice import ship as VS
 from streamer.classifier import AttentionHead, LinearHead, load_voice_head, voice_features
 from streamer.frames import LABELS
 from streamer.models import VOICE_HEAD
 
 torch = pytest.importorskip("torch", reason="torch (train extra / setup.sh) is needed to train the attention heads")
-CONFIG = yaml.safe_load(V.DEFAULT_CONFIG.read_text(encoding="utf-8"))
+CONFIG = yaml.safe_load(VR.DEFAULT_CONFIG.read_text(encoding="utf-8"))
 E = 512
 
 
@@ -30,7 +36,7 @@ def tiny_cfg(**attention) -> dict:
 
 def random_net(stats: bool, seed: int = 0):
     torch.manual_seed(seed)
-    net = V.make_attention_net(E, 32, 0.1, stats)
+    net = VM.make_attention_net(E, 32, 0.1, stats)
     with torch.no_grad():  # non-trivial LayerNorm parameters, so they are exercised too
         net.ln.weight.uniform_(0.5, 1.5)
         net.ln.bias.uniform_(-0.2, 0.2)
@@ -45,7 +51,7 @@ def test_numpy_attention_head_equals_torch(stats: bool) -> None:
     rng = np.random.default_rng(1)
     mean, scale = rng.normal(0, 0.3, E).astype(np.float32), rng.uniform(0.5, 2, E).astype(np.float32)
     net = random_net(stats)
-    head = V.to_head(net, mean, scale, stats, {"id": "t"})
+    head = VM.to_head(net, mean, scale, stats, {"id": "t"})
     for length in (1, 7, 333):
         frames = rng.normal(0, 1, (length, E)).astype(np.float32)
         with torch.no_grad():
@@ -54,7 +60,7 @@ def test_numpy_attention_head_equals_torch(stats: bool) -> None:
 
 
 def test_attention_head_roundtrip_and_voice_head_loader(tmp_path: Path) -> None:
-    head = V.to_head(random_net(True), np.zeros(E, np.float32), np.ones(E, np.float32), True, {"id": "attn-x"})
+    head = VM.to_head(random_net(True), np.zeros(E, np.float32), np.ones(E, np.float32), True, {"id": "attn-x"})
     path = tmp_path / "voice_head.npz"
     head.save(path)
     with np.load(path, allow_pickle=False) as z:  # arrays only, no pickles
@@ -71,7 +77,7 @@ def test_attention_head_roundtrip_and_voice_head_loader(tmp_path: Path) -> None:
 def test_ensemble_head_averages_its_members(tmp_path: Path) -> None:
     from streamer.classifier import EnsembleHead
 
-    attn = V.to_head(random_net(False), np.zeros(E, np.float32), np.ones(E, np.float32), False, {"id": "a"})
+    attn = VM.to_head(random_net(False), np.zeros(E, np.float32), np.ones(E, np.float32), False, {"id": "a"})
     linear = LinearHead.load(_linear_head(tmp_path))
     rng = np.random.default_rng(2)
     linear = LinearHead(
@@ -111,7 +117,7 @@ def _linear_head(tmp_path: Path) -> Path:
 
 
 def test_shipped_voice_head_loads_and_runs_on_frames() -> None:
-    """(Its cost per utterance is a benchmark figure: `python -m pipelines.voice_recipes --runtime-cost`.)"""
+    """(Its cost per utterance is a benchmark figure: `python -m pipelines.train.voice --runtime-cost`.)"""
     from streamer.recogniser import RecogniserOptions
 
     head = load_voice_head(VOICE_HEAD)
@@ -131,15 +137,15 @@ def test_shipped_voice_head_loads_and_runs_on_frames() -> None:
 def test_crop_repeat_pads_short_and_windows_long() -> None:
     rng = np.random.default_rng(0)
     short = np.arange(3)[:, None].repeat(2, 1)
-    np.testing.assert_array_equal(V.crop(short, 7, rng)[:, 0], [0, 1, 2, 0, 1, 2, 0])
+    np.testing.assert_array_equal(VM.crop(short, 7, rng)[:, 0], [0, 1, 2, 0, 1, 2, 0])
     long = np.arange(50)[:, None]
-    window = V.crop(long, 10, rng)[:, 0]
+    window = VM.crop(long, 10, rng)[:, 0]
     assert len(window) == 10 and (np.diff(window) == 1).all()
 
 
 def test_class_weights_balance_counts() -> None:
     y = np.array(["anger"] * 6 + ["joy"] * 2)
-    w = V.class_weights(y)
+    w = VM.class_weights(y)
     assert w[LABELS.index("anger")] * 6 == pytest.approx(w[LABELS.index("joy")] * 2)
     assert w[LABELS.index("fear")] == 0
 
@@ -160,8 +166,8 @@ def synthetic_sequences(n_per_label: int, seed: int, shift: float = 1.5):
 def test_train_attention_learns_and_is_deterministic() -> None:
     seqs, y = synthetic_sequences(6, 0)
     acfg = {**tiny_cfg()["attention"], "epochs": 8}
-    a = V.train_attention(seqs, y, acfg, True, seed=3, aug=[[s * np.float16(0.9) for s in seqs]])
-    b = V.train_attention(seqs, y, acfg, True, seed=3, aug=[[s * np.float16(0.9) for s in seqs]])
+    a = VM.train_attention(seqs, y, acfg, True, seed=3, aug=[[s * np.float16(0.9) for s in seqs]])
+    b = VM.train_attention(seqs, y, acfg, True, seed=3, aug=[[s * np.float16(0.9) for s in seqs]])
     np.testing.assert_array_equal(a.w1, b.w1)
     test, y_test = synthetic_sequences(3, 1)
     pred = np.array(LABELS)[a.predict_many(test).argmax(axis=1)]
@@ -169,7 +175,7 @@ def test_train_attention_learns_and_is_deterministic() -> None:
 
 
 def test_augment_audio_is_seeded_and_changes_the_clip() -> None:
-    from pipelines.features import augment_audio
+    from pipelines.data.features import augment_audio
 
     audio = (0.3 * np.sin(np.arange(16000) * 2 * np.pi * 220 / 16000)).astype(np.float32)
     a, applied = augment_audio(audio, np.random.default_rng([0, 0, 7]))
@@ -189,7 +195,7 @@ def test_feature_cache_writes_of_two_processes_do_not_collide(tmp_path: Path, mo
     import itertools
     import os
 
-    from pipelines import features as F
+    from pipelines.data import features as F
 
     pids = itertools.count(1000)
     monkeypatch.setattr(os, "getpid", lambda: next(pids))
@@ -209,7 +215,7 @@ def test_feature_cache_writes_of_two_processes_do_not_collide(tmp_path: Path, mo
 
 
 def test_mfcc_mean_shape() -> None:
-    from pipelines.features import mfcc_mean
+    from pipelines.data.features import mfcc_mean
 
     rng = np.random.default_rng(0)
     for n in (100, 16000):
@@ -230,15 +236,15 @@ def one_stream(n: int = 12, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray
 
 
 def causal_norm(seqs: list[np.ndarray], groups: np.ndarray, y: np.ndarray, n0: float) -> list[np.ndarray]:
-    sums = V.FrameSums.of(seqs)
-    histories = V.stream_histories(groups, y, V.CAUSAL, np.random.default_rng(5))
+    sums = VN.FrameSums.of(seqs)
+    histories = VN.stream_histories(groups, y, VN.CAUSAL, np.random.default_rng(5))
     prior = (np.zeros(8), np.ones(8))
-    return V.normalise_clips(seqs, sums, histories, prior, n0, std=True)
+    return VN.normalise_clips(seqs, sums, histories, prior, n0, std=True)
 
 
 def test_causal_histories_hold_only_earlier_clips_of_the_same_stream() -> None:
     _, groups, y = one_stream()
-    histories = V.stream_histories(groups, y, V.CAUSAL, np.random.default_rng(0))
+    histories = VN.stream_histories(groups, y, VN.CAUSAL, np.random.default_rng(0))
     for g in set(groups):
         members = np.flatnonzero(groups == g)
         assert sorted(len(histories[i]) for i in members) == list(range(len(members)))  # an order of the stream
@@ -251,7 +257,7 @@ def test_causal_normaliser_ignores_future_clips() -> None:
     """Changing the stream's last clip (or the other stream) changes no other clip's normalised frames."""
     seqs, groups, y = one_stream()
     before = causal_norm(seqs, groups, y, n0=2)
-    histories = V.stream_histories(groups, y, V.CAUSAL, np.random.default_rng(5))
+    histories = VN.stream_histories(groups, y, VN.CAUSAL, np.random.default_rng(5))
     last = max(np.flatnonzero(groups == "spk0"), key=lambda i: len(histories[i]))
     changed = list(seqs)
     changed[last] = seqs[last] * 50 + 7
@@ -260,24 +266,24 @@ def test_causal_normaliser_ignores_future_clips() -> None:
         if i != last:
             np.testing.assert_array_equal(after[i], before[i])
     # whereas the transductive (upper-bound) view does use them
-    sums_b, sums_a = V.FrameSums.of(seqs), V.FrameSums.of(changed)
-    all_clips = V.stream_histories(groups, y, V.TRANSDUCTIVE, None)
+    sums_b, sums_a = VN.FrameSums.of(seqs), VN.FrameSums.of(changed)
+    all_clips = VN.stream_histories(groups, y, VN.TRANSDUCTIVE, None)
     first = next(i for i in np.flatnonzero(groups == "spk0") if i != last)
     assert not np.allclose(sums_b.moments(all_clips[first])[0], sums_a.moments(all_clips[first])[0])
 
 
 def test_shrinkage_starts_at_the_prior_and_moves_to_the_stream() -> None:
     seqs, _, _ = one_stream()
-    sums = V.FrameSums.of(seqs)
+    sums = VN.FrameSums.of(seqs)
     prior = (np.full(8, 10.0), np.full(8, 4.0))
-    mean, var = V.shrunk_stats(sums, np.zeros(0, int), prior, n0=5)
+    mean, var = VN.shrunk_stats(sums, np.zeros(0, int), prior, n0=5)
     np.testing.assert_array_equal(mean, prior[0])
     np.testing.assert_array_equal(var, prior[1])
     own = np.array([0, 2, 4, 6, 8])
     frames = np.concatenate([seqs[i] for i in own])
-    np.testing.assert_allclose(V.shrunk_stats(sums, own, prior, n0=0)[0], frames.mean(axis=0))
-    np.testing.assert_allclose(V.shrunk_stats(sums, own, prior, n0=0)[1], frames.var(axis=0))
-    half = V.shrunk_stats(sums, own, prior, n0=len(own))[0]  # k = n0: halfway
+    np.testing.assert_allclose(VN.shrunk_stats(sums, own, prior, n0=0)[0], frames.mean(axis=0))
+    np.testing.assert_allclose(VN.shrunk_stats(sums, own, prior, n0=0)[1], frames.var(axis=0))
+    half = VN.shrunk_stats(sums, own, prior, n0=len(own))[0]  # k = n0: halfway
     np.testing.assert_allclose(half, (frames.mean(axis=0) + prior[0]) / 2)
 
 
@@ -286,9 +292,9 @@ def test_pipeline_normalisation_equals_the_runtimes() -> None:
     from streamer.adaptation import FrameMoments, StreamNorm
 
     seqs, groups, y = one_stream()
-    histories = V.stream_histories(groups, y, V.CAUSAL, np.random.default_rng(5))
+    histories = VN.stream_histories(groups, y, VN.CAUSAL, np.random.default_rng(5))
     prior = (np.full(8, 0.5), np.full(8, 2.0))
-    ours = V.normalise_clips(seqs, V.FrameSums.of(seqs), histories, prior, n0=5, std=True)
+    ours = VN.normalise_clips(seqs, VN.FrameSums.of(seqs), histories, prior, n0=5, std=True)
     norm = StreamNorm(prior[0], prior[1], n0=5)
     for g in set(groups):
         state = None  # the runtime's per-stream moments, fed in the stream's order
@@ -300,7 +306,7 @@ def test_pipeline_normalisation_equals_the_runtimes() -> None:
 def test_skewed_history_is_mostly_neutral_and_excludes_the_clip() -> None:
     groups = np.array(["a"] * 60)
     y = np.array(["neutral"] * 20 + ["anger", "joy", "sadness", "fear"] * 10)
-    histories = V.stream_histories(groups, y, V.SKEWED, np.random.default_rng(0), neutral_share=0.65)
+    histories = VN.stream_histories(groups, y, VN.SKEWED, np.random.default_rng(0), neutral_share=0.65)
     longest = max(histories, key=len)
     assert len(longest) == int(20 / 0.65)  # a non-neutral clip's: all 20 neutral clips can be in its history
     assert np.mean(y[longest] == "neutral") == pytest.approx(0.65, abs=0.03)
@@ -311,9 +317,9 @@ def test_skewed_history_is_mostly_neutral_and_excludes_the_clip() -> None:
 # --------------------------------------------------------------------------- every recipe on a tiny generated set
 
 
-def fake_data(tmp_path: Path) -> V.VoiceData:
+def fake_data(tmp_path: Path) -> VI.VoiceData:
     """A VoiceData with made-up clips and cached views (no audio, no Whisper): 4 UEM speakers incl. test1/test2."""
-    data = V.VoiceData(root=tmp_path, cache_dir=None, seed=0, limit=None)
+    data = VI.VoiceData(root=tmp_path, cache_dir=None, seed=0, limit=None)
     rng = np.random.default_rng(0)
     for name, speakers in ((D.UEM, ["spk00", "spk01", "test1", "test2"]), (D.EMODB, ["emodb03"])):
         seqs, y = synthetic_sequences(len(speakers), seed=len(name))
@@ -368,7 +374,7 @@ def fake_prosody(clips: list, rng: np.random.Generator, speaker_offset: float = 
 def test_each_recipe_runs_on_a_tiny_generated_set(tmp_path: Path, recipe: str) -> None:
     cfg = tiny_cfg()
     data = fake_data(tmp_path)
-    result = V.evaluate(recipe, cfg["recipes"][recipe], data, cfg)
+    result = VR.evaluate(recipe, cfg["recipes"][recipe], data, cfg)
     n_uem = len(data.clips[D.UEM])
     assert len(result.cv.y_true) == n_uem and set(result.cv.y_pred) <= set(LABELS)
     assert len(np.unique(result.cv.fold)) == 2
@@ -376,11 +382,11 @@ def test_each_recipe_runs_on_a_tiny_generated_set(tmp_path: Path, recipe: str) -
     assert result.heldout is not None and len(result.heldout.y_true) == held
     assert float(result.extras["head ms/utt"]) < 5
     if recipe in ("meanstd-lr", "attn+aug", "ens-lr+attn+aug"):  # scored on augmented test clips too
-        assert len(result.more[V.AUG_TEST].y_true) == n_uem
+        assert len(result.more[VR.AUG_TEST].y_true) == n_uem
     if recipe.endswith("-sn"):  # stream normalisation: hidden views folded into three summary columns
         assert {"cv|causal 1", "cv|skewed 0", "heldout|transductive"} <= set(result.more)
-        V.stream_columns(result)
-        assert not result.more and all(" / " in result.extras[c] for c in V.STREAM_COLUMNS.values())
+        VN.stream_columns(result)
+        assert not result.more and all(" / " in result.extras[c] for c in VN.STREAM_COLUMNS.values())
 
 
 def test_prosody_recipes_append_the_speaker_normalised_prosody(tmp_path: Path) -> None:
@@ -392,13 +398,13 @@ def test_prosody_recipes_append_the_speaker_normalised_prosody(tmp_path: Path) -
     cfg = tiny_cfg()
     data = fake_data(tmp_path)
     rc = cfg["recipes"]["meanstd+prosody-lr-sn"]
-    inp = V.recipe_inputs(rc, data, cfg)
-    split = V.stream_norm_splits(inp, rc, data, cfg)
-    cv, _ = V.splits_for(data, cfg)
+    inp = VI.recipe_inputs(rc, data, cfg)
+    split = VN.stream_norm_splits(inp, rc, data, cfg)
+    cv, _ = VI.splits_for(data, cfg)
     train, test = cv[0]
     rows, aug, views = split("cv", train, test)
     assert aug is None and rows.shape == (len(train) + len(inp.extra), 1024 + len(PROSODY_NAMES))
-    main = views[V.MAIN]
+    main = views[VI.MAIN]
     assert main.shape == (len(test), 1024 + len(PROSODY_NAMES))
     # the prosody block, recomputed as the runtime does: prior = global moments of the training side's vectors
     pros = data.prosody(D.UEM)
@@ -406,22 +412,22 @@ def test_prosody_recipes_append_the_speaker_normalised_prosody(tmp_path: Path) -
     norm = StreamNorm(prior_rows.mean(axis=0), prior_rows.var(axis=0), CONFIG["stream_norm"]["n0"])
     speakers = np.array([c.speaker for c in data.clips[D.UEM]])[test]
     y = data.labels(D.UEM)[test]
-    histories = V.stream_histories(speakers, y, V.CAUSAL, np.random.default_rng([0, 0, 0]))
+    histories = VN.stream_histories(speakers, y, VN.CAUSAL, np.random.default_rng([0, 0, 0]))
     for i, h in enumerate(histories):
         past = None
         for j in h:
             past = FrameMoments.of(pros[test][j][None]) if past is None else past.add(pros[test][j][None])
         np.testing.assert_allclose(main[i, 1024:], norm.apply(pros[test][i][None], past)[0], rtol=2e-3, atol=2e-3)
     # the frame block is that of `meanstd-lr-sn` (the same histories)
-    plain = V.stream_norm_splits(V.recipe_inputs(cfg["recipes"]["meanstd-lr-sn"], data, cfg), rc, data, cfg)
-    np.testing.assert_array_equal(plain("cv", train, test)[2][V.MAIN], main[:, :1024])
+    plain = VN.stream_norm_splits(VI.recipe_inputs(cfg["recipes"]["meanstd-lr-sn"], data, cfg), rc, data, cfg)
+    np.testing.assert_array_equal(plain("cv", train, test)[2][VI.MAIN], main[:, :1024])
 
 
 def test_speaker_normalisation_removes_speaker_offsets_from_prosody(tmp_path: Path) -> None:
     """Speakers far apart in pitch and loudness (offsets larger than the emotions' effect): the per-speaker
     normalised prosody LR beats the same LR on raw prosody."""
     cfg = {**tiny_cfg(), "cv_folds": 4}
-    data = V.VoiceData(root=tmp_path, cache_dir=None, seed=0, limit=None)
+    data = VI.VoiceData(root=tmp_path, cache_dir=None, seed=0, limit=None)
     rng = np.random.default_rng(1)
     for name, speakers in ((D.UEM, [f"spk{i:02d}" for i in range(8)] + ["test1", "test2"]), (D.EMODB, ["e1", "e2"])):
         clips = [
@@ -433,8 +439,8 @@ def test_speaker_normalisation_removes_speaker_offsets_from_prosody(tmp_path: Pa
         data._views[(name, "prosody")] = fake_prosody(clips, rng, speaker_offset=6.0)
     f1 = {}
     for recipe in ("prosody-lr", "prosody-lr-sn"):
-        result = V.evaluate(recipe, cfg["recipes"][recipe], data, cfg)
-        f1[recipe] = R.macro_f1(result.cv.y_true, result.cv.y_pred)
+        result = VR.evaluate(recipe, cfg["recipes"][recipe], data, cfg)
+        f1[recipe] = M.macro_f1(result.cv.y_true, result.cv.y_pred)
     assert f1["prosody-lr-sn"] > f1["prosody-lr"] + 0.1, f1
 
 
@@ -446,14 +452,14 @@ def test_prosody_recipes_refuse_what_they_cannot_do(tmp_path: Path) -> None:
         {"model": "logreg", "C": 1, "prosody": True, "augment": True, "datasets": [D.UEM]},
     ):
         with pytest.raises(ValueError, match="prosody"):
-            V.recipe_inputs(bad, data, cfg)
+            VI.recipe_inputs(bad, data, cfg)
 
 
 def test_prosody_cache_and_result_key(tmp_path: Path, speak, monkeypatch) -> None:
     """Prosody is cached per audio file and spec; a prosody recipe's result key depends on the prosody spec."""
     import soundfile as sf
 
-    from pipelines.features import ProsodyFeaturizer
+    from pipelines.data.features import ProsodyFeaturizer
     from streamer.prosody import prosody_features
 
     wav = tmp_path / "a.wav"
@@ -468,10 +474,10 @@ def test_prosody_cache_and_result_key(tmp_path: Path, speak, monkeypatch) -> Non
     data = fake_data(tmp_path)
     for c in data.clips[D.UEM] + data.clips[D.EMODB]:
         c.path.write_bytes(b"x")
-    keys = {n: V._result_key(cfg["recipes"][n], data, cfg) for n in ("prosody-lr-sn", "meanstd-lr-sn")}
+    keys = {n: VR.result_key(cfg["recipes"][n], data, cfg) for n in ("prosody-lr-sn", "meanstd-lr-sn")}
     monkeypatch.setattr("streamer.prosody.PROSODY_SPEC", "prosody-v0")
-    assert V._result_key(cfg["recipes"]["prosody-lr-sn"], data, cfg) != keys["prosody-lr-sn"]
-    assert V._result_key(cfg["recipes"]["meanstd-lr-sn"], data, cfg) == keys["meanstd-lr-sn"]
+    assert VR.result_key(cfg["recipes"]["prosody-lr-sn"], data, cfg) != keys["prosody-lr-sn"]
+    assert VR.result_key(cfg["recipes"]["meanstd-lr-sn"], data, cfg) == keys["meanstd-lr-sn"]
 
 
 def test_recipe_results_are_cached(tmp_path: Path, monkeypatch) -> None:
@@ -479,9 +485,9 @@ def test_recipe_results_are_cached(tmp_path: Path, monkeypatch) -> None:
     data = fake_data(tmp_path)
     for c in data.clips[D.UEM] + data.clips[D.EMODB]:
         c.path.write_bytes(b"x")
-    first = V.evaluate("meanstd-lr", cfg["recipes"]["meanstd-lr"], data, cfg, tmp_path)
-    monkeypatch.setattr(V, "_evaluate", lambda *a: pytest.fail("refitted despite a cached result"))
-    again = V.evaluate("meanstd-lr", cfg["recipes"]["meanstd-lr"], data, cfg, tmp_path)
+    first = VR.evaluate("meanstd-lr", cfg["recipes"]["meanstd-lr"], data, cfg, tmp_path)
+    monkeypatch.setattr(VR, "_evaluate", lambda *a: pytest.fail("refitted despite a cached result"))
+    again = VR.evaluate("meanstd-lr", cfg["recipes"]["meanstd-lr"], data, cfg, tmp_path)
     np.testing.assert_array_equal(first.cv.y_pred, again.cv.y_pred)
 
 
@@ -492,10 +498,10 @@ def test_bootstrap_ci_brackets_the_score_and_is_seeded() -> None:
     rng = np.random.default_rng(0)
     y = rng.choice(LABELS, 300)
     pred = np.where(rng.random(300) < 0.7, y, rng.choice(LABELS, 300))
-    lo, hi = R.bootstrap_ci(y, pred, n_boot=200, seed=1)
-    assert lo < R.macro_f1(y, pred) < hi and hi - lo < 0.2
-    assert (lo, hi) == R.bootstrap_ci(y, pred, n_boot=200, seed=1)
-    assert R.bootstrap_ci(y, y, n_boot=50) == (1.0, 1.0)
+    lo, hi = M.bootstrap_ci(y, pred, n_boot=200, seed=1)
+    assert lo < M.macro_f1(y, pred) < hi and hi - lo < 0.2
+    assert (lo, hi) == M.bootstrap_ci(y, pred, n_boot=200, seed=1)
+    assert M.bootstrap_ci(y, y, n_boot=50) == (1.0, 1.0)
 
 
 def test_write_report_keeps_the_rows_of_recipes_not_rerun(tmp_path: Path) -> None:
@@ -562,7 +568,7 @@ def test_tiny_real_run_writes_the_table(tmp_path: Path) -> None:
     cfg_path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     out = tmp_path / "voice.md"
     args = ["--config", str(cfg_path), "--limit", "12", "--recipes", "meanstd-lr", "attn-stats", "--no-cost"]
-    assert V.main([*args, "--out", str(out), "--refit"]) == 0
+    assert VC.main([*args, "--out", str(out), "--refit"]) == 0
     md = out.read_text(encoding="utf-8")
     assert "`attn-stats`" in md and "label surprise" in md  # skipped labels are reported with their counts
     assert (tmp_path / "voice" / "attn-stats_cv.png").is_file()
@@ -570,7 +576,7 @@ def test_tiny_real_run_writes_the_table(tmp_path: Path) -> None:
 
 def test_fit_final_builds_a_shippable_ensemble(tmp_path: Path) -> None:
     cfg = tiny_cfg()
-    model, info = V.fit_final("ens-lr+attn+aug", cfg, fake_data(tmp_path))
+    model, info = VS.fit_final("ens-lr+attn+aug", cfg, fake_data(tmp_path))
     head = model.head
     assert info["encoder_window_s"] == 10.0 and [m["recipe_name"] for m in info["members"]] == [
         "meanstd-lr",
@@ -582,7 +588,7 @@ def test_fit_final_builds_a_shippable_ensemble(tmp_path: Path) -> None:
     np.testing.assert_allclose(load_voice_head(path).predict_frames(frames), head.predict_frames(frames), atol=1e-6)
     assert model.norm is None and model.prosody is None  # raw frames: no stream normalisation, no prosody
     with pytest.raises(ValueError, match="cannot be shipped"):
-        V.fit_final("mfcc-mlp", cfg, fake_data(tmp_path))
+        VS.fit_final("mfcc-mlp", cfg, fake_data(tmp_path))
 
 
 def test_fit_final_of_a_stream_norm_recipe_writes_its_normalisation(tmp_path: Path) -> None:
@@ -593,7 +599,7 @@ def test_fit_final_of_a_stream_norm_recipe_writes_its_normalisation(tmp_path: Pa
 
     cfg = tiny_cfg()
     data = fake_data(tmp_path)
-    model, info = V.fit_final("ens-lr+attn+aug-sn", cfg, data)
+    model, info = VS.fit_final("ens-lr+attn+aug-sn", cfg, data)
     head, norm = model.head, model.norm
     assert isinstance(head, EnsembleHead) and isinstance(norm, StreamNorm) and model.prosody is None
     assert norm.n0 == CONFIG["stream_norm"]["n0"] == 5 and norm.std and norm.mean.shape == norm.var.shape == (E,)
@@ -622,7 +628,7 @@ def test_fit_final_of_a_stream_norm_recipe_writes_its_normalisation(tmp_path: Pa
     # every member normalised alike, or none: the runtime normalises the frames once, before all of them
     cfg["recipes"] = {**cfg["recipes"], "mixed": {"model": "ensemble", "members": ["meanstd-lr", "attn+aug-sn"]}}
     with pytest.raises(ValueError, match="differ in stream normalisation"):
-        V.fit_final("mixed", cfg, fake_data(tmp_path))
+        VS.fit_final("mixed", cfg, fake_data(tmp_path))
 
 
 def test_nested_ensemble_is_flattened_with_weights(tmp_path: Path) -> None:
@@ -632,7 +638,7 @@ def test_nested_ensemble_is_flattened_with_weights(tmp_path: Path) -> None:
         "x2": {"model": "ensemble", "members": ["attn+aug", "attn-uem"]},
         "top": {"model": "ensemble", "members": ["meanstd-lr", "x2"]},
     }
-    head = V.fit_final("top", cfg, fake_data(tmp_path))[0].head
+    head = VS.fit_final("top", cfg, fake_data(tmp_path))[0].head
     assert [type(m).__name__ for m in head.members] == ["LinearHead", "AttentionHead", "AttentionHead"]
     assert head.weights == (0.5, 0.25, 0.25)
     path = tmp_path / "v.npz"
@@ -663,7 +669,7 @@ def test_fit_final_of_a_late_prosody_fusion_writes_what_the_runtime_reads(tmp_pa
 
     cfg = prosody_cfg()
     data = fake_data(tmp_path)
-    model, info = V.fit_final(PROSODY_LATE, cfg, data)
+    model, info = VS.fit_final(PROSODY_LATE, cfg, data)
     head, reader = model.head, model.prosody
     assert [m.inputs if isinstance(m, LinearHead) else "attention" for m in head.members] == [
         "frames",
@@ -696,7 +702,7 @@ def test_fit_final_of_a_late_prosody_fusion_writes_what_the_runtime_reads(tmp_pa
 
 def test_fit_final_of_frames_and_prosody_in_one_lr(tmp_path: Path) -> None:
     """`meanstd+prosody-nodur-lr-sn`: one LR over the pooled frames and then the prosody columns."""
-    model, _ = V.fit_final("meanstd+prosody-nodur-lr-sn", tiny_cfg(), fake_data(tmp_path))
+    model, _ = VS.fit_final("meanstd+prosody-nodur-lr-sn", tiny_cfg(), fake_data(tmp_path))
     assert isinstance(model.head, LinearHead) and model.head.inputs == "frames+prosody"
     assert model.head.coef.shape == (6, 2 * E + 12) and len(model.prosody.names) == 12 and model.norm is not None
     frames = np.random.default_rng(0).normal(size=(30, E)).astype(np.float32)
@@ -711,7 +717,7 @@ def test_members_must_agree_on_the_prosody_they_read(tmp_path: Path) -> None:
         "two-prosodies": {"model": "ensemble", "members": ["prosody-lr-sn", "prosody-nodur-lr-sn"]},
     }
     with pytest.raises(ValueError, match="differ in prosody"):
-        V.fit_final("two-prosodies", cfg, fake_data(tmp_path))
+        VS.fit_final("two-prosodies", cfg, fake_data(tmp_path))
 
 
 def test_pipeline_prosody_normalisation_equals_the_runtimes(tmp_path: Path) -> None:
@@ -723,14 +729,14 @@ def test_pipeline_prosody_normalisation_equals_the_runtimes(tmp_path: Path) -> N
     cfg = tiny_cfg()
     data = fake_data(tmp_path)
     rc = cfg["recipes"]["prosody-nodur-lr-sn"]
-    reader = V.fit_final("prosody-nodur-lr-sn", cfg, data)[0].prosody  # prior: all training vectors
-    inp = V.recipe_inputs(rc, data, cfg)
-    side = V.stream_sides(inp, rc, data, cfg)["prosody"]
+    reader = VS.fit_final("prosody-nodur-lr-sn", cfg, data)[0].prosody  # prior: all training vectors
+    inp = VI.recipe_inputs(rc, data, cfg)
+    side = VN.stream_sides(inp, rc, data, cfg)["prosody"]
     test = np.arange(len(inp.ev))
     speakers = side.ev_groups[test]
-    histories = V.stream_histories(speakers, side.y_ev[test], V.CAUSAL, np.random.default_rng(3))
+    histories = VN.stream_histories(speakers, side.y_ev[test], VN.CAUSAL, np.random.default_rng(3))
     norm = reader.norm
-    pipeline = V._rows(side.testing(test, histories, (norm.mean, norm.var), norm.n0))
+    pipeline = VN._rows(side.testing(test, histories, (norm.mean, norm.var), norm.n0))
     raw = data.prosody(D.UEM)[:, reader.columns]
     runtime = StreamHistories()
     frames = np.zeros((2, E), np.float32)
@@ -751,7 +757,7 @@ def test_a_shipped_head_file_is_byte_for_byte_reproducible(tmp_path: Path) -> No
     digests = []
     for run in ("a", "b"):
         path = tmp_path / f"{run}.npz"
-        V.fit_final(PROSODY_LATE, cfg, fake_data(tmp_path))[0].save(path)
+        VS.fit_final(PROSODY_LATE, cfg, fake_data(tmp_path))[0].save(path)
         digests.append(hashlib.sha256(path.read_bytes()).hexdigest())
         with zipfile.ZipFile(path) as z:
             assert {i.date_time for i in z.infolist()} == {(1980, 1, 1, 0, 0, 0)}
@@ -759,12 +765,12 @@ def test_a_shipped_head_file_is_byte_for_byte_reproducible(tmp_path: Path) -> No
 
 
 def test_calibrating_a_stream_normalised_head_keeps_its_normalisation(tmp_path: Path, monkeypatch) -> None:
-    """`train_heads --calibrate-voice` rewrites the head file with its temperature: the `norm.*` and `prosody.*`
-    arrays stay, and the temperature is fitted on the causal-history predictions, also scored on the mostly-neutral
-    histories."""
+    """`pipelines.train.heads --calibrate-voice` rewrites the head file with its temperature: the `norm.*` and
+    `prosody.*` arrays stay, and the temperature is fitted on the causal-history predictions, also scored on the
+    mostly-neutral histories."""
     import dataclasses
 
-    from pipelines import train_heads as T
+    from pipelines.train import heads as T
     from streamer.adaptation import StreamNorm
     from streamer.prosody import ProsodyReader
 
@@ -772,13 +778,13 @@ def test_calibrating_a_stream_normalised_head_keeps_its_normalisation(tmp_path: 
     cfg = {**prosody_cfg(), "ship": name}
     config = tmp_path / "voice.yaml"
     config.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    model = V.fit_final(name, cfg, fake_data(tmp_path))[0]
+    model = VS.fit_final(name, cfg, fake_data(tmp_path))[0]
     norm = model.norm
     head = dataclasses.replace(model.head, meta={"id": "x", "recipe": {"name": name}, "limit": None})
     path = tmp_path / "voice_head.npz"
     dataclasses.replace(model, head=head).save(path)
     data = fake_data(tmp_path)
-    monkeypatch.setattr(V, "VoiceData", lambda *a: data)
+    monkeypatch.setattr(VI, "VoiceData", lambda *a: data)
     T.calibrate_voice(config, path, None, None)
     back, calibrated = StreamNorm.load(path), load_voice_head(path)
     assert back is not None and back.n0 == norm.n0

@@ -1,0 +1,1 @@
+"""Scoring shared by the training recipes (metrics, calibration), report writing and the fusion evaluation."""
