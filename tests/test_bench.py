@@ -3,6 +3,7 @@ report; the encoder-window curve on two clips; the endpointing study; the GPU bu
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import tarfile
 
@@ -74,6 +75,14 @@ def test_gpu_bundle_parts_join_back_into_the_bundle(tmp_path):
     gpu_bundle.unpack(list(reversed(parts)), tmp_path / "unpacked")  # joined in name order, whatever the listing
     assert (tmp_path / "unpacked" / "site" / "pkg" / "model.bin").read_bytes() == payload
     assert (tmp_path / "unpacked" / "site" / "pkg" / "__init__.py").read_text() == "x = 1\n"
+
+
+def test_gpu_bundle_runs_benchmarks_that_exist(tmp_path):
+    """The device runs each benchmark as `python -m <module>`: a renamed module would fail only there."""
+    for quick in (True, False):
+        for name, args in gpu_bundle.benchmarks(tmp_path, quick, "mqtt://127.0.0.1:1883", tmp_path / "clips").items():
+            assert importlib.util.find_spec(args[0]) is not None, f"{name}: no module {args[0]}"
+            assert str(tmp_path) in " ".join(args), f"{name} writes outside --out"
 
 
 def test_gpu_bundle_links_cuda_12_names_to_the_machines_cuda_13_libraries(tmp_path):

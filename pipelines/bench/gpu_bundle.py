@@ -27,7 +27,7 @@ import time
 import tomllib
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository (stdlib only here: it runs before the bundle is unpacked)
 DEVICE_PYTHON = "3.12"
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 STAGE = Path("/tmp/gpu-bundle")  # where the device calls leave the parts
@@ -128,6 +128,20 @@ def cuda_libraries(lib: Path, prefix: str = sys.prefix) -> list[str]:
     return [str(lib), *found]
 
 
+def benchmarks(out: Path, quick: bool, url: str, clips: Path) -> dict[str, list[str]]:
+    """name → `python -m` arguments of each benchmark the device runs (module first), writing into `out`."""
+    calls = ["2"] if quick else ["1", "150", "300"]
+    return {
+        "windows": ["pipelines.bench.windows", "--windows", "10", "30", "--batches", "1", "8", "2" if quick else "32",
+                    "--repeats", "3", "--clips-dir", str(clips), "--out", str(out)],
+        "live": ["pipelines.bench.live", "--broker", url, "--clips-dir", str(clips), "--json",
+                 str(out / "live_gpu.json")],
+        "calls": ["pipelines.bench.calls", "--broker", url, "--clips-dir", str(clips), "--calls", *calls,
+                  "--servers", "1" if quick else "4", "--stagger", "0.02", "--seconds", "10" if quick else "45",
+                  "--json-dir", str(out)],
+    }  # fmt: skip
+
+
 def run(out: Path, quick: bool, broker_port: int) -> int:
     """Unpack the parts, start a broker, run the benchmarks into `out`; returns how many of them failed."""
     if not UNPACKED.exists():
@@ -150,24 +164,11 @@ def run(out: Path, quick: bool, broker_port: int) -> int:
             if is_listening("127.0.0.1", broker_port):
                 break
             time.sleep(0.1)
-    url, clips = f"mqtt://127.0.0.1:{broker_port}", str(UNPACKED / "clips")
-    calls = ["2"] if quick else ["1", "150", "300"]
-    runs = {
-        "windows": ["bench_windows", "--windows", "10", "30", "--batches", "1", "8", "32", "--repeats", "3",
-                    "--clips-dir", clips, "--out", str(out)],
-        "live": ["bench_live", "--broker", url, "--clips-dir", clips, "--json", str(out / "live_gpu.json")],
-        "calls": ["bench_calls", "--broker", url, "--clips-dir", clips, "--calls", *calls, "--servers",
-                  "1" if quick else "4", "--stagger", "0.02", "--seconds", "10" if quick else "45",
-                  "--json-dir", str(out)],
-    }  # fmt: skip
-    if quick:
-        runs["windows"][runs["windows"].index("32")] = "2"
     failed = 0
     try:
-        for name, args in runs.items():
+        for name, args in benchmarks(out, quick, f"mqtt://127.0.0.1:{broker_port}", UNPACKED / "clips").items():
             started = time.monotonic()
-            command = [sys.executable, "-m", f"pipelines.{args[0]}", *args[1:]]
-            code = subprocess.run(command, env=env, cwd=ROOT).returncode
+            code = subprocess.run([sys.executable, "-m", *args], env=env, cwd=ROOT).returncode
             print(f"== {name}: exit {code} after {time.monotonic() - started:.0f} s", flush=True)
             failed += code != 0
     finally:

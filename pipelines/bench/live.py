@@ -26,6 +26,7 @@ from pathlib import Path
 import aiomqtt
 import numpy as np
 
+from pipelines.data.corpora import UEM, data_dir
 from streamer.audio import load_audio
 from streamer.config import load_config
 from streamer.demo import DEMO_SENTENCES, speak
@@ -76,8 +77,7 @@ def build_stream(clips: list[np.ndarray], pause_s: float) -> tuple[np.ndarray, l
 
 
 def _uem_manifest() -> Path:
-    root = Path(os.environ.get("EMOTION_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
-    return root / "speech_es_uem" / "manifest.csv"
+    return data_dir() / UEM / "manifest.csv"
 
 
 def has_uem() -> bool:
