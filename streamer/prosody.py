@@ -2,7 +2,7 @@
 
 Whisper's encoder frames were trained for speech recognition and are partly blind to pitch and loudness, the classic
 carriers of arousal. `prosody_features` summarises them cheaply (numpy only, one core: median 2 ms for a UEM clip of
-2.3 s, about 5 ms for 7 s of continuous speech) for the voice head's prosody member (`pipelines.voice_recipes`,
+2.3 s, about 5 ms for 7 s of continuous speech) for the voice head's prosody member (`pipelines.train.voice`,
 recipes `prosody-*`, issue #3).
 
 F0 is tracked YIN-style (de Cheveigné & Kawahara 2002) on the audio decimated to 8 kHz: per 20 ms hop, the
@@ -223,7 +223,7 @@ PREFIX = "prosody."  # keys of a voice head's prosody block: prosody.names, pros
 class ProsodyReader:
     """What a voice head reads of an utterance's prosody: the `names` columns of `prosody_features` (a head trained
     without the cut-dependent ones drops them), normalised by the stream's past vectors with `norm` (a `StreamNorm`
-    over one row per utterance, as `pipelines.voice_recipes` trained it; None: the vector as it is). Stored in the
+    over one row per utterance, as `pipelines.train.voice` trained it; None: the vector as it is). Stored in the
     head file under `prosody.`; a file whose prosody was extracted by other code (`spec`) is refused."""
 
     names: tuple[str, ...]

@@ -43,7 +43,7 @@ class SegmenterOptions:
     speculate_ms: int = 32
     # Semantic endpointing: when the speculative transcript ends a sentence (".", "?", "!"; not "..."), a live
     # stream's utterance closes after this much silence instead of the whole hangover. 0 = off. On 400 UEM
-    # sentences (`pipelines.bench_endpointing`, docs/bench/endpointing.md) Whisper ends 95 % of true ends with a
+    # sentences (`pipelines.bench.endpointing`, docs/bench/endpointing.md) Whisper ends 95 % of true ends with a
     # sentence mark; 192 ms adds 0.06 cuts inside a sentence per sentence (a plain 192 ms hangover 0.12, and
     # 96 ms 0.15). The event goes out then, or when the guess is ready if that is later (≈ 300 ms on a 2-core CPU).
     sentence_end_ms: int = 192
