@@ -7,18 +7,17 @@ import os
 import shutil
 import socket
 import subprocess
-import threading
 import time
 import uuid
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
 import soundfile as sf
 
 from streamer.frames import LABELS, SAMPLE_RATE, Emotion, EmotionEvent, Transcript, Utterance
+from streamer.retained import clear_retained_under, retained_under  # noqa: F401 (the tests check with it)
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("EMOTION_DATA_DIR", REPO.parent / "shared" / "data"))
@@ -193,8 +192,8 @@ def broker() -> tuple[str, int]:
 # on the broker after a test and show up as offline nodes on a dashboard (or devices in Home Assistant) on the same
 # broker. Every node a test names comes from `unique_node`; whatever is retained under it is deleted when the scope
 # that asked for it ends, pass or fail. Only topics with such a name in them are touched, never the whole broker.
+# `streamer.retained` does the deleting (on 127.0.0.1:1883, BROKER, by default): the benchmarks use it too.
 
-_SWEEP_TOPIC = "emotion-monitor-tests/sweep"  # a non-retained sentinel: the broker has sent every retained message
 _ISSUED: set[str] = set()  # every name handed out this session (swept once more at its end: late Last Wills)
 _OWNED: list[set[str]] = [set()]  # names by running scope: session, module, test (innermost last)
 
@@ -212,61 +211,6 @@ def unique_node(prefix: str = "t") -> str:
 def mqtt_node() -> str:
     """This test's own node id (topics `emotion/v1/<node>/…`, `homeassistant/+/<node>/…`), cleared after it."""
     return unique_node("n")
-
-
-def retained_under(names: Collection[str], timeout: float = 10.0) -> dict[str, bytes]:
-    """The retained messages on the shared broker whose topic has one of `names` in it (none if it is down).
-    Subscribing to `#` finds them wherever the code put them (`worker-<node>-a`, a Home Assistant prefix);
-    a sentinel published after the subscription says when the broker has sent them all, instead of a fixed wait."""
-    if not names:
-        return {}
-    found: dict[str, bytes] = {}
-    subscribed, done = threading.Event(), threading.Event()
-    sentinel = f"{_SWEEP_TOPIC}/{uuid.uuid4().hex}"
-
-    def on_message(_client, _userdata, message: mqtt.MQTTMessage) -> None:
-        if message.topic == sentinel:
-            done.set()
-        elif message.retain and message.payload and any(name in message.topic for name in names):
-            found[message.topic] = message.payload
-
-    client = _sweeper()
-    client.on_message = on_message
-    client.on_subscribe = lambda *_: subscribed.set()
-    try:
-        client.connect(*BROKER)
-    except OSError:
-        return {}
-    client.loop_start()
-    try:
-        client.subscribe("#", qos=0)  # QoS 0: delivered in order, so the sentinel comes after the retained ones
-        assert subscribed.wait(timeout), "the broker did not acknowledge the subscription to #"
-        client.publish(sentinel, b"end", qos=0)
-        assert done.wait(timeout), "the sentinel did not come back from the broker"
-    finally:
-        client.disconnect()
-        client.loop_stop()
-    return found
-
-
-def clear_retained_under(names: Collection[str]) -> list[str]:
-    """Delete (an empty retained message) everything retained under `names`; the topics deleted."""
-    topics = sorted(retained_under(names))
-    if topics:
-        client = _sweeper()
-        client.connect(*BROKER)
-        client.loop_start()
-        try:
-            for topic in topics:
-                client.publish(topic, b"", qos=1, retain=True).wait_for_publish(10)
-        finally:
-            client.disconnect()
-            client.loop_stop()
-    return topics
-
-
-def _sweeper() -> mqtt.Client:
-    return mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-sweep-{uuid.uuid4().hex[:8]}")
 
 
 @contextlib.contextmanager

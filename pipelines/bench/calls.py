@@ -35,6 +35,7 @@ import yaml
 
 from pipelines.bench.live import add_clip_arguments, bench_clips, build_stream, report
 from streamer.frames import SAMPLE_RATE
+from streamer.retained import cleared_after
 
 FRAME_S = 0.02
 
@@ -135,8 +136,12 @@ class GpuSampler:
         return {"gpu_util_mean_pct": round(statistics.mean(util), 1), "gpu_memory_peak_mb": max(memory)}
 
 
-async def bench(calls: int, args: argparse.Namespace, clips: list[np.ndarray]) -> dict:
-    node, ports = f"benchcalls{uuid.uuid4().hex[:6]}", [_free_port() for _ in range(args.servers)]
+async def bench(calls: int, args: argparse.Namespace, clips: list[np.ndarray], node: str | None = None) -> dict:
+    """`calls` calls through `args.servers` servers, nodes `<node>-<k>`; what they retained on the broker is
+    deleted at the end, however the run ends. `node` is the caller's own name (a test's, which its guard sweeps);
+    by default a fresh `benchcalls<hex>`."""
+    node = node or f"benchcalls{uuid.uuid4().hex[:6]}"
+    ports = [_free_port() for _ in range(args.servers)]
     pause = float(np.mean([len(c) for c in clips])) / SAMPLE_RATE  # as much silence as speech
     streams = {}
     for i in range(calls):
@@ -146,7 +151,7 @@ async def bench(calls: int, args: argparse.Namespace, clips: list[np.ndarray]) -
             ends += [len(audio) / SAMPLE_RATE + e for e in more_ends]
             audio = np.concatenate([audio, more])
         streams[str(uuid.uuid4())] = (audio, ends)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, cleared_after([node], args.broker):
         config = _server_config(args, calls, Path(tmp) / "serve.yaml")
         logs = [open(Path(tmp) / f"serve{k}.log", "w+") for k in range(args.servers)]  # noqa: SIM115
         serve = [sys.executable, "-m", "streamer", "serve", "--broker", args.broker, "--config", str(config)]

@@ -34,6 +34,7 @@ from streamer.frames import SAMPLE_RATE
 from streamer.pipeline import Engine, run_stream
 from streamer.publisher import MqttOptions, MqttSink
 from streamer.recogniser import for_one_stream
+from streamer.retained import cleared_after
 from streamer.sources import FileSource
 
 SENTENCES = (
@@ -135,22 +136,27 @@ async def bench(args: argparse.Namespace) -> dict:
                 received.append((time.monotonic(), json.loads(message.payload)))
 
     ready = asyncio.Event()
-    subscriber = asyncio.create_task(subscribe(ready))
-    await ready.wait()
-    sink = MqttSink(MqttOptions(spool="memory"), args.broker, node)
-    await sink.start()
-    await sink.connected.wait()
-    cpu0, wall0 = time.process_time(), time.monotonic()
     cutter = dataclasses.replace(
         config.segmenter,
         **{k: v for k in ("speculate_ms", "tail_ms", "sentence_end_ms") if (v := getattr(args, k)) is not None},
     )
-    all_stats = await asyncio.gather(*(run_stream(src, engine, [sink], name, cutter) for name, src in sources.items()))
-    cpu = time.process_time() - cpu0
-    await sink.close()
-    await asyncio.sleep(0.5)
-    subscriber.cancel()
-    engine.close()
+    # the node's status, health, last states and discovery configs go when the run ends, an error or Ctrl-C too
+    with cleared_after([node], args.broker):
+        subscriber = asyncio.create_task(subscribe(ready))
+        sink = MqttSink(MqttOptions(spool="memory"), args.broker, node)
+        try:
+            await ready.wait()
+            await sink.start()
+            await sink.connected.wait()
+            cpu0, wall0 = time.process_time(), time.monotonic()
+            runs = (run_stream(src, engine, [sink], name, cutter) for name, src in sources.items())
+            all_stats = await asyncio.gather(*runs)
+            cpu = time.process_time() - cpu0
+        finally:
+            await sink.close()  # before the sweep: nothing published after it
+            await asyncio.sleep(0.5)  # the last events reach the subscriber
+            subscriber.cancel()
+            engine.close()
 
     latencies, stages, unmatched = [], [], 0
     for arrived, event in received:

@@ -30,8 +30,10 @@ from pipelines.bench.live import SENTENCES, report
 from streamer.demo import speak
 from streamer.distributed.jobs import Job, decode, encode, job_topic
 from streamer.frames import SAMPLE_RATE, Utterance
+from streamer.retained import cleared_after
 
 BROKER = ("127.0.0.1", 1883)
+BROKER_URL = f"mqtt://{BROKER[0]}:{BROKER[1]}"
 
 
 def make_jobs(node: str, streams: int, rounds: int, first: int = 0) -> list[Job]:
@@ -79,6 +81,11 @@ async def round_trip(payloads: list[bytes]) -> dict:
     return {"puback_ms_p50": ms(acked, 50), "delivery_ms_p50": ms(delivered, 50), "delivery_ms_p95": ms(delivered, 95)}
 
 
+def worker_id(i: int) -> str:
+    """Worker `i`'s id: its status and health are on `emotion/v1/worker-<id>/…`."""
+    return f"bench-worker-{i}"
+
+
 def start_workers(n: int, group: str, node: str, logs: Path, threads: int) -> list[tuple[subprocess.Popen, Path]]:
     config = logs / "workers.yaml"
     config.write_text(f"recogniser: {{cpu_threads: {threads}}}\nmqtt: {{health_interval_s: 0}}\n")
@@ -94,19 +101,24 @@ def start_workers(n: int, group: str, node: str, logs: Path, threads: int) -> li
                 "--group",
                 group,
                 "--id",
-                f"bench-worker-{i}",
+                worker_id(i),
                 "--jobs",
                 f"emotion/v1/jobs/{node}/#",
                 "--config",
                 str(config),
             ]
             procs.append((subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT), log))
+    return procs
+
+
+def wait_ready(procs: list[tuple[subprocess.Popen, Path]]) -> None:
+    """Until every worker has loaded its models and subscribed (apart from starting them, so that a worker that
+    fails, or Ctrl-C while the models load, still stops all of them)."""
     for proc, log in procs:
         while " ready: " not in log.read_text():
             if proc.poll() is not None:
                 raise RuntimeError(log.read_text())
             time.sleep(0.3)
-    return procs
 
 
 async def through(jobs: list[Job], node: str) -> float:
@@ -124,30 +136,25 @@ async def through(jobs: list[Job], node: str) -> float:
     raise RuntimeError("subscription ended")
 
 
-async def clear_retained(node: str, streams: int, workers: int) -> None:
-    """Leave the broker as we found it: the streams' last state, the workers' status and health."""
-    topics = [f"emotion/v1/{node}/s{stream}/state" for stream in range(streams)]
-    topics += [f"emotion/v1/worker-bench-worker-{i}/{kind}" for i in range(workers) for kind in ("status", "health")]
-    async with aiomqtt.Client(*BROKER) as client:
-        for topic in topics:
-            await client.publish(topic, b"", qos=1, retain=True)
-
-
 def bench_pool(workers: int, args: argparse.Namespace, logs: Path) -> dict:
+    """`workers` workers on a node of their own; what the node and the workers retained (the streams' last states,
+    the workers' status and health) is deleted at the end, however the run ends."""
     node = f"bench{uuid.uuid4().hex[:8]}"
     threads = args.cpu_threads or max(1, (os.cpu_count() or 1) // workers)
-    procs = start_workers(workers, f"bench-{node}", node, logs, threads)
-    try:
-        asyncio.run(through(make_jobs(node, args.streams, 1)[: 2 * workers], node))  # warm-up
-        jobs = make_jobs(node, args.streams, args.rounds, first=1000)  # ids apart from the warm-up's
-        seconds = asyncio.run(through(jobs, node))
-        load = os.getloadavg()[0]
-    finally:
-        for proc, _ in procs:
-            proc.terminate()
-        for proc, _ in procs:
-            proc.wait(60)
-        asyncio.run(clear_retained(node, args.streams, workers))
+    worker_nodes = [f"/worker-{worker_id(i)}/" for i in range(workers)]  # slashes: worker-1 is not worker-10
+    with cleared_after([node, *worker_nodes], BROKER_URL):
+        procs = start_workers(workers, f"bench-{node}", node, logs, threads)
+        try:
+            wait_ready(procs)
+            asyncio.run(through(make_jobs(node, args.streams, 1)[: 2 * workers], node))  # warm-up
+            jobs = make_jobs(node, args.streams, args.rounds, first=1000)  # ids apart from the warm-up's
+            seconds = asyncio.run(through(jobs, node))
+            load = os.getloadavg()[0]
+        finally:
+            for proc, _ in procs:
+                proc.terminate()
+            for proc, _ in procs:
+                proc.wait(60)
     audio_s = sum(len(j.utterance.audio) for j in jobs) / SAMPLE_RATE
     batches = [
         line.rsplit("mean batch ", 1)[1].strip()
