@@ -186,15 +186,17 @@ async def _serve(args: argparse.Namespace, config: MonitorConfig) -> int:
         log.error("nothing to serve: give --audiosocket, --twilio, --freeswitch or --audiohook HOST:PORT (or ingest:)")
         return 2
     check_listeners(config.ingest)
+    # Before anything is published: a SIGTERM once `online` is out (the models load for seconds after it) must
+    # still end in a clean shutdown with `offline`, not kill the process.
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     async with _monitoring(config, args.jsonl, live=True) as (engine, _, sinks):
         hub = CallHub(engine, sinks, config.ingest, config.segmenter, config.pipeline)
         servers = []
         try:
             servers = await start_listeners(hub)
             log.info("serving calls → %s (topics emotion/v1/%s/call/<call_id>/…)", sinks[0].address.url, config.node)
-            stop = asyncio.Event()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                asyncio.get_running_loop().add_signal_handler(sig, stop.set)
             await stop.wait()
             log.info("stopping: ending %d active calls", len(hub.calls))
         finally:
