@@ -21,6 +21,15 @@ WHISPER_BASE_SHA256 = {
     "tokenizer.json": "7e146198186d5e3b9ce7d9d7f131b69b44569eaed9ad64a5516629a6c6a865c4",
     "vocabulary.json": "22f3cb2fc2be1545b9a7db8e993ddd59aeccadfbc7d7b00ca517ca8960864766",
 }
+# Whisper base cut after its first k encoder layers (streamer.voice_encoder): model.bin built from the joined one
+WHISPER_BASE_LAYERS = 6
+WHISPER_ENCODER_SHA256 = {
+    1: "24616aa72e8168f249da966f2288e1edc05d73e0486e39e1f90fac9aaaa25c2c",
+    2: "9624bb26287e6791243da7c39996d545bc125806cbd4fc9252fb55716b1307d5",
+    3: "d75e498f23f608c0426463b6c3aaff20668c26422da23be2f1585a4c3615115e",
+    4: "44ca41d812954c30e3d049736ea6d1c455b5577664bf639dec40430234b55569",
+    5: "9f5be2f0070de68f6de2790a9bcc72442fffb09e49f31a8a6ccd2be92ee7c4c8",
+}
 SILERO_SHA256 = "4cbf549b8326f60f80f2536d9eefeb450a9abe83365a098031c89719f1be17d2"
 E5_SMALL_SHA256 = "1571fc9827503943b6bb2e2c03c071f70a14f6e8ffc673946a1f7abbbfbb782f"
 USE_SHA256 = {
@@ -106,6 +115,24 @@ def whisper_base_dir() -> Path:
         partial.replace(target / "model.bin")
     for name, expected in WHISPER_BASE_SHA256.items():
         verify(target / name, expected)
+    return target
+
+
+def whisper_encoder_dir(layers: int) -> Path:
+    """Whisper base with only its first `layers` encoder layers, built once into `<cache>/whisper-base-encoder<k>/`
+    from the joined model and checked against its pinned hash; a copy that does not match is rebuilt once."""
+    from streamer.ct2file import truncate_encoder
+
+    if layers not in WHISPER_ENCODER_SHA256 and layers != WHISPER_BASE_LAYERS:
+        known = sorted([*WHISPER_ENCODER_SHA256, WHISPER_BASE_LAYERS])
+        raise ModelFileError(f"no pinned Whisper base encoder with {layers} layers (known: {known})")
+    if layers == WHISPER_BASE_LAYERS:
+        return whisper_base_dir()
+    target = cache_dir() / f"whisper-base-encoder{layers}"
+    expected = WHISPER_ENCODER_SHA256[layers]
+    if not ((target / "model.bin").is_file() and sha256_of(target / "model.bin") == expected):
+        truncate_encoder(whisper_base_dir(), target, layers)
+        verify(target / "model.bin", expected)
     return target
 
 

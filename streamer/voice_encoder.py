@@ -1,0 +1,64 @@
+"""The voice head's own encoder pass: Whisper base's first layers on the unpadded utterance.
+
+Recognition reads Whisper's last encoder layer, padded to a 10 s window. For emotion on speakers and rooms the heads
+never met, the middle layers transfer better (leave-one-corpus-out, docs/models/cross_corpus.md), and CTranslate2
+only returns the last layer of a model. So the voice branch runs a copy of Whisper base cut after its first
+`layers` encoder layers (`streamer.ct2file.truncate_encoder`, built once into the cache from the bundled model and
+checked by SHA-256: no weights are shipped), unpadded, which costs a few ms per utterance second.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from streamer.frames import SAMPLE_RATE
+
+SAMPLES_PER_FRAME = 320  # one encoder frame: 20 ms
+MAX_SAMPLES = 30 * SAMPLE_RATE  # Whisper's positions cover 30 s
+
+
+@dataclass(frozen=True)
+class VoiceEncoderOptions:
+    layers: int = 3
+    device: str = "cpu"
+    compute_type: str = "int8"
+    cpu_threads: int = 1
+
+
+class VoiceEncoder:
+    """`frames(audio)` → the frames of encoder layer `layers` (after Whisper's final LayerNorm), one per 20 ms."""
+
+    def __init__(self, opts: VoiceEncoderOptions | None = None) -> None:
+        import ctranslate2
+        from faster_whisper.feature_extractor import FeatureExtractor
+
+        from streamer.models import whisper_encoder_dir
+
+        self.opts = opts or VoiceEncoderOptions()
+        self.model_id = f"whisper-base-encoder-layer{self.opts.layers}-unpadded"
+        self._model = ctranslate2.models.Whisper(
+            str(whisper_encoder_dir(self.opts.layers)),
+            device=self.opts.device,
+            compute_type=self.opts.compute_type,
+            intra_threads=self.opts.cpu_threads,
+        )
+        self._mel = FeatureExtractor()
+        self._storage = ctranslate2.StorageView
+
+    def frames(self, audio: np.ndarray) -> np.ndarray:
+        """[max(1, ceil(len / 320)), 512] float32 frames; audio over 30 s (Whisper's positions) is encoded in 30 s
+        pieces, as recognition does."""
+        audio = np.asarray(audio, np.float32)
+        pieces = [audio[o : o + MAX_SAMPLES] for o in range(0, max(len(audio), 1), MAX_SAMPLES)]
+        return np.concatenate([self._piece(p) for p in pieces])
+
+    def _piece(self, audio: np.ndarray) -> np.ndarray:
+        n = max(1, math.ceil(len(audio) / SAMPLES_PER_FRAME)) * SAMPLES_PER_FRAME
+        padded = np.zeros(n, np.float32)
+        padded[: len(audio)] = audio
+        mel = np.ascontiguousarray(self._mel(padded)[:, : n // 160])
+        out = self._model.encode(self._storage.from_array(mel[None]), to_cpu=True)
+        return np.array(out)[0].astype(np.float32)
