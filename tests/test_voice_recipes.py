@@ -328,10 +328,11 @@ def fake_data(tmp_path: Path) -> VI.VoiceData:
             for i, label in enumerate(y)
         ]
         data.clips[name] = clips
-        for window in (10.0, 0.0):
-            data._views[(name, window, None)] = seqs
-        data._views[(name, 10.0, 0)] = [s + np.float16(0.1) for s in seqs]
-        data._views[(name, 10.0, 1)] = [s - np.float16(0.1) for s in seqs]
+        for source in (VI.RECOGNITION, VI.FrameSource(0.0), VI.FrameSource(0.0, 3)):
+            data._views[(name, source, None)] = seqs
+        for source in (VI.RECOGNITION, VI.FrameSource(0.0, 3)):
+            data._views[(name, source, 0)] = [s + np.float16(0.1) for s in seqs]
+            data._views[(name, source, 1)] = [s - np.float16(0.1) for s in seqs]
         data._views[(name, "mfcc")] = rng.normal(0, 1, (len(clips), 128)).astype(np.float32)
         data._views[(name, "prosody")] = fake_prosody(clips, rng)
     return data
@@ -603,7 +604,7 @@ def test_fit_final_of_a_stream_norm_recipe_writes_its_normalisation(tmp_path: Pa
     head, norm = model.head, model.norm
     assert isinstance(head, EnsembleHead) and isinstance(norm, StreamNorm) and model.prosody is None
     assert norm.n0 == CONFIG["stream_norm"]["n0"] == 5 and norm.std and norm.mean.shape == norm.var.shape == (E,)
-    raw = np.concatenate([np.asarray(s, np.float64) for n in (D.UEM, D.EMODB) for s in data.frames(n, 10.0)])
+    raw = np.concatenate([np.asarray(s, np.float64) for n in (D.UEM, D.EMODB) for s in data.frames(n, VI.RECOGNITION)])
     np.testing.assert_allclose(norm.mean, raw.mean(axis=0), atol=1e-9)
     np.testing.assert_allclose(norm.var, raw.var(axis=0), rtol=1e-6)
     assert info["stream_norm"]["n0"] == 5 and info["stream_norm"]["prior_frames"] == len(raw)

@@ -32,13 +32,21 @@ T = TypeVar("T")
 
 UEM = "speech_es_uem"
 EMODB = "speech_de_emodb"
+URDU = "speech_ur_urdu"
 EMOSPEECH = "text_es_emospeech2024"
 EMOEVENT = "text_es_en_emoevent"
 GOEMOTIONS = "text_en_goemotions"
 SPLITS = ("train", "dev", "test")  # the official splits of GoEmotions and EmoEvent
 
 # Labels outside the six EmoSPeech labels that a dataset is known to carry; they are dropped on purpose.
-DROPPED = {UEM: {"surprise"}, EMODB: {"boredom"}, EMOSPEECH: set(), EMOEVENT: {"surprise"}, GOEMOTIONS: {"surprise"}}
+DROPPED = {
+    UEM: {"surprise"},
+    EMODB: {"boredom"},
+    URDU: set(),
+    EMOSPEECH: set(),
+    EMOEVENT: {"surprise"},
+    GOEMOTIONS: {"surprise"},
+}
 # EmoEvent's "others" means "neutral or another emotion"; it is mapped to neutral (an approximation).
 EMOEVENT_LABELS = {"others": "neutral"}
 # EmoEvent's anonymisation placeholders, removed so tweets look a little more like speech transcripts.
@@ -197,6 +205,18 @@ def read_emodb(root: str | Path | None = None) -> Loaded[SpeechClip]:
     return _warn_skips(loaded)
 
 
+def read_urdu(root: str | Path | None = None) -> Loaded[SpeechClip]:
+    """Natural Urdu talk-show speech (29 speakers, 1–3 s clips; anger, joy, neutral and sadness only): a voice and
+    cross-corpus set, the only one here not acted (its words are Urdu and carry nothing for the words heads)."""
+    folder = dataset_dir(URDU, root)
+    loaded: Loaded[SpeechClip] = Loaded(URDU, [])
+    for row in _read_csv(folder / "manifest.csv", ("path", "label", "speaker")):
+        clip = _speech_clip(URDU, folder, row, row["label"], f"urdu-{row['speaker']}", "all", loaded.skipped)
+        if clip:
+            loaded.records.append(clip)
+    return _warn_skips(loaded)
+
+
 def read_emospeech(root: str | Path | None = None, include_extra: bool = True) -> Loaded[TextRow]:
     """EmoSPeech 2024 training transcripts (`train.csv`) and, optionally, the extra MEACorpus rows."""
     folder = dataset_dir(EMOSPEECH, root)
@@ -287,10 +307,15 @@ def read_goemotions(root: str | Path | None = None, splits: Sequence[str] = SPLI
     return _warn_skips(loaded)
 
 
-VOICE_READERS: dict[str, Callable[[str | Path | None], Loaded[SpeechClip]]] = {UEM: read_uem, EMODB: read_emodb}
+VOICE_READERS: dict[str, Callable[[str | Path | None], Loaded[SpeechClip]]] = {
+    UEM: read_uem,
+    EMODB: read_emodb,
+    URDU: read_urdu,
+}
 VOICE_LICENCES = {
     UEM: "UEM speech: no licence stated, research use only",
     EMODB: "EmoDB: free for research (TU Berlin)",
+    URDU: "URDU-Dataset (siddiquelatif/URDU-Dataset): research use only, as stated; no licence file",
 }
 EN_LICENCES = {
     GOEMOTIONS: "GoEmotions: CC BY 4.0 (Google; credit Demszky et al., ACL 2020)",

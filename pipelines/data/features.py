@@ -102,14 +102,26 @@ def augment_audio(audio: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarr
 
 class VoiceFeaturizer:
     """Whisper (bundled base, runtime defaults but the pinned `TRAINING_LANGUAGE`, unless told otherwise) → 1024-d
-    pooled voice features, or the covered frame sequences themselves (`frames`)."""
+    pooled voice features, or the covered frame sequences themselves (`frames`). With `layers`, the frames of the
+    voice branch's own pass instead (`streamer.voice_encoder`: the first `layers` encoder layers, unpadded)."""
 
-    def __init__(self, cache_dir: Path | None = DEFAULT_CACHE, opts=None) -> None:
-        from streamer.recogniser import Recogniser, RecogniserOptions
+    def __init__(self, cache_dir: Path | None = DEFAULT_CACHE, opts=None, layers: int | None = None) -> None:
+        if layers:
+            from streamer.voice_encoder import VoiceEncoder, VoiceEncoderOptions
 
-        self.recogniser = Recogniser(opts or RecogniserOptions(language=TRAINING_LANGUAGE))
-        self.window_s = float(self.recogniser.opts.encoder_window_s)
-        self.model_id = f"{self.recogniser.model_id}-{self.recogniser.device}-{self.recogniser.compute_type}"
+            encoder = VoiceEncoder(VoiceEncoderOptions(layers=layers))
+            self.window_s, self.device, self.compute_type = 0.0, encoder.opts.device, encoder.opts.compute_type
+            self.encoder_id = encoder.model_id
+            self.frames_of = encoder.frames
+        else:
+            from streamer.recogniser import Recogniser, RecogniserOptions
+
+            self.recogniser = Recogniser(opts or RecogniserOptions(language=TRAINING_LANGUAGE))
+            self.window_s = float(self.recogniser.opts.encoder_window_s)
+            self.device, self.compute_type = self.recogniser.device, self.recogniser.compute_type
+            self.encoder_id = self.recogniser.model_id
+            self.frames_of = lambda audio: self.recogniser._encode(audio)[1]
+        self.model_id = f"{self.encoder_id}-{self.device}-{self.compute_type}"
         self.cache = None if cache_dir is None else Path(cache_dir) / self.model_id
         self.hits = self.misses = 0
         self.encode_s = 0.0  # encoder wall time of the cache misses
@@ -136,7 +148,7 @@ class VoiceFeaturizer:
             key = int.from_bytes(hashlib.sha256(path.read_bytes()).digest()[:8], "little")
             audio, _ = augment_audio(audio, np.random.default_rng([seed, augment, key]))
         t0 = time.perf_counter()
-        _, frames = self.recogniser._encode(audio)
+        frames = self.frames_of(audio)
         self.encode_s += time.perf_counter() - t0
         return np.asarray(frames, dtype=np.float32)
 

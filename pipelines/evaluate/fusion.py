@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
 def evaluate(fcfg: dict) -> tuple[dict[str, Fused], Material, dict]:
     """Every recipe's decisions on the same folds and pairings, what they were scored on, and facts for the report."""
     from pipelines.data.features import DEFAULT_CACHE, Transcriber, text_features
-    from pipelines.train.voice.inputs import VoiceData
+    from pipelines.train.voice.inputs import RECOGNITION, VoiceData
     from streamer.classifier import TextModel, load_voice_head
     from streamer.models import VOICE_HEAD
 
@@ -282,8 +282,8 @@ def evaluate(fcfg: dict) -> tuple[dict[str, Fused], Material, dict]:
     fit_s, gates = {}, {}
     embeddings = (e_uem, e_es)
     inputs = {  # model → (voice of each UEM clip, words of each UEM clip and of each EmoSPeech row)
-        "mlp": (data.pooled(D.UEM, 10.0), embeddings),
-        "attention": (data.frames(D.UEM, 10.0), embeddings),
+        "mlp": (data.pooled(D.UEM, RECOGNITION), embeddings),
+        "attention": (data.frames(D.UEM, RECOGNITION), embeddings),
         "stack": (_log(pv), (_log(pt), _log(pt_es))),
         "gate": (_log(pv), (_log(pt), _log(pt_es))),
     }

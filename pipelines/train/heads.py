@@ -234,11 +234,13 @@ def train_text(cfg: dict, seed: int, root, limit, cache_dir) -> tuple[LinearHead
 
 def calibrate_voice(config: Path, path: Path, root, cache_dir) -> Path:
     """Fit the temperature of the voice head at `path` (the `ship` recipe of `config`) on that recipe's
-    out-of-fold probabilities over the speaker-grouped UEM folds (cached by pipelines.train.voice when they have
-    been computed before), and write it into the file; ECE before/after cross-fitted over the folds and on the
+    leave-one-corpus-out probabilities (`pipelines.evaluate.cross_corpus`, cold) when that run has stored them, else
+    on its out-of-fold probabilities over the speaker-grouped UEM folds (cached by pipelines.train.voice when they
+    have been computed before), and write it into the file; ECE before/after cross-fitted over the folds and on the
     held-out speakers test1 + test2 go into its meta. A stream-adapted head (`norm.*`, `prosody.norm.*` arrays) is
     calibrated on the causal-history predictions (order 0), also scored on the mostly-neutral histories, and keeps
     its normalisation and prosody arrays."""
+    from pipelines.evaluate import cross_corpus
     from pipelines.train.voice.inputs import VoiceData
     from pipelines.train.voice.norm import SKEWED
     from pipelines.train.voice.recipes import evaluate
@@ -261,14 +263,27 @@ def calibrate_voice(config: Path, path: Path, root, cache_dir) -> Path:
             skewed = result.more.get(f"{kind}|{SKEWED} 0")
             if skewed is not None:
                 tests[f"{label}, mostly-neutral history"] = (skewed.proba, skewed.y_true)
-    calib = calibration(
-        result.cv.proba,
-        result.cv.y_true,
-        result.cv.fold,
-        f"out-of-fold probabilities of recipe {name}{view} on the {len(np.unique(result.cv.fold))} speaker-grouped"
-        " UEM folds; held-out: the same recipe trained without test1 + test2",
-        tests,
-    )
+    loco = cross_corpus.proba_path(name, Path(cache_dir) / "cross_corpus" if cache_dir else None)
+    if loco.is_file():  # fitted where the head meets corpora it never saw; the in-corpus folds become a test
+        held = cross_corpus.Probabilities.load(loco)
+        tests = {f"cv{view}": (result.cv.proba, result.cv.y_true), **tests}
+        calib = calibration(
+            held.cold,
+            held.y,
+            held.corpus,
+            f"leave-one-corpus-out probabilities of recipe {name}, each clip alone (cold), on"
+            f" {', '.join(dict.fromkeys(held.corpus))} ({D.repo_relative(loco)}); cross-fitted over the corpora",
+            tests,
+        )
+    else:
+        calib = calibration(
+            result.cv.proba,
+            result.cv.y_true,
+            result.cv.fold,
+            f"out-of-fold probabilities of recipe {name}{view} on the {len(np.unique(result.cv.fold))} speaker-grouped"
+            " UEM folds; held-out: the same recipe trained without test1 + test2",
+            tests,
+        )
     head = dataclasses.replace(head, temperature=calib["temperature"], meta={**head.meta, "calibration": calib})
     dataclasses.replace(model, head=head).save(path)
     log.info("voice head %s: temperature %.4f → %s", head.model_id, calib["temperature"], path)

@@ -16,7 +16,7 @@ import yaml
 from pipelines.data import corpora as D
 from pipelines.evaluate.report import read_table, summarise, write_report
 from pipelines.train.voice.costs import PROSODY_COST, cut_shift, encoder_cost, prosody_cost, runtime_cost, uses_prosody
-from pipelines.train.voice.inputs import VoiceData
+from pipelines.train.voice.inputs import FrameSource, VoiceData
 from pipelines.train.voice.norm import stream_columns
 from pipelines.train.voice.recipes import DEFAULT_CONFIG, DEFAULT_OUT, evaluate
 from pipelines.train.voice.report import intro, notes
@@ -103,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     used = [cfg["recipes"][n] for n in names if cfg["recipes"][n]["model"] in ("logreg", "attention")]
-    windows = sorted({float(w) for w in cfg.get("cost_windows", [])} | {float(r.get("window", 10)) for r in used})
-    costs = {} if args.no_cost else encoder_cost(data, windows, int(cfg.get("encoder_cost_clips", 24)), seed)
+    sources = {FrameSource(float(w)) for w in cfg.get("cost_windows", [])} | {FrameSource.of(r) for r in used}
+    sources = sorted(sources, key=FrameSource.sort_key)
+    costs = {} if args.no_cost else encoder_cost(data, sources, int(cfg.get("encoder_cost_clips", 24)), seed)
     with_prosody = [n for n in names if uses_prosody(n, cfg)]
     prosody_ms = None
     if with_prosody and not args.no_cost:
@@ -114,10 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         rc = cfg["recipes"][name]
         if rc["model"] == "ensemble":
             rc = cfg["recipes"][rc["members"][0]]
-        w = float(rc.get("window", 10))
+        source = FrameSource.of(rc)
         frames = rc["model"] != "mfcc_mlp" and rc.get("frames", True)
         r.extras = {
-            "encoder ms/utt": f"{costs[w]:.0f}" if w in costs and frames else "–",
+            "encoder ms/utt": f"{costs[source]:.0f}" if source in costs and frames else "–",
             PROSODY_COST: f"{prosody_ms:.2f}" if prosody_ms is not None and name in with_prosody else "–",
             **r.extras,
         }

@@ -12,30 +12,30 @@ import time
 import numpy as np
 
 from pipelines.data import corpora as D
-from pipelines.train.voice.inputs import VoiceData
-from pipelines.train.voice.recipes import window_name
+from pipelines.train.voice.inputs import FrameSource, VoiceData
 from streamer.classifier import VoiceModel
 
 log = logging.getLogger(__name__)
 
 
-def encoder_cost(data: VoiceData, windows: list[float], n: int, seed: int) -> dict[float, float]:
-    """Median encoder wall ms per UEM clip for each window (runtime settings: int8, 2 threads), no cache."""
+def encoder_cost(data: VoiceData, sources: list[FrameSource], n: int, seed: int) -> dict[FrameSource, float]:
+    """Median encoder wall ms per UEM clip for each frame source (runtime settings: int8; recognition 2 threads,
+    the voice branch's own pass 1), no cache."""
     from streamer.audio import load_audio
 
     clips = D.limit_records(data.clips[D.UEM], n, seed)
     audio = [load_audio(c.path) for c in clips]
     out = {}
-    for w in windows:
-        rec = data.featurizer(float(w)).recogniser
-        rec._encode(audio[0])  # warm-up
+    for source in sources:
+        encode = data.featurizer(source).frames_of
+        encode(audio[0])  # warm-up
         times = []
         for a in audio:
             t0 = time.perf_counter()
-            rec._encode(a)
+            encode(a)
             times.append(1000 * (time.perf_counter() - t0))
-        out[float(w)] = float(np.median(times))
-        log.info("encoder window %s: median %.0f ms per clip (%d clips)", window_name(w), out[float(w)], len(audio))
+        out[source] = float(np.median(times))
+        log.info("encoder, %s: median %.0f ms per clip (%d clips)", source.name, out[source], len(audio))
     return out
 
 
@@ -78,7 +78,8 @@ def runtime_cost(data: VoiceData, model: VoiceModel, n: int, seed: int, repeats:
     position = {id(c): i for i, c in enumerate(data.clips[D.UEM])}
     clips = D.limit_records(data.clips[D.UEM], n, seed)
     audio = [load_audio(c.path) for c in clips]
-    frames = [np.asarray(data.frames(D.UEM, 10.0)[position[id(c)]], np.float32) for c in clips]
+    source = FrameSource(model.head.meta.get("encoder_window_s", 10.0), model.head.meta.get("encoder_layers"))
+    frames = [np.asarray(data.frames(D.UEM, source)[position[id(c)]], np.float32) for c in clips]
     histories = StreamHistories()
 
     def utterance(a: np.ndarray, f: np.ndarray) -> None:

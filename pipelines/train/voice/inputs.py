@@ -18,9 +18,37 @@ from pipelines.data.corpora import take_rows
 from streamer.classifier import voice_features
 
 
+@dataclass(frozen=True)
+class FrameSource:
+    """Which encoder pass gives a recipe its frames: recognition's (Whisper's last layer, the input padded to
+    `window` s; 0 = unpadded), or with `layers` the voice branch's own pass (`streamer.voice_encoder`: the first
+    `layers` encoder layers, unpadded)."""
+
+    window: float = 10.0
+    layers: int | None = None
+
+    @classmethod
+    def of(cls, rc: dict) -> FrameSource:
+        if rc.get("layers"):
+            return cls(0.0, int(rc["layers"]))
+        return cls(float(rc.get("window", 10)))
+
+    @property
+    def name(self) -> str:
+        if self.layers:
+            return f"encoder layer {self.layers} unpadded"
+        return "window unpadded" if self.window == 0 else f"window {self.window:g} s"
+
+    def sort_key(self) -> tuple[int, float]:
+        return (self.layers or 0, self.window)
+
+
+RECOGNITION = FrameSource()  # the runtime's recognition pass: last layer, 10 s window
+
+
 @dataclass
 class VoiceData:
-    """Clips of each dataset (readable ones only) and their features, loaded lazily per (window, copy)."""
+    """Clips of each dataset (readable ones only) and their features, loaded lazily per (frame source, copy)."""
 
     root: Path | None
     cache_dir: Path | None
@@ -41,40 +69,41 @@ class VoiceData:
             for reason, n in loaded.skipped.items():
                 self.skipped[f"{name}: {reason}"] += n
             chosen = D.limit_records(loaded.records, self.limit, self.seed)
-            # the canonical pass (10 s window, the runtime's) decides which clips are readable
-            seqs, kept, bad = self.featurizer(10.0).many_frames(chosen, f"frames w10 {name}")
+            # the canonical pass (recognition's, 10 s window) decides which clips are readable
+            seqs, kept, bad = self.featurizer(RECOGNITION).many_frames(chosen, f"frames w10 {name}")
             for reason, n in bad.items():
                 self.skipped[f"{name}: {reason}"] += n
             self.clips[name] = kept
-            self._views[(name, 10.0, None)] = seqs
+            self._views[(name, RECOGNITION, None)] = seqs
 
-    def featurizer(self, window: float):
+    def featurizer(self, source: FrameSource):
         from pipelines.data.features import VoiceFeaturizer
         from streamer.recogniser import RecogniserOptions
 
-        if window not in self._featurizers:
-            self._featurizers[window] = VoiceFeaturizer(self.cache_dir, RecogniserOptions(encoder_window_s=window))
-        return self._featurizers[window]
+        if source not in self._featurizers:
+            opts = RecogniserOptions(encoder_window_s=source.window)
+            self._featurizers[source] = VoiceFeaturizer(self.cache_dir, opts, source.layers)
+        return self._featurizers[source]
 
     def labels(self, name: str) -> np.ndarray:
         return np.array([c.label for c in self.clips[name]])
 
-    def frames(self, name: str, window: float, augment: int | None = None) -> list[np.ndarray]:
-        key = (name, float(window), augment)
+    def frames(self, name: str, source: FrameSource, augment: int | None = None) -> list[np.ndarray]:
+        key = (name, source, augment)
         if key not in self._views:
-            seqs, _, bad = self.featurizer(float(window)).many_frames(
+            seqs, _, bad = self.featurizer(source).many_frames(
                 self.clips[name],
-                f"frames w{window:g} {name}" + ("" if augment is None else f" aug{augment}"),
+                f"frames {source.name} {name}" + ("" if augment is None else f" aug{augment}"),
                 augment,
                 self.seed,
             )
             if bad:  # readable in the canonical pass, so this is a bug rather than bad input
-                raise RuntimeError(f"{name}: {sum(bad.values())} clips failed at window {window} / copy {augment}")
+                raise RuntimeError(f"{name}: {sum(bad.values())} clips failed ({source.name}, copy {augment})")
             self._views[key] = seqs
         return self._views[key]
 
-    def pooled(self, name: str, window: float, augment: int | None = None) -> np.ndarray:
-        return np.stack([voice_features(s) for s in self.frames(name, window, augment)])
+    def pooled(self, name: str, source: FrameSource, augment: int | None = None) -> np.ndarray:
+        return np.stack([voice_features(s) for s in self.frames(name, source, augment)])
 
     def prosody(self, name: str) -> np.ndarray:
         """`streamer.prosody.prosody_features` of each clip ([clips, len(PROSODY_NAMES)]), cached on disk."""
@@ -151,7 +180,7 @@ def recipe_inputs(rc: dict, data: VoiceData, cfg: dict) -> Inputs:
         raise ValueError(f"recipe must train on the evaluation dataset {ev}: {rc['datasets']}")
     others = [n for n in rc["datasets"] if n != ev]
     data.load([ev, *others])
-    window = float(rc.get("window", 10))
+    source = FrameSource.of(rc)
     model, copies = rc["model"], int(rc.get("augment") or 0)  # true → 1 copy
     y_extra = np.array([c.label for n in others for c in data.clips[n]])
     if model == "mfcc_mlp":
@@ -169,18 +198,18 @@ def recipe_inputs(rc: dict, data: VoiceData, cfg: dict) -> Inputs:
         raise ValueError("a stream_norm recipe needs the config's `stream_norm` settings")
 
     def many(names, aug=None):
-        parts = [get(n, window, aug) for n in names]
+        parts = [get(n, source, aug) for n in names]
         if empty is None:
             return [s for part in parts for s in part]
         return stack_rows(parts, empty)
 
-    if copies and window != 10:
-        raise ValueError("augmented copies are cached for the 10 s window only")
+    if copies and source.window not in (0, 10):
+        raise ValueError("augmented copies are encoded for the 10 s window and the unpadded passes only")
     return Inputs(
-        ev=get(ev, window),
+        ev=get(ev, source),
         extra=many(others),
         y_extra=y_extra,
-        ev_aug=[get(ev, window, k) for k in range(copies)] or None,
+        ev_aug=[get(ev, source, k) for k in range(copies)] or None,
         extra_aug=[many(others, k) for k in range(copies)] or None,
     )
 
@@ -214,14 +243,14 @@ def prosody_inputs(rc: dict, data: VoiceData, cfg: dict) -> Inputs:
         pros = Inputs([r[None, :] for r in p_ev], [r[None, :] for r in p_extra], y_extra)
         if not frames:
             return pros
-        window = float(rc.get("window", 10))
-        seqs = [data.frames(n, window) for n in others]
-        return Inputs(data.frames(ev, window), [s for part in seqs for s in part], y_extra, prosody=pros)
+        source = FrameSource.of(rc)
+        seqs = [data.frames(n, source) for n in others]
+        return Inputs(data.frames(ev, source), [s for part in seqs for s in part], y_extra, prosody=pros)
     if not frames:
         return Inputs(p_ev, p_extra, y_extra)
-    window = float(rc.get("window", 10))
-    pooled = stack_rows([data.pooled(n, window) for n in others], 1024)
-    return Inputs(np.hstack([data.pooled(ev, window), p_ev]), np.hstack([pooled, p_extra]), y_extra)
+    source = FrameSource.of(rc)
+    pooled = stack_rows([data.pooled(n, source) for n in others], 1024)
+    return Inputs(np.hstack([data.pooled(ev, source), p_ev]), np.hstack([pooled, p_extra]), y_extra)
 
 
 def prosody_columns(rc: dict) -> list[int]:

@@ -48,6 +48,7 @@ from pipelines.evaluate.report import Predictions, RecipeResult
 from pipelines.train.voice.inputs import (
     AUG_VIEW,
     MAIN,
+    FrameSource,
     VoiceData,
     plain_splits,
     prosody_columns,
@@ -166,7 +167,7 @@ def _evaluate(name: str, rc: dict, data: VoiceData, cfg: dict) -> RecipeResult:
         test_aug = None
         if _robust(name, rc, cfg):
             get = data.pooled if rc["model"] == "logreg" else data.frames
-            test_aug = get(cfg["eval_dataset"], 10.0, 0)
+            test_aug = get(cfg["eval_dataset"], FrameSource.of(rc), 0)
         split = plain_splits(inp, test_aug)
     t0 = time.perf_counter()
     predict_s, n_pred = 0.0, 0
@@ -231,7 +232,7 @@ def describe(rc: dict) -> str:
     }[rc["model"]]
     data = "UEM+EmoDB" if D.EMODB in rc["datasets"] else "UEM"
     no_frames = rc["model"] == "mfcc_mlp" or not rc.get("frames", True)
-    window = "" if no_frames else f", window {window_name(rc.get('window', 10))}"
+    window = "" if no_frames else f", {FrameSource.of(rc).name}"
     what = "frames and prosody" if pros and rc.get("frames", True) else "prosody" if pros else "frames"
     norm = f"; {what} normalised per speaker / stream (causal at test)" if rc.get("stream_norm") else ""
     copies = int(rc.get("augment") or 0)
@@ -240,7 +241,3 @@ def describe(rc: dict) -> str:
     what = f"{copies} aug cop{'y' if copies == 1 else 'ies'}"
     how = " as extra rows" if rc["model"] == "logreg" else " (p 0.3)"
     return f"{model}; {data}{window}, + {what}{how}{norm}"
-
-
-def window_name(w: float) -> str:
-    return "unpadded" if float(w) == 0 else f"{float(w):g} s"

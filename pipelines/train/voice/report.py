@@ -7,7 +7,6 @@ Apart from the runner so that the table's code and its explanation can be read (
 from __future__ import annotations
 
 from pipelines.train.voice.inputs import VoiceData
-from pipelines.train.voice.recipes import window_name
 
 
 def intro(cfg: dict, data: VoiceData, args) -> str:
@@ -36,7 +35,7 @@ def notes(cfg: dict, data: VoiceData, total: float, costs: dict[float, float], k
             "Encoder cost per utterance by input window (median of "
             f"{cfg.get('encoder_cost_clips', 24)} UEM clips, int8, 2 threads):\n\n"
             "| window | encoder ms/utt |\n|---|---|\n"
-            + "".join(f"| {window_name(w)} | {ms:.0f} |\n" for w, ms in sorted(costs.items()))
+            + "".join(f"| {s.name} | {ms:.0f} |\n" for s, ms in sorted(costs.items(), key=lambda c: c[0].sort_key()))
             + "\n"
         )
     shipped = (

@@ -17,7 +17,7 @@ import numpy as np
 from pipelines.data import corpora as D
 from pipelines.evaluate.report import RecipeResult, summarise
 from pipelines.train.linear import final_head, label_counts
-from pipelines.train.voice.inputs import VoiceData, cat_rows, prosody_columns, recipe_inputs
+from pipelines.train.voice.inputs import FrameSource, VoiceData, cat_rows, prosody_columns, recipe_inputs
 from pipelines.train.voice.models import torch_single_thread, train_attention
 from pipelines.train.voice.norm import STREAM_COLUMNS, SpeakerNormalised, side_by_side, stream_columns, stream_sides
 from streamer.adaptation import StreamNorm
@@ -26,6 +26,7 @@ from streamer.frames import LABELS
 from streamer.prosody import ProsodyReader
 
 log = logging.getLogger(__name__)
+DATASET_TAGS = {D.UEM: "uem", D.EMODB: "emodb", D.URDU: "urdu"}  # in the head's id
 
 
 def fit_final(name: str, cfg: dict, data: VoiceData) -> tuple[VoiceModel, dict]:
@@ -46,13 +47,14 @@ def fit_final(name: str, cfg: dict, data: VoiceData) -> tuple[VoiceModel, dict]:
         raise ValueError(f"{name}: a {rc['model']} recipe cannot be shipped (the runtime has frames and prosody only)")
     inp = recipe_inputs(rc, data, cfg)
     y = np.concatenate([data.labels(cfg["eval_dataset"]), inp.y_extra])
-    window = float(rc.get("window", 10))
+    source = FrameSource.of(rc)
     inputs = "+".join(b for b, on in (("frames", rc.get("frames", True)), ("prosody", rc.get("prosody"))) if on)
     info = {
         "recipe_name": name,
         "inputs": inputs,
         "datasets": list(rc["datasets"]),
-        "encoder_window_s": window,
+        "encoder_window_s": source.window,
+        **({"encoder_layers": source.layers} if source.layers else {}),
         "n_train": len(y),
         "train_label_counts": label_counts(y),
         "augment_copies": int(rc.get("augment") or 0),
@@ -113,15 +115,18 @@ def _fit_ensemble(name: str, rc: dict, cfg: dict, data: VoiceData) -> tuple[Voic
         heads += inner
         weights += [w / len(parts) for w in inner_w]
     infos = [i for _, i in parts]
-    if len({i["encoder_window_s"] for i in infos}) > 1:
-        raise ValueError(f"{name}: members use different encoder windows")
+    sources = {(i["encoder_window_s"], i.get("encoder_layers")) for i in infos if "frames" in i["inputs"]}
+    if len(sources) > 1:
+        raise ValueError(f"{name}: members read frames of different encoder passes {sorted(map(str, sources))}")
+    window, layers = next(iter(sources), (infos[0]["encoder_window_s"], None))
     norm = _shared(name, "stream normalisation", [m.norm for m, i in parts if "frames" in i["inputs"]], _same_norm)
     prosody = _shared(name, "prosody", [m.prosody for m, i in parts if "prosody" in i["inputs"]], _same_prosody)
     info = {
         "members": infos,
         "inputs": "+".join(b for b in ("frames", "prosody") if any(b in i["inputs"] for i in infos)),
         "datasets": list(dict.fromkeys(d for i in infos for d in i["datasets"])),
-        "encoder_window_s": infos[0]["encoder_window_s"],
+        "encoder_window_s": window,
+        **({"encoder_layers": layers} if layers else {}),
     }
     for key in ("stream_norm", "prosody", "prosody_norm"):  # the members that have one agree (checked above)
         info |= next(({key: i[key]} for i in infos if key in i), {})
@@ -189,20 +194,27 @@ def ship(name: str, cfg: dict, data: VoiceData, out: Path, result: RecipeResult 
             estimates["view"] = "causal stream history (each test speaker's clips in a random order), order 0"
             columns = stream_columns(dataclasses.replace(result, more=dict(result.more))).extras
             estimates["stream_norm"] = {how: columns[c] for how, c in STREAM_COLUMNS.items() if c in columns}
-    rec = data.featurizer(float(info["encoder_window_s"])).recogniser
+    layers = info.get("encoder_layers")
+    featurizer = data.featurizer(FrameSource(info["encoder_window_s"], layers))
     datasets = info["datasets"]
-    version = 4 if model.prosody is not None else 3 if model.norm is not None else 2  # v4: prosody; v3: stream norm
+    # v5: the voice branch's own encoder pass; v4: prosody; v3: stream norm
+    version = 5 if layers else 4 if model.prosody is not None else 3 if model.norm is not None else 2
+    frames = f"layer{layers}" if layers else f"w{info['encoder_window_s']:g}"
     meta = {
-        "id": f"voice-{'+'.join('uem' if n == D.UEM else 'emodb' for n in datasets)}-whisperbase"
-        f"-w{info['encoder_window_s']:g}-{name}-v{version}",
+        "id": f"voice-{'+'.join(DATASET_TAGS[n] for n in datasets)}-whisperbase-{frames}-{name}-v{version}",
         "head": "voice",
         "kind": type(model.head).__name__,
         "labels": list(LABELS),
-        "feature": "whisper-encoder-last-layer-covered-frames (float32 at run time, float16 cache in training)"
+        "feature": (
+            f"whisper-encoder-layer{layers}-unpadded-frames (streamer.voice_encoder)"
+            if layers
+            else "whisper-encoder-last-layer-covered-frames"
+        )
+        + " (float32 at run time, float16 cache in training)"
         + ("; streamer.prosody features of the utterance (meta prosody)" if model.prosody is not None else ""),
-        "encoder": rec.model_id,
-        "encoder_device": rec.device,
-        "encoder_compute_type": rec.compute_type,
+        "encoder": featurizer.encoder_id,
+        "encoder_device": featurizer.device,
+        "encoder_compute_type": featurizer.compute_type,
         **info,
         "cv": estimates,
         "selected_by": cfg.get("selected_by")
@@ -215,7 +227,7 @@ def ship(name: str, cfg: dict, data: VoiceData, out: Path, result: RecipeResult 
         "recipe": {
             "config": D.repo_relative(config),
             "name": name,
-            "recipes": _recipe_closure(name, cfg),
+            "recipes": recipe_closure(name, cfg),
             "seed": seed,
         },
     }
@@ -225,9 +237,10 @@ def ship(name: str, cfg: dict, data: VoiceData, out: Path, result: RecipeResult 
     return path
 
 
-def _recipe_closure(name: str, cfg: dict) -> dict:
+def recipe_closure(name: str, cfg: dict) -> dict:
+    """The recipe and, for an ensemble, every member recipe under it, by name."""
     rc = cfg["recipes"][name]
     out = {name: rc}
     for m in rc.get("members", []):
-        out |= _recipe_closure(m, cfg)
+        out |= recipe_closure(m, cfg)
     return out
