@@ -38,6 +38,7 @@ from streamer.models import (
     verify_use,
 )
 from streamer.prosody import ProsodyReader
+from streamer.voice_encoder import VoiceEncoder, VoiceEncoderOptions
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -312,17 +313,23 @@ def load_voice_head(path: Path = VOICE_HEAD) -> VoiceHead:
 
 @dataclass(frozen=True)
 class VoiceModel:
-    """The voice head with what it reads: the utterance's encoder frames, normalised by the stream's past ones when
-    the file has a `norm` (`streamer.adaptation.StreamNorm`), and, when a member reads prosody, the utterance's
-    prosody vector (`prosody`: its columns and their normalisation by the stream's past vectors)."""
+    """The voice head with what it reads: the utterance's encoder frames (recognition's, or with `encoder` those of
+    the voice branch's own pass, `streamer.voice_encoder`, when the head's meta names `encoder_layers`), normalised by
+    the stream's past ones when the file has a `norm` (`streamer.adaptation.StreamNorm`), and, when a member reads
+    prosody, the utterance's prosody vector (`prosody`: its columns and their normalisation by the stream's past
+    vectors)."""
 
     head: VoiceHead
     norm: StreamNorm | None = None
     prosody: ProsodyReader | None = None
+    encoder: VoiceEncoder | None = field(default=None, compare=False)
 
     @classmethod
     def load(cls, path: Path = VOICE_HEAD) -> VoiceModel:
-        model = cls(load_voice_head(path), StreamNorm.load(path), ProsodyReader.load(path))
+        head = load_voice_head(path)
+        layers = head.meta.get("encoder_layers")
+        encoder = VoiceEncoder(VoiceEncoderOptions(layers=int(layers))) if layers else None
+        model = cls(head, StreamNorm.load(path), ProsodyReader.load(path), encoder)
         if model.head.reads_prosody != (model.prosody is not None):
             raise ValueError(f"{path}: a head that reads prosody needs its prosody.* arrays, and only it has them")
         return model
@@ -343,6 +350,11 @@ class VoiceModel:
     def adapts(self) -> bool:
         """Whether the stream's past utterances change what the head sees (so the engine keeps their history)."""
         return self.norm is not None or (self.prosody is not None and self.prosody.norm is not None)
+
+    def frames_of(self, audio: np.ndarray, recognition_frames: np.ndarray) -> np.ndarray:
+        """The frames the head reads: recognition's encoder frames, or the voice branch's own pass over the
+        utterance's audio (a few ms per audio second) when the head was trained on it."""
+        return recognition_frames if self.encoder is None else self.encoder.frames(audio)
 
     def prosody_of(self, audio: np.ndarray) -> np.ndarray | None:
         """The utterance's raw prosody vector when the head reads one (about 1 ms per audio second), else None."""
@@ -624,12 +636,18 @@ class EmotionClassifier:
         return self.voice.predict(encoder_frames, history, prosody)
 
     def classify(
-        self, transcript: Transcript, history: StreamHistory | None = None, prosody: np.ndarray | None = None
+        self,
+        transcript: Transcript,
+        history: StreamHistory | None = None,
+        prosody: np.ndarray | None = None,
+        voice_frames: np.ndarray | None = None,
     ) -> Emotion:
         """Voice, words and their fusion; `history` is the stream's past utterances (`streamer.adaptation`), `prosody`
-        the utterance's raw prosody vector (`VoiceModel.prosody_of`) when the voice head reads one."""
+        the utterance's raw prosody vector (`VoiceModel.prosody_of`) when the voice head reads one, `voice_frames`
+        the frames the voice head reads (`VoiceModel.frames_of`; None: the transcript's encoder frames)."""
         t0 = time.perf_counter()
-        audio_p = self.classify_voice(transcript.encoder_frames, history, prosody)
+        frames = transcript.encoder_frames if voice_frames is None else voice_frames
+        audio_p = self.classify_voice(frames, history, prosody)
         text_p = self.classify_text([transcript.text], transcript.language)[0] if transcript.text else None
         fused = fuse(audio_p, text_p, self.opts.fusion, self.opts.text_weight, self.opts.text_gate)
         best = int(np.argmax(fused))

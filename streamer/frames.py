@@ -155,3 +155,5 @@ class EmotionEvent:
     role: str | None = None  # the call track's speaker: customer, agent, mixed
     prosody: np.ndarray | None = None  # the utterance's raw prosody vector when the voice head reads one (not on the
     # wire: with the encoder frames it goes into the stream's history, `Engine.remember`)
+    voice_frames: np.ndarray | None = None  # the frames of the voice branch's own encoder pass when the voice head
+    # has one (`VoiceModel.frames_of`; not on the wire, for the stream's history); None: the transcript's

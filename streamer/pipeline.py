@@ -114,15 +114,18 @@ class Engine:
         """A stream's final event: its frames and prosody now count in the stream's statistics (when the voice head
         uses them)."""
         if self.classifier.voice.adapts and event.final:
-            self.histories.remember(event.stream, event.transcript.encoder_frames, event.prosody)
+            frames = event.transcript.encoder_frames if event.voice_frames is None else event.voice_frames
+            self.histories.remember(event.stream, frames, event.prosody)
 
     def forget(self, stream: str) -> None:
         self.histories.forget(stream)
 
     def _event(self, utterance: Utterance, seq: int, transcript: Transcript, started: float) -> EmotionEvent:
         t0 = time.perf_counter()
-        prosody = self.classifier.voice.prosody_of(utterance.audio)  # None when the voice head reads no prosody
-        emotion = self.classifier.classify(transcript, self.histories.get(utterance.stream), prosody)
+        voice = self.classifier.voice
+        frames = voice.frames_of(utterance.audio, transcript.encoder_frames)  # its own pass when the head has one
+        prosody = voice.prosody_of(utterance.audio)  # None when the voice head reads no prosody
+        emotion = self.classifier.classify(transcript, self.histories.get(utterance.stream), prosody, frames)
         latency = Latency(
             vad=(utterance.emitted - utterance.speech_end_arrived) * 1000,
             queue=(started - utterance.emitted) * 1000,
@@ -140,6 +143,7 @@ class Engine:
             ready=time.monotonic(),
             latency=latency,
             prosody=prosody,
+            voice_frames=None if frames is transcript.encoder_frames else frames,
         )
 
     def has_spare_worker(self) -> bool:

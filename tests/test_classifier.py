@@ -228,7 +228,7 @@ def test_the_shipped_voice_head_reads_the_utterances_prosody(speak) -> None:
 
     model = VoiceModel.load(VOICE_HEAD)
     assert model.head.reads_prosody and model.prosody is not None and model.prosody.norm is not None
-    assert model.norm is not None and model.adapts and model.model_id.endswith("-v4")
+    assert model.norm is not None and model.adapts and model.model_id.endswith("-v5")
     assert not CUT_DEPENDENT & set(model.prosody.names) and len(model.prosody.names) == 12
     frames = np.random.default_rng(0).normal(size=(120, 512)).astype(np.float32)
     low, high = model.prosody_of(speak(SENTENCE_ES, "es")), model.prosody_of(speak(SENTENCE_ES, "es+f3"))

@@ -94,7 +94,7 @@ def test_an_event_on_speech_carries_the_prosody_its_voice_read(engine, speak):
     voice = engine.classifier.voice
     np.testing.assert_array_equal(event.prosody, voice.prosody_of(angry))
     assert "prosody" not in wire and event.emotion.label in LABELS and event.latency.emotion > 0
-    frames = event.transcript.encoder_frames
+    frames = event.voice_frames  # the voice branch's own pass (tests/test_voice_branch.py)
     audio = np.array([event.emotion.audio_scores[label] for label in LABELS])
     np.testing.assert_allclose(audio, voice.predict(frames, None, event.prosody), atol=1e-4)
     other = voice.prosody_of(speak(ANGRY_ES, "es+f3"))

@@ -1,8 +1,10 @@
 """CPU per utterance: our single-encoder-pass chain vs. ASR alone vs. a naive pipeline, in the same run.
 
 naive = faster-whisper `transcribe` (its own Silero VAD, default beam search and temperature fallback),
-then a separate emotion pass that encodes the audio again (padded to 30 s, as Whisper expects) for the voice
-head, then the text head. Ours = one encoder pass (10 s window) shared by transcript and voice emotion.
+then a separate emotion pass that encodes the audio again (padded to 30 s, as Whisper expects, or the voice
+branch's own pass when the voice head reads one) for the voice head, then the text head. Ours = one encoder pass
+(10 s window) shared by transcript and voice emotion, plus the voice branch's own unpadded pass of the first
+encoder layers when the voice head reads one (`streamer.voice_encoder`).
 Clips: UEM held-out speakers (or espeak-ng sentences when the data is absent).
 
     .venv/bin/python -m pipelines.bench.naive [--clips 30] [--json OUT]
@@ -63,7 +65,9 @@ def main() -> None:
     def naive(u: Utterance) -> None:
         segments, _ = whisper.transcribe(u.audio, language="es", vad_filter=True)
         text = " ".join(s.text for s in segments).strip()
-        frames = padded._encode(u.audio)[1]  # the second, separate encoder pass
+        voice = engine.classifier.voice
+        # the second, separate encoder pass: Whisper's own (padded to 30 s), or the one the voice head was trained on
+        frames = padded._encode(u.audio)[1] if voice.encoder is None else voice.encoder.frames(u.audio)
         engine.classifier.classify_voice(frames)
         if text:
             engine.classifier.classify_text([text])
