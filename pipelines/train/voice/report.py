@@ -18,11 +18,13 @@ def intro(cfg: dict, data: VoiceData, args) -> str:
         f"Data: {counts}. Every recipe is scored on the same {cfg['cv_folds']} folds over {ev}, grouped by speaker"
         f" (2 unseen speakers per fold; the folds and clips of `pipelines.train.heads`, seed {cfg['seed']}), and on"
         f" the authors' held-out speakers {' + '.join(cfg['heldout_speakers'])} after training on the other 14."
-        " EmoDB is only ever on the training side. Macro-F1 mean ± sd is over folds; the pooled macro-F1 is over"
-        f" all out-of-fold predictions together, with a {cfg.get('n_boot', 1000)}-resample bootstrap 95 % CI over"
-        " clips. Encoder cost: median wall ms of one `Recogniser._encode` per UEM clip (int8, 2 threads, this"
-        " machine, other work running beside it); head cost: numpy (LR, attention) or torch (MLP) per clip,"
-        " frames → probabilities."
+        " EmoDB (and Urdu, for the `L*` recipes) is only ever on the training side. Macro-F1 mean ± sd is over folds;"
+        " the pooled macro-F1 is over all out-of-fold predictions together, with a"
+        f" {cfg.get('n_boot', 1000)}-resample bootstrap 95 % CI over clips. Encoder cost: median wall ms of one"
+        " encoder pass per UEM clip (int8; recognition's `Recogniser._encode` on 2 threads, the voice branch's"
+        " `VoiceEncoder.frames` on 1; this machine, other work running beside it); head cost: numpy (LR,"
+        " attention) or torch (MLP) per clip, frames → probabilities. These are in-corpus scores; the shipped"
+        " head is chosen across corpora: [cross_corpus.md](cross_corpus.md) (`pipelines.evaluate.cross_corpus`)."
     )
 
 
@@ -32,9 +34,9 @@ def notes(cfg: dict, data: VoiceData, total: float, costs: dict[float, float], k
     cost_table = ""
     if costs:
         cost_table = (
-            "Encoder cost per utterance by input window (median of "
-            f"{cfg.get('encoder_cost_clips', 24)} UEM clips, int8, 2 threads):\n\n"
-            "| window | encoder ms/utt |\n|---|---|\n"
+            "Encoder cost per utterance by frame source (median of "
+            f"{cfg.get('encoder_cost_clips', 24)} UEM clips, int8; recognition 2 threads, the voice pass 1):\n\n"
+            "| frames | encoder ms/utt |\n|---|---|\n"
             + "".join(f"| {s.name} | {ms:.0f} |\n" for s, ms in sorted(costs.items(), key=lambda c: c[0].sort_key()))
             + "\n"
         )
