@@ -156,4 +156,4 @@ class EmotionEvent:
     prosody: np.ndarray | None = None  # the utterance's raw prosody vector when the voice head reads one (not on the
     # wire: with the encoder frames it goes into the stream's history, `Engine.remember`)
     voice_frames: np.ndarray | None = None  # the frames of the voice branch's own encoder pass when the voice head
-    # has one (`VoiceModel.frames_of`; not on the wire, for the stream's history); None: the transcript's
+    # has one (`VoiceModel.frames_of`; not on the wire, for the stream's history); None: the transcript's frames
