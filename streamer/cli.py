@@ -126,6 +126,19 @@ async def _run(args: argparse.Namespace, config: MonitorConfig) -> int:
         config.mqtt.homeassistant_url = _page_url(args.dashboard)
     console = () if args.quiet else (ConsoleSink(show_transcript=config.mqtt.publish_transcript),)
     stats = None
+    # Before anything is published (as in `_serve`): a signal once `online` is out, while the models load, stops the
+    # run cleanly instead of killing it; a second one stops it without finishing the waiting utterances.
+    stop = asyncio.Event()
+    task: asyncio.Task | None = None
+
+    def on_signal() -> None:
+        if stop.is_set() and task is not None:
+            task.cancel()
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
     async with _monitoring(config, args.jsonl, not args.fast, console) as (engine, url, sinks):
         mqtt = sinks[0]
         dashboard = await _start_dashboard(url, args.dashboard, config.node, config) if args.dashboard else None
@@ -137,19 +150,9 @@ async def _run(args: argparse.Namespace, config: MonitorConfig) -> int:
             config.node,
             config.stream,
         )
-        stop = asyncio.Event()
         task = asyncio.create_task(
             run_stream(source, engine, sinks, config.stream, config.segmenter, config.pipeline, stop)
         )
-
-        def on_signal() -> None:
-            if stop.is_set():  # a second Ctrl-C: stop now
-                task.cancel()
-            stop.set()
-
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, on_signal)
         try:
             stats = await task
         except asyncio.CancelledError:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile as sf
 
@@ -266,3 +267,38 @@ async def test_serve_publishes_nothing_when_a_listener_cannot_bind(broker):
     stderr = result.stderr.decode()
     assert result.returncode == 1 and f"audiosocket listener 127.0.0.1:{port}" in stderr and "in use" in stderr
     assert await retained(f"emotion/v1/{node}/#") == {}
+
+
+async def test_run_stops_cleanly_on_sigterm_as_soon_as_it_is_online(broker, speak, tmp_path):
+    """As `serve` (test_ingest): a supervisor may stop `run` the moment its retained `online` appears, while the
+    models still load. The signal handler used to be installed only after that, so such a SIGTERM killed it (exit
+    -15, no clean shutdown)."""
+    import signal
+    import uuid
+
+    import aiomqtt
+
+    from streamer.event import status_topic
+    from streamer.retained import retained_under
+
+    wav = tmp_path / "long.wav"
+    sf.write(wav, np.concatenate([speak(ANGRY_ES), silence(20.0)]), SAMPLE_RATE)  # still playing when stopped
+    node = unique_node("run")
+    async with aiomqtt.Client("127.0.0.1", 1883, identifier=f"watch-{uuid.uuid4().hex[:8]}") as client:
+        await client.subscribe(status_topic(node), qos=1)
+        proc = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "streamer", "run", "--language", "es", "--node", node, "--quiet"),
+            *("--source", f"file:{wav}", "--broker", "mqtt://127.0.0.1:1883"),
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            async with asyncio.timeout(120):
+                await anext(m async for m in client.messages if m.payload == b"online")
+            proc.send_signal(signal.SIGTERM)
+            _, err = await asyncio.wait_for(proc.communicate(), 60)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    assert proc.returncode == 0, err.decode()[-3000:]
+    assert retained_under([node])[status_topic(node)] == b"offline"

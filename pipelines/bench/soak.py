@@ -22,6 +22,7 @@ from streamer.demo import speak
 from streamer.frames import SAMPLE_RATE, AudioChunk
 from streamer.pipeline import Engine, PipelineOptions, run_stream
 from streamer.publisher import MqttOptions, MqttSink
+from streamer.retained import cleared_after
 from streamer.sources import CHUNK_S
 
 
@@ -57,16 +58,20 @@ class LoopSource:
 async def soak(args: argparse.Namespace) -> dict:
     audio, _ = build_stream([speak(s) for s in SENTENCES], pause_s=1.5)
     engine = Engine(node=f"soak{uuid.uuid4().hex[:6]}")
-    sink = MqttSink(MqttOptions(spool="memory"), args.broker, engine.node)
-    await sink.start()
-    source = LoopSource(audio, args.minutes * 60, args.speed)
-    rss_start = rss_mb()
-    t0 = time.monotonic()
-    stats = await run_stream(source, engine, [sink], "soak", options=PipelineOptions(max_backlog=64))
-    wall = time.monotonic() - t0
-    rss_end = rss_mb()
-    await sink.close()
-    engine.close()
+    # the node's status, health, last state and discovery configs go when the run ends, an error or Ctrl-C too
+    with cleared_after([engine.node], args.broker):
+        sink = MqttSink(MqttOptions(spool="memory"), args.broker, engine.node)
+        await sink.start()
+        source = LoopSource(audio, args.minutes * 60, args.speed)
+        rss_start = rss_mb()
+        t0 = time.monotonic()
+        try:
+            stats = await run_stream(source, engine, [sink], "soak", options=PipelineOptions(max_backlog=64))
+            wall = time.monotonic() - t0
+            rss_end = rss_mb()
+        finally:
+            await sink.close()
+            engine.close()
     return {
         "audio_minutes": args.minutes,
         "speed": args.speed,
