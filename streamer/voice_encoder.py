@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from streamer.frames import SAMPLE_RATE
+from streamer.recogniser import MAX_WINDOW_S, SAMPLES_PER_FRAME
 
-SAMPLES_PER_FRAME = 320  # one encoder frame: 20 ms
-MAX_SAMPLES = 30 * SAMPLE_RATE  # Whisper's positions cover 30 s
+MAX_SAMPLES = int(MAX_WINDOW_S * SAMPLE_RATE)  # Whisper's positions cover 30 s
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from streamer.ct2file import Ct2File
+from streamer.recogniser import SAMPLES_PER_FRAME
 
-FRAME_SAMPLES = 320  # one encoder frame: 20 ms at 16 kHz
 # torch module → CTranslate2 spec scope, in each encoder layer; parameter → variable for LayerNorms and Linears
 LAYER_PARTS = {
     "attn_norm": "self_attention/layer_norm",
@@ -130,7 +130,7 @@ def mel_window(audio: np.ndarray, window_s: float) -> np.ndarray:
 
 def covered(n_samples: int) -> int:
     """The number of encoder frames that cover `n_samples` of audio (at least one), as the runtime keeps."""
-    return max(1, math.ceil(n_samples / FRAME_SAMPLES))
+    return max(1, math.ceil(n_samples / SAMPLES_PER_FRAME))
 
 
 def parity(n: int, seed: int, window_s: float) -> dict:
