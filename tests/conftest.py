@@ -255,3 +255,36 @@ def data_dir(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"dataset {name} not found at {path} (set EMOTION_DATA_DIR)")
     return path
+
+
+async def stop_as_soon_as_up(args: list[str], node: str, log_line: bytes | None = None) -> tuple[int, bytes]:
+    """Start `python -m streamer *args` (publishing as `node` to the local broker), send it SIGTERM the moment it
+    looks up to a supervisor (its retained status `online`, or the stderr line `log_line`), and wait for it to
+    exit: its exit code and stderr. A daemon must stop cleanly then, while its models may still be loading."""
+    import asyncio
+    import signal
+    import sys
+
+    import aiomqtt
+
+    from streamer.event import status_topic
+
+    async with aiomqtt.Client("127.0.0.1", 1883, identifier=f"watch-{uuid.uuid4().hex[:8]}") as client:
+        await client.subscribe(status_topic(node), qos=1)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "streamer", *args, stderr=asyncio.subprocess.PIPE
+        )
+        try:
+            async with asyncio.timeout(120):
+                if log_line is None:
+                    await anext(m async for m in client.messages if m.payload == b"online")
+                else:
+                    while log_line not in (line := await proc.stderr.readline()):
+                        assert line, f"{args[0]} stopped before {log_line!r}"
+            proc.send_signal(signal.SIGTERM)
+            _, err = await asyncio.wait_for(proc.communicate(), 60)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    return proc.returncode, err

@@ -23,7 +23,16 @@ from streamer.frames import LABELS, SAMPLE_RATE
 from streamer.ingest import start_listeners
 from streamer.ingest.calls import CallHub, EscalationRule, IngestOptions
 from streamer.publisher import JsonlSink, MqttOptions, MqttSink
-from tests.conftest import ANGRY_ES, HAPPY_ES, free_port, make_event, retained_under, silence, unique_node
+from tests.conftest import (
+    ANGRY_ES,
+    HAPPY_ES,
+    free_port,
+    make_event,
+    retained_under,
+    silence,
+    stop_as_soon_as_up,
+    unique_node,
+)
 from tests.test_publisher import clear_node
 
 pytestmark = pytest.mark.slow
@@ -581,27 +590,11 @@ async def test_serve_stops_cleanly_on_sigterm_as_soon_as_it_says_it_is_up(broker
     after it) or its `serving calls` line. The SIGTERM handler was installed only after both, so such a signal
     killed it (exit -15, `offline` only from the Last Will, no clean shutdown)."""
     node, port = unique_node("serve"), free_port()
-    async with aiomqtt.Client("127.0.0.1", 1883, identifier=f"watch-{uuid.uuid4().hex[:8]}") as client:
-        await client.subscribe(status_topic(node), qos=1)
-        proc = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "streamer", "serve", "--language", "es", "--node", node),
-            *("--audiosocket", f"127.0.0.1:{port}", "--broker", "mqtt://127.0.0.1:1883"),
-            stderr=asyncio.subprocess.PIPE,
-        )
-        try:
-            async with asyncio.timeout(120):
-                if ready == "online":
-                    await anext(m async for m in client.messages if m.payload == b"online")
-                else:
-                    while b"serving calls" not in (line := await proc.stderr.readline()):
-                        assert line, "serve stopped before serving"
-            proc.send_signal(signal.SIGTERM)
-            _, err = await asyncio.wait_for(proc.communicate(), 60)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-    assert proc.returncode == 0, err.decode()[-3000:]
+    args = ["serve", "--language", "es", "--node", node, "--audiosocket", f"127.0.0.1:{port}"]
+    code, err = await stop_as_soon_as_up(
+        [*args, "--broker", "mqtt://127.0.0.1:1883"], node, None if ready == "online" else b"serving calls"
+    )
+    assert code == 0, err.decode()[-3000:]
     assert retained_under([node])[status_topic(node)] == b"offline"
 
 

@@ -16,7 +16,7 @@ import soundfile as sf
 from streamer.classifier import EmotionClassifier
 from streamer.event import validate
 from streamer.frames import SAMPLE_RATE
-from tests.conftest import ANGRY_ES, HAPPY_ES, free_port, silence, unique_node
+from tests.conftest import ANGRY_ES, HAPPY_ES, free_port, silence, stop_as_soon_as_up, unique_node
 from tests.test_publisher import clear_node, receive, retained
 
 CLI = [sys.executable, "-m", "streamer"]
@@ -273,32 +273,13 @@ async def test_run_stops_cleanly_on_sigterm_as_soon_as_it_is_online(broker, spea
     """As `serve` (test_ingest): a supervisor may stop `run` the moment its retained `online` appears, while the
     models still load. The signal handler used to be installed only after that, so such a SIGTERM killed it (exit
     -15, no clean shutdown)."""
-    import signal
-    import uuid
-
-    import aiomqtt
-
     from streamer.event import status_topic
     from streamer.retained import retained_under
 
     wav = tmp_path / "long.wav"
     sf.write(wav, np.concatenate([speak(ANGRY_ES), silence(20.0)]), SAMPLE_RATE)  # still playing when stopped
     node = unique_node("run")
-    async with aiomqtt.Client("127.0.0.1", 1883, identifier=f"watch-{uuid.uuid4().hex[:8]}") as client:
-        await client.subscribe(status_topic(node), qos=1)
-        proc = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "streamer", "run", "--language", "es", "--node", node, "--quiet"),
-            *("--source", f"file:{wav}", "--broker", "mqtt://127.0.0.1:1883"),
-            stderr=asyncio.subprocess.PIPE,
-        )
-        try:
-            async with asyncio.timeout(120):
-                await anext(m async for m in client.messages if m.payload == b"online")
-            proc.send_signal(signal.SIGTERM)
-            _, err = await asyncio.wait_for(proc.communicate(), 60)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-    assert proc.returncode == 0, err.decode()[-3000:]
+    args = ["run", "--language", "es", "--node", node, "--quiet", "--source", f"file:{wav}"]
+    code, err = await stop_as_soon_as_up([*args, "--broker", "mqtt://127.0.0.1:1883"], node)
+    assert code == 0, err.decode()[-3000:]
     assert retained_under([node])[status_topic(node)] == b"offline"
