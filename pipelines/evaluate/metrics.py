@@ -6,12 +6,16 @@ One place for them so that every table under `docs/models/` computes a figure th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
 from streamer.frames import LABELS
+
+T = TypeVar("T")
 
 
 def macro_f1(y_true: Sequence[str], y_pred: Sequence[str]) -> float:
@@ -142,3 +146,14 @@ def heldout_summary(p: np.ndarray, y: np.ndarray, n_boot: int, seed: int) -> dic
         "accuracy": round(s["pooled_accuracy"], 4),
         "per_class_f1": s["pooled_per_class_f1"],
     }
+
+
+def median_ms(fn: Callable[[T], object], items: Sequence[T]) -> float:
+    """Median wall milliseconds of `fn` per item, after one warm-up call: the cost columns of the recipe tables."""
+    fn(items[0])
+    times = []
+    for item in items:
+        t0 = time.perf_counter()
+        fn(item)
+        times.append((time.perf_counter() - t0) * 1000)
+    return float(np.median(times))

@@ -31,7 +31,7 @@ import numpy as np
 
 from pipelines.data import corpora as D
 from pipelines.data.corpora import text_folds
-from pipelines.evaluate.metrics import macro_f1
+from pipelines.evaluate.metrics import macro_f1, median_ms
 from pipelines.evaluate.report import Predictions, RecipeResult, write_report
 from pipelines.train.linear import apply_bias, fit_quiet, make_model, oof_proba, proba_in_label_order, tune_bias
 from pipelines.train.text import LR_CFG, average_fit, fit_embedding, fit_tfidf, scores
@@ -303,16 +303,6 @@ def distil_cv(
 # --------------------------------------------------------------------------- inference cost
 
 
-def _median_ms(fn: Callable[[str], object], texts: Sequence[str]) -> float:
-    fn(texts[0])  # warm-up
-    times = []
-    for t in texts:
-        t0 = time.perf_counter()
-        fn(t)
-        times.append((time.perf_counter() - t0) * 1000)
-    return float(np.median(times))
-
-
 def inference_cost(cfg: dict, spec, d: CvData, seed: int) -> dict[str, float]:
     """Median ms per text, one text at a time: encoders (runtime thread count) + the fitted head(s). Models are
     fitted on all EmoSPeech rows with hard labels: a student costs the same whatever labels it was trained on."""
@@ -335,8 +325,8 @@ def inference_cost(cfg: dict, spec, d: CvData, seed: int) -> dict[str, float]:
         ps = [members[m].predict_proba([t] if m == "tfidf" else embed([m], t)) for m in members]
         return np.mean(ps, axis=0)
 
-    cost = {f: _median_ms(lambda t, f=f: heads[f].predict_proba(embed(f.split("+"), t)), texts) for f in heads}
-    cost["teacher"] = _median_ms(run_teacher, texts)
+    cost = {f: median_ms(lambda t, f=f: heads[f].predict_proba(embed(f.split("+"), t)), texts) for f in heads}
+    cost["teacher"] = median_ms(run_teacher, texts)
     return cost
 
 

@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 from pipelines.data import corpora as D
+from pipelines.evaluate.metrics import median_ms
 from pipelines.train.voice.inputs import FrameSource, VoiceData
 from streamer.classifier import VoiceModel
 
@@ -27,14 +28,7 @@ def encoder_cost(data: VoiceData, sources: list[FrameSource], n: int, seed: int)
     audio = [load_audio(c.path) for c in clips]
     out = {}
     for source in sources:
-        encode = data.featurizer(source).frames_of
-        encode(audio[0])  # warm-up
-        times = []
-        for a in audio:
-            t0 = time.perf_counter()
-            encode(a)
-            times.append(1000 * (time.perf_counter() - t0))
-        out[source] = float(np.median(times))
+        out[source] = median_ms(data.featurizer(source).frames_of, audio)
         log.info("encoder, %s: median %.0f ms per clip (%d clips)", source.name, out[source], len(audio))
     return out
 
@@ -55,15 +49,10 @@ def prosody_cost(data: VoiceData, n: int, seed: int) -> float:
 
     clips = D.limit_records(data.clips[D.UEM], n, seed)
     audio = [load_audio(c.path) for c in clips]
-    prosody_features(audio[0])  # warm-up
-    times = []
-    for a in audio:
-        t0 = time.perf_counter()
-        prosody_features(a)
-        times.append(1000 * (time.perf_counter() - t0))
+    ms = median_ms(prosody_features, audio)
     seconds = float(np.median([len(a) for a in audio])) / 16000
-    log.info("prosody: median %.2f ms per clip (%d clips, median %.1f s)", np.median(times), len(audio), seconds)
-    return float(np.median(times))
+    log.info("prosody: median %.2f ms per clip (%d clips, median %.1f s)", ms, len(audio), seconds)
+    return ms
 
 
 def runtime_cost(data: VoiceData, model: VoiceModel, n: int, seed: int, repeats: int = 5) -> dict[str, float]:
