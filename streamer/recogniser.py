@@ -104,6 +104,14 @@ def _pieces(utterance: Utterance) -> list[tuple[np.ndarray, int]]:
     return [(audio[o : o + step], len(audio[o : o + step]) + pad * (o == starts[-1])) for o in starts]
 
 
+def log_mel(extractor, audio: np.ndarray, n: int) -> np.ndarray:
+    """Whisper's log-mel input for `audio` zero-padded (or cut) to `n` samples: [mels, n / 160], contiguous, as
+    CTranslate2's `encode` takes it (`extractor`: faster-whisper's `FeatureExtractor`)."""
+    padded = np.zeros(n, dtype=np.float32)
+    padded[: len(audio)] = audio[:n]
+    return np.ascontiguousarray(extractor(padded)[:, : n // 160])
+
+
 class Recogniser:
     """Loads Whisper once; `recognise` turns an utterance into a `Transcript` with its encoder frames."""
 
@@ -175,11 +183,7 @@ class Recogniser:
 
     def _encode_batch(self, pieces: list[np.ndarray], n: int):
         """One encoder call for pieces in a window of `n` samples; returns (storage [B, T, 512], frames as numpy)."""
-        mels = []
-        for audio in pieces:
-            padded = np.zeros(n, dtype=np.float32)
-            padded[: len(audio)] = audio[:n]
-            mels.append(self._whisper.feature_extractor(padded)[:, : n // 160])
+        mels = [log_mel(self._whisper.feature_extractor, audio, n) for audio in pieces]
         # On a GPU the encoder output stays there for decoding, and only a copy (float16) comes back for the
         # voice head; selecting rows of that copy keeps its dtype, which the model expects.
         on_gpu = self.device == "cuda"

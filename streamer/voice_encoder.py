@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from streamer.frames import SAMPLE_RATE
-from streamer.recogniser import MAX_WINDOW_S, SAMPLES_PER_FRAME
+from streamer.recogniser import MAX_WINDOW_S, SAMPLES_PER_FRAME, log_mel
 
 MAX_SAMPLES = int(MAX_WINDOW_S * SAMPLE_RATE)  # Whisper's positions cover 30 s
 
@@ -56,9 +56,6 @@ class VoiceEncoder:
         return np.concatenate([self._piece(p) for p in pieces])
 
     def _piece(self, audio: np.ndarray) -> np.ndarray:
-        n = max(1, math.ceil(len(audio) / SAMPLES_PER_FRAME)) * SAMPLES_PER_FRAME
-        padded = np.zeros(n, np.float32)
-        padded[: len(audio)] = audio
-        mel = np.ascontiguousarray(self._mel(padded)[:, : n // 160])
+        mel = log_mel(self._mel, audio, max(1, math.ceil(len(audio) / SAMPLES_PER_FRAME)) * SAMPLES_PER_FRAME)
         out = self._model.encode(self._storage.from_array(mel[None]), to_cpu=True)
         return np.array(out)[0].astype(np.float32)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from streamer.ct2file import Ct2File
-from streamer.recogniser import SAMPLES_PER_FRAME
+from streamer.recogniser import SAMPLES_PER_FRAME, log_mel
 
 # torch module → CTranslate2 spec scope, in each encoder layer; parameter → variable for LayerNorms and Linears
 LAYER_PARTS = {
@@ -122,10 +122,7 @@ def mel_window(audio: np.ndarray, window_s: float) -> np.ndarray:
     feature extractor), [80, 100 · window_s]."""
     from faster_whisper.feature_extractor import FeatureExtractor
 
-    n = int(window_s * 16000)
-    padded = np.zeros(n, np.float32)
-    padded[: len(audio)] = audio[:n]
-    return np.ascontiguousarray(FeatureExtractor()(padded)[:, : n // 160])
+    return log_mel(FeatureExtractor(), audio, int(window_s * 16000))
 
 
 def covered(n_samples: int) -> int:

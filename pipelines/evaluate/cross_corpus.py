@@ -70,6 +70,7 @@ class Probabilities:
     corpus: np.ndarray
 
     def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(path, cold=self.cold, causal=self.causal, y=self.y, corpus=self.corpus)
 
     @classmethod
@@ -158,9 +159,7 @@ def result_path(out: Path, name: str) -> Path:
 
 def proba_path(name: str, cache_dir: Path | None = None) -> Path:
     """Where a run keeps the recipe's held-out probabilities (with the corpora's labels, so in the cache, not docs/)."""
-    folder = cache_dir or PROBA_CACHE
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"{name.replace('+', '_')}_proba.npz"
+    return (cache_dir or PROBA_CACHE) / f"{name.replace('+', '_')}_proba.npz"
 
 
 def write_report(out: Path, names: list[str], cfg: dict) -> None:
