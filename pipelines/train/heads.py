@@ -2,6 +2,8 @@
 
     .venv/bin/python -m pipelines.train.heads --config configs/train/heads.yaml [--out streamer/models] [--limit N]
     .venv/bin/python -m pipelines.train.heads --calibrate-voice   # temperature of the voice --ship head
+    .venv/bin/python -m pipelines.train.heads --heads text_ensemble   # the default Spanish words head
+    .venv/bin/python -m pipelines.train.heads --words-cost [N]    # its run-time cost against the single e5 head
 
 Voice: pooled Whisper-base encoder frames (the runtime's features) → standardise → logistic regression, scored
 on UEM with speaker-grouped folds and on the authors' two held-out speakers. Text (`text`, Spanish):
@@ -10,6 +12,10 @@ folds grouped by YouTube video. English text (`text_en`): the same recipe on GoE
 official splits: chosen on dev, scored once on test (`pipelines.train.heads_en`). Every (variant, C) in the
 recipe is scored; the best by the recipe's `select_by` estimate is refitted and saved as a `LinearHead` (the
 scaler is kept as the head's mean/scale).
+
+The default Spanish words head (`text_ensemble`, `text_head_ens.npz`) is a soft vote of such logistic regressions
+on sentence embeddings and one on TF-IDF n-grams, scored on the `text` folds against the single e5 head's recipe in
+the same run (`train_text_ensemble`); the runtime reads it as arrays (`streamer.classifier.WordsEnsembleHead`).
 
 Text heads get a softmax temperature fitted on held-out probabilities (out-of-fold for `text`, dev for
 `text_en`), with the expected calibration error before and after in their meta; `--calibrate-voice` does the same
@@ -43,6 +49,7 @@ from streamer.frames import LABELS
 log = logging.getLogger("pipelines.train.heads")
 
 VOICE_FILE, TEXT_FILE, TEXT_EN_FILE = "voice_head.npz", "text_head.npz", "text_head_en.npz"
+TEXT_ENSEMBLE_FILE = "text_head_ens.npz"
 
 
 # --------------------------------------------------------------------------- voice
@@ -229,6 +236,250 @@ def train_text(cfg: dict, seed: int, root, limit, cache_dir) -> tuple[LinearHead
     return shipped_head(X, y, best["C"], cfg, seed, meta, offsets, tuned_on, calib), results, best
 
 
+# --------------------------------------------------------------------------- the default Spanish words head: ensemble
+
+
+class _Member:
+    """One member recipe of the words ensemble: logistic regression on sentence embeddings (`encoders`) or on
+    TF-IDF blocks (`tfidf`), fitted on row indices of the EmoSPeech rows."""
+
+    def __init__(self, name: str, spec: dict, texts: np.ndarray, y: np.ndarray, cfg: dict, seed: int, cache_dir):
+        from pipelines.data.features import text_features
+
+        self.name, self.spec, self.texts, self.y, self.cfg, self.seed = name, spec, texts, y, cfg, seed
+        self.tfidf = "tfidf" in spec
+        self.X = None if self.tfidf else text_features(list(texts), spec["encoders"], cache_dir, "emospeech")
+
+    def fit(self, C: float, idx: np.ndarray):
+        from pipelines.train.linear import fit_quiet, make_model
+        from pipelines.train.text import fit_tfidf
+
+        if self.tfidf:
+            return fit_tfidf(C, self.texts[idx], self.y[idx], None, self.seed, self.spec["tfidf"])
+        return fit_quiet(make_model(C, self.cfg, self.seed), self.X[idx], self.y[idx])
+
+    def proba(self, model, idx: np.ndarray) -> np.ndarray:
+        from pipelines.train.linear import proba_in_label_order
+
+        return proba_in_label_order(model, list(self.texts[idx]) if self.tfidf else self.X[idx])
+
+    def oof(self, C: float, splits) -> np.ndarray:
+        p = np.zeros((len(self.y), len(LABELS)))
+        for train, test in splits:
+            p[test] = self.proba(self.fit(C, train), test)
+        return p
+
+
+def train_text_ensemble(cfg: dict, seed: int, root, limit, cache_dir, out: Path | None = None):
+    """The default Spanish words head: the soft vote (equal weights) of member recipes (`members`: e5 LR, USE LR,
+    e5 ⊕ USE LR, TF-IDF LR), each at the C its own out-of-fold macro-F1 prefers, on the video-grouped folds of the
+    `text` head. Every average of `ensembles` is scored as is and with per-class offsets tuned on inner grouped folds
+    of each training side (nested: the test fold tunes nothing); the best by mean macro-F1 is shipped, with a
+    temperature fitted on its out-of-fold probabilities. The shipped single-e5 head's recipe (its C, with and
+    without its nested offsets) is scored on the same folds in the same run."""
+    from pipelines.train.linear import apply_bias, final_head, oof_proba, proba_in_label_order, tune_bias
+    from pipelines.train.selection import ENCODER_TAGS, TEXT_ENCODERS, TEXT_FEATURE_SPECS
+    from pipelines.train.text import tfidf_head, words_scores
+    from streamer.classifier import WordsEnsembleHead
+    from streamer.models import TEXT_HEAD
+
+    rows = D.limit_records(D.read_emospeech(root, include_extra=True).records, limit, seed)
+    texts = np.array([r.text for r in rows], dtype=object)
+    y = np.array([r.label for r in rows])
+    videos = np.array([r.youtube_key for r in rows])
+    splits = D.text_folds(rows, int(cfg["cv_folds"]), seed)
+    fold = np.full(len(y), -1)
+    for k, (_, test) in enumerate(splits):
+        fold[test] = k
+    n_boot = int(cfg.get("n_boot", 1000))
+    t0 = time.perf_counter()
+    members = {name: _Member(name, spec, texts, y, cfg, seed, cache_dir) for name, spec in cfg["members"].items()}
+    log.info("words ensemble features: %.1f s", time.perf_counter() - t0)
+
+    results, oof, chosen_C = [], {}, {}
+    for name, m in members.items():
+        best = None
+        for C in m.spec["C"]:
+            p = m.oof(float(C), splits)
+            est = estimate("cv", y, p, fold).summary()
+            results.append({"head": "words", "variant": f"member {name}", "C": float(C), "estimates": {"cv": est}})
+            log.info("words member %-8s C=%-6g %s", name, C, short(results[-1]))
+            if best is None or est["macro_f1_mean"] > best[0]:
+                best = (est["macro_f1_mean"], float(C), p)
+        chosen_C[name], oof[name] = best[1], best[2]
+
+    def vote(names, parts) -> np.ndarray:
+        return np.mean([parts[n] for n in names], axis=0)
+
+    # nested offsets: inner grouped folds of each outer training side, every member refitted there
+    inner_cache: dict = {}
+
+    def inner_oof(name: str, k: int, train: np.ndarray, inner) -> np.ndarray:
+        if (name, k) not in inner_cache:
+            p = np.zeros((len(train), len(LABELS)))
+            for itr, ite in inner:
+                p[ite] = members[name].proba(members[name].fit(chosen_C[name], train[itr]), train[ite])
+            inner_cache[name, k] = p
+        return inner_cache[name, k]
+
+    def nested(names) -> tuple[np.ndarray, list]:
+        p_out, offsets = np.zeros((len(y), len(LABELS))), []
+        for k, (train, test) in enumerate(splits):
+            inner = D.grouped_folds(y[train], videos[train], 3, seed + 1)
+            b = tune_bias(vote(names, {n: inner_oof(n, k, train, inner) for n in names}), y[train])
+            p_out[test] = apply_bias(vote(names, oof)[test], b)
+            offsets.append([round(float(v), 4) for v in b])
+        return p_out, offsets
+
+    candidates = {}  # name → (members, offsets?, out-of-fold probabilities)
+    for ens, names in cfg["ensembles"].items():
+        candidates[ens] = (list(names), False, vote(names, oof))
+        if cfg.get("bias_tuning"):
+            candidates[f"{ens}+bias"] = (list(names), True, nested(names)[0])
+        for cand in (ens, f"{ens}+bias") if cfg.get("bias_tuning") else (ens,):
+            est = estimate("cv", y, candidates[cand][2], fold).summary()
+            C = "/".join(f"{chosen_C[n]:g}" for n in names)
+            results.append({"head": "words", "variant": cand, "C": 0.0, "member_C": C, "estimates": {"cv": est}})
+            log.info("words %-24s %s", cand, short(results[-1]))
+    best_name = max(candidates, key=lambda c: estimate("cv", y, candidates[c][2], fold).summary()["macro_f1_mean"])
+    names, with_offsets, p_best = candidates[best_name]
+
+    # the shipped single head's recipe on the same folds, with and without its nested offsets
+    shipped = LinearHead.load(TEXT_HEAD)
+    s_C, s_enc = float(shipped.meta["classifier"]["C"]), list(shipped.meta.get("encoders", ["e5"]))
+    s_member = _Member("shipped", {"encoders": s_enc}, texts, y, cfg, seed, cache_dir)
+    p_ship_plain = oof_proba(splits, s_member.X, y, s_C, cfg, seed)[0]
+    p_ship = oof_proba(splits, s_member.X, y, s_C, cfg, seed, videos)[0] if cfg.get("bias_tuning") else p_ship_plain
+
+    def members_desc(ns) -> str:
+        return " + ".join(f"{n} (C {chosen_C[n]:g})" for n in ns)
+
+    comparison = [
+        words_scores(
+            f"shipped {shipped.model_id}",
+            f"the single head until now: {'+'.join(s_enc)} LR, C {s_C:g}, nested offsets",
+            p_ship, y, fold, n_boot, seed,
+        ),
+        words_scores("shipped −offsets", "the same without offsets", p_ship_plain, y, fold, n_boot, seed),
+    ]  # fmt: skip
+    for n in members:
+        comparison.append(words_scores(n, f"member: {members_desc([n])}", oof[n], y, fold, n_boot, seed))
+    for cand, (ns, off, p) in candidates.items():
+        what = f"mean of {members_desc(ns)}" + (", nested offsets" if off else "")
+        what += " — **the new default head**" if cand == best_name else ""
+        comparison.append(words_scores(cand, what, p, y, fold, n_boot, seed))
+    new, old = next(r for r in comparison if r["recipe"] == best_name), comparison[0]
+    if new["macro_f1_mean"] <= old["macro_f1_mean"]:
+        log.warning("words ensemble %s (%.3f) does not beat the shipped head (%.3f)", best_name, new["macro_f1_mean"],
+                    old["macro_f1_mean"])  # fmt: skip
+
+    calib = calibration(
+        p_best, y, fold, f"out-of-fold probabilities of {best_name} on the {len(splits)} video-grouped folds"
+    )
+    # final fits on all rows; offsets (when chosen) from 3 inner grouped folds of all rows
+    everything = np.arange(len(y))
+    offsets = np.zeros(len(LABELS))
+    if with_offsets:
+        inner = D.grouped_folds(y, videos, 3, seed + 1)
+        offsets = tune_bias(vote(names, {n: inner_oof(n, -1, everything, inner) for n in names}), y)
+    heads = []
+    odd = ["", "   ", "🙂" * 20, "Ты меня бесишь!", "我很生气", "x" * 5000, "hola\t\tmundo  \n adiós"]
+    check = list(texts[: min(len(texts), 200)]) + odd
+    for n in names:
+        m = members[n]
+        meta_n = {"id": f"text-emospeech-member-{n}", "C": chosen_C[n], "seed": seed}
+        if m.tfidf:
+            model = m.fit(chosen_C[n], everything)
+            head = tfidf_head(model, {**meta_n, "tfidf": {**m.spec["tfidf"]}})
+            diff = float(np.abs(head.predict_proba(check) - proba_in_label_order(model, check)).max())
+            if diff > 1e-6:
+                raise AssertionError(f"TfidfHead differs from sklearn by {diff:.2e}")
+            head = dataclasses.replace(head, meta={**head.meta, "sklearn_parity_max_abs_diff": float(f"{diff:.1e}")})
+        else:
+            enc = list(m.spec["encoders"])
+            meta_n |= {
+                "encoders": enc,
+                "feature": " ⊕ ".join(TEXT_FEATURE_SPECS[e] for e in enc),
+                "encoder": " + ".join(TEXT_ENCODERS[e].model_id for e in enc),
+                "classifier": classifier_meta(chosen_C[n], cfg, seed),
+            }
+            head = final_head(m.X, y, chosen_C[n], cfg, seed, meta_n)
+        heads.append(head)
+    tags = "+".join(
+        "tfidf" if members[n].tfidf else "-".join(ENCODER_TAGS[e] for e in members[n].spec["encoders"]) for n in names
+    )
+    meta = {
+        "id": f"text-emospeech-train+extra-avg-{tags}-v{cfg['version']}",
+        "head": "text",
+        "labels": list(LABELS),
+        "kind": "soft vote (equal weights) of the members' probabilities, then offsets, then temperature",
+        "members": names,
+        "member_C": {n: chosen_C[n] for n in names},
+        "datasets": [f"{D.EMOSPEECH}/{s}.csv" for s in ("train", "extra")],
+        "n_train": len(y),
+        "train_label_counts": label_counts(y),
+        "cv_grouping": "youtube_key, folds over train+extra (the folds of the `text` head)",
+        "selected_by": "cv macro_f1_mean over the ensembles, with and without nested offsets",
+        "chosen": best_name,
+        "offsets": "tuned on 3 video-grouped folds of all rows (nested in CV)"
+        if with_offsets
+        else "none (CV prefers none)",
+        "comparison": comparison,
+        "calibration": calib,
+        "limit": limit,
+        "licence": "CC BY-NC 4.0 (inherited from the EmoSPeech 2024 / MEACorpus 2023 text): non-commercial use only",
+        "languages": "es, and every language without a head of its own",
+    }
+    head = WordsEnsembleHead(tuple(heads), tuple([1.0 / len(heads)] * len(heads)), offsets, meta, calib["temperature"])
+    chosen = next(r for r in results if r["variant"] == best_name)
+    return head, results, chosen
+
+
+def words_cost(n: int, seed: int, root) -> dict:
+    """What the Spanish words heads cost at run time on one thread: loading each words model (fresh encoders) and
+    the whole classifier with it, and milliseconds per transcript one at a time over `n` EmoSPeech transcripts,
+    the single e5 head (`frozen`) and the ensemble interleaved (alternating which goes first); with the ensemble's
+    parts (each encoder, the TF-IDF member) timed on the same transcripts."""
+    from streamer.classifier import ClassifierOptions, EmotionClassifier, TfidfHead, load_words_model
+    from streamer.models import WORDS_HEADS
+
+    texts = [r.text for r in D.limit_records(D.read_emospeech(root, include_extra=True).records, n, seed)]
+    names = ("frozen", "ensemble")
+    load_s, models = {}, {}
+    for name in names:
+        t0 = time.perf_counter()
+        models[name] = load_words_model(WORDS_HEADS[name], threads=1)
+        load_s[name] = round(time.perf_counter() - t0, 3)
+    classifier_s = {}
+    for name in (*names, *names):  # twice each, interleaved: the second load finds the files in the page cache
+        t0 = time.perf_counter()
+        EmotionClassifier(ClassifierOptions(words_head=name, text_threads=1))
+        classifier_s[name] = round(time.perf_counter() - t0, 3)
+    ens = models["ensemble"]
+    parts = {n_: e.encode for n_, e in zip(ens.encoder_names, ens.encoders, strict=True)}
+    parts["tfidf"] = next(m for m in ens.members if isinstance(m, TfidfHead)).predict_proba
+    for model in models.values():
+        model.predict_proba(texts[:1])
+    ms: dict[str, list[float]] = {k: [] for k in (*names, *parts)}
+    for i, text in enumerate(texts):
+        for name in names if i % 2 == 0 else names[::-1]:
+            t0 = time.perf_counter()
+            models[name].predict_proba([text])
+            ms[name].append(1000 * (time.perf_counter() - t0))
+        for name, fn in parts.items():
+            t0 = time.perf_counter()
+            fn([text])
+            ms[name].append(1000 * (time.perf_counter() - t0))
+    return {
+        "n_texts": len(texts),
+        "median_chars": int(np.median([len(t) for t in texts])),
+        "words_model_load_s": load_s,
+        "classifier_load_s": classifier_s,
+        "median_ms": {k: round(float(np.median(v)), 2) for k, v in ms.items()},
+        "p95_ms": {k: round(float(np.percentile(v, 95)), 2) for k, v in ms.items()},
+    }
+
+
 # --------------------------------------------------------------------------- the shipped voice head's temperature
 
 
@@ -296,6 +547,7 @@ HEADS = {
     "voice": (train_voice, VOICE_FILE),
     "text": (train_text, TEXT_FILE),
     "text_en": (train_text_en, TEXT_EN_FILE),
+    "text_ensemble": (train_text_ensemble, TEXT_ENSEMBLE_FILE),
 }
 
 
@@ -318,11 +570,23 @@ def main(argv: list[str] | None = None) -> int:
         metavar="VOICE_RECIPES_YAML",
         help="only fit the temperature of <out>/voice_head.npz (shipped by pipelines.train.voice --ship)",
     )
+    p.add_argument(
+        "--words-cost",
+        type=int,
+        nargs="?",
+        const=200,
+        default=None,
+        metavar="N",
+        help="only measure the Spanish words heads' run-time cost on N EmoSPeech transcripts (one thread)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from pipelines.data.features import DEFAULT_CACHE
 
     cache_dir = None if args.no_cache else (args.cache_dir or DEFAULT_CACHE)
+    if args.words_cost:
+        print(json.dumps(words_cost(args.words_cost, 0, args.data_dir), indent=2))
+        return 0
     if args.calibrate_voice:
         path = calibrate_voice(args.calibrate_voice, args.out / VOICE_FILE, args.data_dir, cache_dir)
         from streamer.models import sha256_of
@@ -352,9 +616,20 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table(all_results, chosen))
     print()
+    from pipelines.train.text import words_table
+    from streamer.classifier import WordsEnsembleHead
+    from streamer.models import sha256_of
+
     for path in saved:
-        head = LinearHead.load(path)
-        print(f"{path}  {path.stat().st_size / 1024:.0f} KiB  {head.model_id}  C={head.meta['classifier']['C']:g}")
+        if path.name == TEXT_ENSEMBLE_FILE:
+            head = WordsEnsembleHead.load(path)
+            print(words_table(head.meta["comparison"]))
+            print()
+            what = f"members {'/'.join(head.meta['members'])}  T={head.temperature:g}"
+        else:
+            head = LinearHead.load(path)
+            what = f"C={head.meta['classifier']['C']:g}"
+        print(f"{path}  {path.stat().st_size / 1024:.0f} KiB  {head.model_id}  {what}  sha256 {sha256_of(path)}")
     print(f"total {time.perf_counter() - started:.0f} s")
     if args.report:
         args.report.parent.mkdir(parents=True, exist_ok=True)

@@ -86,27 +86,114 @@ def fit_embedding(C: float, X: np.ndarray, y: np.ndarray, w: np.ndarray | None, 
         return model.fit(X, y, logisticregression__sample_weight=w)
 
 
-def make_tfidf(C: float, seed: int):
+TFIDF_SPEC = {"word": [1, 2], "char_wb": [2, 5], "min_df": 2, "max_features": None}  # the `tfidf` recipe
+
+
+def make_tfidf(C: float, seed: int, spec: dict | None = None):
+    """TF-IDF blocks (`spec`: analyzer → n-gram range, `min_df`, `max_features` per block; default `TFIDF_SPEC`),
+    sublinear tf, lower case, side by side → logistic regression. `tfidf_head` turns the fitted pipeline into the
+    runtime's numpy `TfidfHead`."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline, make_union
 
+    from streamer.classifier import TFIDF_ANALYZERS
+
+    spec = {**TFIDF_SPEC, **(spec or {})}
+    blocks = [
+        TfidfVectorizer(
+            analyzer=a,
+            ngram_range=tuple(spec[a]),
+            min_df=spec["min_df"],
+            max_features=spec["max_features"],
+            sublinear_tf=True,
+            lowercase=True,
+        )
+        for a in TFIDF_ANALYZERS
+        if spec.get(a)
+    ]
     return make_pipeline(
-        make_union(
-            TfidfVectorizer(analyzer="word", ngram_range=(1, 2), min_df=2, sublinear_tf=True, lowercase=True),
-            TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), min_df=2, sublinear_tf=True, lowercase=True),
-        ),
+        make_union(*blocks),
         LogisticRegression(C=C, class_weight="balanced", tol=1e-3, max_iter=1000, random_state=seed),
     )
 
 
-def fit_tfidf(C: float, texts: np.ndarray, y: np.ndarray, w: np.ndarray | None, seed: int):
-    model = make_tfidf(C, seed)
+def fit_tfidf(C: float, texts: np.ndarray, y: np.ndarray, w: np.ndarray | None, seed: int, spec: dict | None = None):
+    model = make_tfidf(C, seed, spec)
     kw = {} if w is None else {"logisticregression__sample_weight": w}
     return model.fit(list(texts), y, **kw)
 
 
+def tfidf_head(model, meta: dict):
+    """The numpy `TfidfHead` of a fitted `make_tfidf` pipeline: each vectorizer's vocabulary (in column order) and
+    idf, the logistic regression's coefficients in LABELS order (stored as float32, as the file keeps them)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    from streamer.classifier import TfidfBlock, TfidfHead
+
+    union, lr = model[0], model[-1]
+    blocks = []
+    for _, v in union.transformer_list:
+        plain = TfidfVectorizer().get_params()
+        same = ("lowercase", "token_pattern", "strip_accents", "preprocessor", "tokenizer", "stop_words", "norm")
+        changed = [k for k in same if v.get_params()[k] != plain[k]]
+        if changed or not (v.use_idf and v.smooth_idf and v.sublinear_tf and v.input == "content"):
+            raise ValueError(f"TfidfHead reproduces the make_tfidf vectorizers only; {v} differs in {changed}")
+        vocabulary = {str(t): int(j) for t, j in v.vocabulary_.items()}
+        blocks.append(TfidfBlock(v.analyzer, tuple(int(n) for n in v.ngram_range), vocabulary, v.idf_.copy()))
+    order = [list(lr.classes_).index(label) for label in LABELS]
+    coef = lr.coef_[order].astype(np.float32).astype(np.float64)
+    return TfidfHead(LABELS, tuple(blocks), coef, lr.intercept_[order].astype(np.float64), meta)
+
+
 # --------------------------------------------------------------------------- evaluation
+
+
+def words_scores(name: str, what: str, p: np.ndarray, y: np.ndarray, fold: np.ndarray, n_boot: int, seed: int) -> dict:
+    """One comparison row: macro-F1 mean ± sd over the folds, pooled macro-F1 with its bootstrap 95 % CI, accuracy,
+    per-class F1, and macro-F1 without fear (mean over folds and pooled; fear has 31 rows in EmoSPeech)."""
+    from sklearn.metrics import f1_score
+
+    from pipelines.evaluate.metrics import bootstrap_ci, estimate
+
+    pred = np.array(LABELS)[p.argmax(axis=1)]
+    e = estimate("cv", y, p, fold).summary()
+    no_fear = [label for label in LABELS if label != "fear"]
+    folds = sorted(f for f in np.unique(fold) if f >= 0)
+    nf = [f1_score(y[fold == f], pred[fold == f], labels=no_fear, average="macro", zero_division=0) for f in folds]
+    lo, hi = bootstrap_ci(y, pred, n_boot, seed)
+    return {
+        "recipe": name,
+        "what": what,
+        "macro_f1_mean": e["macro_f1_mean"],
+        "macro_f1_sd": e["macro_f1_sd"],
+        "pooled_macro_f1": e["pooled_macro_f1"],
+        "pooled_macro_f1_ci95": [round(lo, 4), round(hi, 4)],
+        "accuracy_mean": e["accuracy_mean"],
+        "per_class_f1": e["pooled_per_class_f1"],
+        "macro_f1_no_fear_mean": round(float(np.mean(nf)), 4),
+        "macro_f1_no_fear_sd": round(float(np.std(nf)), 4),
+        "pooled_macro_f1_no_fear": round(float(f1_score(y, pred, labels=no_fear, average="macro", zero_division=0)), 4),
+    }
+
+
+def words_table(rows: list[dict]) -> str:
+    """The markdown table of `words_scores` rows (docs/models/text_recipes.md, the model card)."""
+    lines = [
+        "| recipe | what | macro-F1 mean ± sd | pooled macro-F1 [95 % CI] | accuracy |"
+        " without fear: mean ± sd (pooled) | pooled per-class F1 (ang/dis/fea/joy/neu/sad) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lo, hi = r["pooled_macro_f1_ci95"]
+        per_class = " / ".join(f"{r['per_class_f1'][label]:.2f}" for label in LABELS)
+        lines.append(
+            f"| `{r['recipe']}` | {r['what']} | {r['macro_f1_mean']:.3f} ± {r['macro_f1_sd']:.3f} |"
+            f" {r['pooled_macro_f1']:.3f} [{lo:.3f}, {hi:.3f}] | {r['accuracy_mean']:.3f} |"
+            f" {r['macro_f1_no_fear_mean']:.3f} ± {r['macro_f1_no_fear_sd']:.3f} ({r['pooled_macro_f1_no_fear']:.3f}) |"
+            f" {per_class} |"
+        )
+    return "\n".join(lines)
 
 
 def scores(y: np.ndarray, p: np.ndarray, splits) -> tuple[list[float], list[float]]:
@@ -350,8 +437,50 @@ def render(res: dict[str, Result], rows, aux, splits, args, total: float, feat_s
         " training side: the test fold is never used to tune anything except the shared choice of C."
         " Fear has 31 rows in all, so one fear row more or less moves a fold's macro-F1 by up to ~0.03.",
         "",
+        *ensemble_section(),
     ]
     return "\n".join(lines)
+
+
+ENSEMBLE_HEADING = "### The default words head: the ensemble against the single e5 head"
+
+
+def ensemble_section(path: Path | None = None) -> list[str]:
+    """The comparison stored in the shipped words ensemble (`pipelines.train.heads --heads text_ensemble` scores it
+    and the single e5 head on the same folds in one run) as markdown lines; none when the file is absent."""
+    from streamer.classifier import WordsEnsembleHead
+    from streamer.models import TEXT_HEAD_ENSEMBLE, sha256_of
+
+    path = path or TEXT_HEAD_ENSEMBLE
+    if not path.is_file():
+        return []
+    head = WordsEnsembleHead.load(path)
+    meta, calib = head.meta, head.meta["calibration"]
+    offsets = "per-class offsets" if np.any(head.offsets) else "no offsets (the nested estimate prefers none)"
+    return [
+        ENSEMBLE_HEADING,
+        "",
+        "Reproduce (writes `streamer/models/text_head_ens.npz`; embeddings cached):",
+        "",
+        "```sh",
+        ".venv/bin/python -m pipelines.train.heads --heads text_ensemble",
+        "```",
+        "",
+        f"`{meta['id']}` (SHA-256 `{sha256_of(path)[:12]}…`, {path.stat().st_size / 1e6:.1f} MB) is the shipped"
+        f" `{meta['chosen']}`: the equal-weight mean of its members' probabilities, {offsets}, temperature"
+        f" {head.temperature:g} (fitted on the out-of-fold probabilities; ECE {calib['ece15_before']:.3f} →"
+        f" {calib['ece15_after_crossfit']:.3f} cross-fitted). Each member's C is the best of its grid by its own"
+        " mean out-of-fold macro-F1 (the same mild optimism as the table above); the `+bias` rows tune the offsets"
+        " on 3 inner video-grouped folds of each training side with every member refitted there. Same 5 folds,"
+        f" {meta['n_train']} rows, as above; the first two rows are the recipe of the single head shipped until"
+        " now (`words_head: frozen`), refitted per fold in the same run. Pooled macro-F1 with a"
+        ' 1,000-resample bootstrap 95 % CI; "without fear": the macro-F1 over the other five classes. What the'
+        " rows say, the run-time cost and the limits: [model card](../../streamer/models/MODEL_CARD.md), *Default"
+        " words head*.",
+        "",
+        words_table(meta["comparison"]),
+        "",
+    ]
 
 
 # --------------------------------------------------------------------------- English, cross-language, joint es+en
