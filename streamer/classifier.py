@@ -37,9 +37,11 @@ from streamer.models import (
     TEXT_HEADS,
     VOICE_HEAD,
     WORDS_HEADS,
+    ModelFileError,
     e5_small_path,
     finetuned_e5_path,
     save_arrays,
+    verify,
     verify_use,
 )
 from streamer.prosody import ProsodyReader
@@ -316,10 +318,24 @@ def load_voice_head(path: Path = VOICE_HEAD) -> VoiceHead:
     return loaders[kind](path)
 
 
+def encoder_delta(path: Path, meta: dict) -> str | None:
+    """The fine-tuned encoder delta a voice head names (`encoder_delta`, a file beside the head), checked against the
+    SHA-256 the head records for it (`encoder_delta_sha256`); None for a head on the bundled layers."""
+    name = meta.get("encoder_delta")
+    if not name:
+        return None
+    delta = Path(path).parent / name
+    if not delta.is_file():
+        raise ModelFileError(f"{delta}: the voice head {path} needs this encoder delta: reinstall the package")
+    verify(delta, str(meta.get("encoder_delta_sha256")))
+    return str(delta)
+
+
 @dataclass(frozen=True)
 class VoiceModel:
     """The voice head with what it reads: the utterance's encoder frames (recognition's, or with `encoder` those of
-    the voice branch's own pass, `streamer.voice_encoder`, when the head's meta names `encoder_layers`), normalised by
+    the voice branch's own pass, `streamer.voice_encoder`, when the head's meta names `encoder_layers`, with the
+    fine-tuned delta its meta names as `encoder_delta`), normalised by
     the stream's past ones when the file has a `norm` (`streamer.adaptation.StreamNorm`), and, when a member reads
     prosody, the utterance's prosody vector (`prosody`: its columns and their normalisation by the stream's past
     vectors)."""
@@ -333,7 +349,7 @@ class VoiceModel:
     def load(cls, path: Path = VOICE_HEAD) -> VoiceModel:
         head = load_voice_head(path)
         layers = head.meta.get("encoder_layers")
-        encoder = VoiceEncoder(VoiceEncoderOptions(layers=int(layers))) if layers else None
+        encoder = VoiceEncoder(VoiceEncoderOptions(int(layers), encoder_delta(path, head.meta))) if layers else None
         model = cls(head, StreamNorm.load(path), ProsodyReader.load(path), encoder)
         if model.head.reads_prosody != (model.prosody is not None):
             raise ValueError(f"{path}: a head that reads prosody needs its prosody.* arrays, and only it has them")

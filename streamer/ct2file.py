@@ -102,14 +102,20 @@ def _string(text: str) -> bytes:
     return struct.pack("H", len(data) + 1) + data + b"\0"
 
 
-def truncate_encoder(src: Path, dst: Path, layers: int) -> Path:
+def truncate_encoder(src: Path, dst: Path, layers: int, replace: dict[str, np.ndarray] | None = None) -> Path:
     """Copy the CTranslate2 Whisper model directory `src` to `dst`, keeping only the first `layers` encoder layers
-    (the decoder is kept, so the model loads as a Whisper; only `encode` is meant to be called on it). The new
-    `model.bin` is written under a temporary name and renamed, so a crash leaves no half file."""
+    (the decoder is kept, so the model loads as a Whisper; only `encode` is meant to be called on it), with the
+    variables named in `replace` given new values (same shape, cast to the file's dtype: a fine-tuned layer). The
+    new `model.bin` is written under a temporary name and renamed, so a crash leaves no half file."""
     model = Ct2File.read(Path(src) / "model.bin")
     have = model.encoder_layers()
     if not 1 <= layers <= have:
         raise ValueError(f"{src}: cannot keep {layers} of {have} encoder layers")
+    replace = replace or {}
+    for name, value in replace.items():
+        if name not in model.variables or tuple(np.shape(value)) != model.variables[name].shape:
+            known = model.variables[name].shape if name in model.variables else "no such variable"
+            raise ValueError(f"{src}: cannot replace {name} ({known}) by an array of shape {np.shape(value)}")
     dropped = {f"encoder/layer_{i}/" for i in range(layers, have)}
     kept = [v for v in model.variables.values() if not any(v.name.startswith(d) for d in dropped)]
     dst = Path(dst)
@@ -124,9 +130,32 @@ def truncate_encoder(src: Path, dst: Path, layers: int) -> Path:
         for v in kept:
             out.write(_string(v.name) + struct.pack("B", len(v.shape)) + struct.pack(f"{len(v.shape)}I", *v.shape))
             out.write(struct.pack("B", v.dtype) + struct.pack("I", v.nbytes))
-            f.seek(v.offset)
-            out.write(f.read(v.nbytes))
+            if v.name in replace:
+                out.write(np.ascontiguousarray(replace[v.name], DTYPES[v.dtype]).tobytes())
+            else:
+                f.seek(v.offset)
+                out.write(f.read(v.nbytes))
         out.write(struct.pack("I", len(model.aliases)))
         for alias, name in model.aliases.items():
             out.write(_string(alias) + _string(name))
     return partial.replace(dst / "model.bin")
+
+
+def lora_merged(model: Ct2File, delta: Path) -> dict[str, np.ndarray]:
+    """The weights of `model` that the low-rank delta file `delta` updates, merged (W + B·A, float32): its arrays
+    are `lora:<variable>:a` [rank, in] and `lora:<variable>:b` [out, rank] (`pipelines.train.voice.finetune`)."""
+    with np.load(delta, allow_pickle=False) as z:
+        names = sorted({k.split(":")[1] for k in z.files if k.startswith("lora:")})
+        if not names:
+            raise Ct2FormatError(f"{delta}: no lora:<variable>:a/b arrays")
+        current = model.arrays("encoder/")
+        out = {}
+        for name in names:
+            if name not in current:
+                raise Ct2FormatError(f"{delta}: {name} is not a variable of {model.path}")
+            a, b = z[f"lora:{name}:a"].astype(np.float32), z[f"lora:{name}:b"].astype(np.float32)
+            shape = current[name].shape
+            if a.ndim != 2 or b.ndim != 2 or (b.shape[0], a.shape[1]) != shape or a.shape[0] != b.shape[1]:
+                raise Ct2FormatError(f"{delta}: {name}: B {b.shape} · A {a.shape} does not fit {shape}")
+            out[name] = current[name].astype(np.float32) + b @ a
+        return out

@@ -4,13 +4,15 @@ Recognition reads Whisper's last encoder layer, padded to a 10 s window. For emo
 never met, the middle layers transfer better (leave-one-corpus-out, docs/models/cross_corpus.md), and CTranslate2
 only returns the last layer of a model. So the voice branch runs a copy of Whisper base cut after its first
 `layers` encoder layers (`streamer.ct2file.truncate_encoder`, built once into the cache from the bundled model and
-checked by SHA-256: no weights are shipped), unpadded, which costs a few ms per utterance second.
+checked by SHA-256: no weights are shipped), unpadded, which costs a few ms per utterance second. A head trained on
+fine-tuned layers ships their low-rank delta (`VoiceEncoderOptions.delta`), merged into that copy once.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -23,6 +25,7 @@ MAX_SAMPLES = int(MAX_WINDOW_S * SAMPLE_RATE)  # Whisper's positions cover 30 s
 @dataclass(frozen=True)
 class VoiceEncoderOptions:
     layers: int = 3
+    delta: str | None = None  # a fine-tuned low-rank delta of those layers (`streamer.models.tuned_encoder_dir`)
     device: str = "cpu"
     compute_type: str = "int8"
     cpu_threads: int = 1
@@ -35,12 +38,16 @@ class VoiceEncoder:
         import ctranslate2
         from faster_whisper.feature_extractor import FeatureExtractor
 
-        from streamer.models import whisper_encoder_dir
+        from streamer.models import sha256_of, tuned_encoder_dir, whisper_encoder_dir
 
         self.opts = opts or VoiceEncoderOptions()
-        self.model_id = f"whisper-base-encoder-layer{self.opts.layers}-unpadded"
+        layers, delta = self.opts.layers, self.opts.delta
+        self.model_id = f"whisper-base-encoder-layer{layers}-unpadded" + (
+            f"-tuned-{sha256_of(Path(delta))[:12]}" if delta else ""
+        )
+        model_dir = tuned_encoder_dir(layers, Path(delta)) if delta else whisper_encoder_dir(layers)
         self._model = ctranslate2.models.Whisper(
-            str(whisper_encoder_dir(self.opts.layers)),
+            str(model_dir),
             device=self.opts.device,
             compute_type=self.opts.compute_type,
             intra_threads=self.opts.cpu_threads,

@@ -11,6 +11,7 @@ import yaml
 
 from pipelines.data import corpora as D
 from pipelines.evaluate import cross_corpus as X
+from pipelines.evaluate.metrics import shared_label_f1
 from pipelines.train.voice.inputs import FrameSource, VoiceData
 from pipelines.train.voice.recipes import DEFAULT_CONFIG
 from streamer.frames import LABELS
@@ -34,6 +35,20 @@ def test_loco_config_trains_every_member_on_the_other_corpora() -> None:
     assert set(cfg["cross_corpus"]) <= set(cfg["recipes"]) and cfg["ship"] in cfg["cross_corpus"]
 
 
+def test_a_fine_tuned_recipe_reads_a_layer_tuned_on_the_training_corpora_only() -> None:
+    """Each split's fine-tuned layer is named by (and trained on) that split's training corpora, so the held-out
+    corpus never shapes the encoder; in-corpus scoring leaves the held-out speakers out of it too."""
+    cfg = yaml.safe_load(DEFAULT_CONFIG.read_text(encoding="utf-8"))
+    out = X.loco_config(cfg, "L3ft-ens-lr+attn+aug-x3+prosody-nodur-sn", [D.URDU, D.EMODB])
+    source = FrameSource.of(out["recipes"]["L3ft-attn+aug-sn"])
+    assert source == FrameSource(0.0, 3, f"lora8-chan@{D.EMODB}+{D.URDU}")
+    assert FrameSource.of(out["recipes"]["L3-prosody-nodur-lr-sn"]).tuned is None
+    rc = {**cfg["recipes"]["L3ft-meanstd-lr"], "tuned_without": ["test2", "test1"]}
+    assert FrameSource.of(rc).tuned.endswith("-test1-test2")
+    with pytest.raises(ValueError, match="layers"):
+        FrameSource.of({"tuned": "lora8-chan", "datasets": [D.UEM]})
+
+
 def test_score_argmax_is_restricted_to_the_shared_labels() -> None:
     """A clip whose top label is one the held-out corpus lacks counts as its best shared label, not as an error."""
     proba = np.zeros((4, len(LABELS)))
@@ -41,9 +56,9 @@ def test_score_argmax_is_restricted_to_the_shared_labels() -> None:
     for i, label in enumerate(["anger", "joy", "neutral", "sadness"]):
         proba[i, LABELS.index(label)] = 0.1
     y = np.array(["anger", "joy", "neutral", "sadness"])
-    f1, per = X.score(y, proba, ["anger", "joy", "neutral", "sadness"])
+    f1, per = shared_label_f1(y, proba, ["anger", "joy", "neutral", "sadness"])
     assert f1 == 1.0 and per.tolist() == [1.0] * 4
-    f1, _ = X.score(y[::-1], proba, ["anger", "joy", "neutral", "sadness"])
+    f1, _ = shared_label_f1(y[::-1], proba, ["anger", "joy", "neutral", "sadness"])
     assert f1 == 0.0
 
 

@@ -103,13 +103,16 @@ def augment_audio(audio: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarr
 class VoiceFeaturizer:
     """Whisper (bundled base, runtime defaults but the pinned `TRAINING_LANGUAGE`, unless told otherwise) → 1024-d
     pooled voice features, or the covered frame sequences themselves (`frames`). With `layers`, the frames of the
-    voice branch's own pass instead (`streamer.voice_encoder`: the first `layers` encoder layers, unpadded)."""
+    voice branch's own pass instead (`streamer.voice_encoder`: the first `layers` encoder layers, unpadded; with
+    `delta`, fine-tuned)."""
 
-    def __init__(self, cache_dir: Path | None = DEFAULT_CACHE, opts=None, layers: int | None = None) -> None:
+    def __init__(
+        self, cache_dir: Path | None = DEFAULT_CACHE, opts=None, layers: int | None = None, delta: Path | None = None
+    ) -> None:
         if layers:
             from streamer.voice_encoder import VoiceEncoder, VoiceEncoderOptions
 
-            encoder = VoiceEncoder(VoiceEncoderOptions(layers=layers))
+            encoder = VoiceEncoder(VoiceEncoderOptions(layers=layers, delta=None if delta is None else str(delta)))
             self.window_s, self.device, self.compute_type = 0.0, encoder.opts.device, encoder.opts.compute_type
             self.encoder_id = encoder.model_id
             self.frames_of = encoder.frames

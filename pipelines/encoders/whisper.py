@@ -59,10 +59,11 @@ def build_encoder(model: Ct2File):
             self.fc1 = nn.Linear(dim, 4 * dim)
             self.fc2 = nn.Linear(4 * dim, dim)
 
-        def forward(self, x):
+        def forward(self, x, mask=None):
+            """`mask` [B, 1, 1, T], True where a key is a frame of the clip (batches of clips of unequal length)."""
             b, t, _ = x.shape
             q, k, v = self.qkv(self.attn_norm(x)).view(b, t, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
-            att = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            att = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             x = x + self.out(att.transpose(1, 2).reshape(b, t, dim))
             return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.ffn_norm(x))))
 

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from sklearn.metrics import f1_score
 
 from pipelines.data import corpora as D
+from pipelines.evaluate.metrics import shared_label_f1
 from pipelines.evaluate.report import read_table
 from pipelines.train.voice.inputs import FrameSource, VoiceData
 from pipelines.train.voice.recipes import DEFAULT_CONFIG
@@ -102,7 +102,7 @@ def predict_corpus(
     model: VoiceModel, info: dict, data: VoiceData, corpus: str, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities of every clip of `corpus`, cold (no history) and causal (per speaker, a random order)."""
-    source = FrameSource(info["encoder_window_s"], info.get("encoder_layers"))
+    source = FrameSource.of_info(info)
     frames = [np.asarray(f, np.float32) for f in data.frames(corpus, source)]
     prosody = prosody_rows(model, data, corpus)
     cold = np.stack([model.predict(f, None, None if prosody is None else prosody[i]) for i, f in enumerate(frames)])
@@ -120,14 +120,6 @@ def predict_corpus(
     return cold, causal
 
 
-def score(y: np.ndarray, proba: np.ndarray, shared: list[str]) -> tuple[float, np.ndarray]:
-    """Macro-F1 over `shared` after an argmax restricted to them, and the per-class F1s."""
-    cols = [LABELS.index(label) for label in shared]
-    pred = np.array(shared)[proba[:, cols].argmax(axis=1)]
-    per = f1_score(y, pred, labels=shared, average=None, zero_division=0)
-    return float(per.mean()), per
-
-
 def held_out(name: str, cfg: dict, data: VoiceData, corpus: str) -> tuple[HeldOut, Probabilities]:
     train = [c for c in CORPORA if c != corpus]
     data.load([*train, corpus])
@@ -137,8 +129,8 @@ def held_out(name: str, cfg: dict, data: VoiceData, corpus: str) -> tuple[HeldOu
     shared = [label for label in LABELS if label in set(y) and label in trained]
     keep = np.isin(y, shared)
     cold, causal = predict_corpus(model, info, data, corpus, int(cfg["seed"]))
-    f_cold, per = score(y[keep], cold[keep], shared)
-    f_causal, _ = score(y[keep], causal[keep], shared)
+    f_cold, per = shared_label_f1(y[keep], cold[keep], shared)
+    f_causal, _ = shared_label_f1(y[keep], causal[keep], shared)
     scores = HeldOut(
         corpus, tuple(shared), int(keep.sum()), f_cold, f_causal, dict(zip(shared, per.round(3).tolist(), strict=True))
     )

@@ -27,6 +27,17 @@ def macro_f1(y_true: Sequence[str], y_pred: Sequence[str]) -> float:
     return float(f1_score(y_true, y_pred, average="macro", zero_division=0))
 
 
+def shared_label_f1(y: np.ndarray, proba: np.ndarray, shared: Sequence[str]) -> tuple[float, np.ndarray]:
+    """Macro-F1 over the `shared` labels after an argmax restricted to their columns of `proba` ([n, 6]), and the
+    per-class F1s: a model trained on more labels than a held-out corpus has is scored on the ones they share."""
+    from sklearn.metrics import f1_score
+
+    cols = [LABELS.index(label) for label in shared]
+    pred = np.array(shared)[proba[:, cols].argmax(axis=1)]
+    per = f1_score(y, pred, labels=list(shared), average=None, zero_division=0)
+    return float(per.mean()), per
+
+
 def bootstrap_ci(
     y_true: Sequence[str], y_pred: Sequence[str], n_boot: int = 1000, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float]:

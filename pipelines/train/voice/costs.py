@@ -67,7 +67,7 @@ def runtime_cost(data: VoiceData, model: VoiceModel, n: int, seed: int, repeats:
     position = {id(c): i for i, c in enumerate(data.clips[D.UEM])}
     clips = D.limit_records(data.clips[D.UEM], n, seed)
     audio = [load_audio(c.path) for c in clips]
-    source = FrameSource(model.head.meta.get("encoder_window_s", 10.0), model.head.meta.get("encoder_layers"))
+    source = FrameSource.of_info({"encoder_window_s": 10.0, **model.head.meta})
     frames = [np.asarray(data.frames(D.UEM, source)[position[id(c)]], np.float32) for c in clips]
     histories = StreamHistories()
 

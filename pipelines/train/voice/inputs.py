@@ -22,25 +22,38 @@ from streamer.classifier import voice_features
 class FrameSource:
     """Which encoder pass gives a recipe its frames: recognition's (Whisper's last layer, the input padded to
     `window` s; 0 = unpadded), or with `layers` the voice branch's own pass (`streamer.voice_encoder`: the first
-    `layers` encoder layers, unpadded)."""
+    `layers` encoder layers, unpadded), with `tuned` those layers fine-tuned: `<fine-tuning recipe>@<corpora>`
+    (`pipelines.train.voice.finetune`, trained on those corpora only, so a held-out corpus stays unseen), and
+    `-<speaker>` for each speaker left out of the fine-tuning (a recipe's `tuned_without`: held-out speakers)."""
 
     window: float = 10.0
     layers: int | None = None
+    tuned: str | None = None
 
     @classmethod
     def of(cls, rc: dict) -> FrameSource:
+        if rc.get("tuned"):
+            if not rc.get("layers"):
+                raise ValueError(f"a `tuned` recipe fine-tunes the voice branch's layers: give `layers` ({rc})")
+            without = "".join(f"-{speaker}" for speaker in sorted(rc.get("tuned_without", [])))
+            return cls(0.0, int(rc["layers"]), f"{rc['tuned']}@{'+'.join(sorted(rc['datasets']))}{without}")
         if rc.get("layers"):
             return cls(0.0, int(rc["layers"]))
         return cls(float(rc.get("window", 10)))
 
+    @classmethod
+    def of_info(cls, info: dict) -> FrameSource:
+        """The source a fitted model's info (`ship.fit_final`) names."""
+        return cls(info["encoder_window_s"], info.get("encoder_layers"), info.get("encoder_tuned"))
+
     @property
     def name(self) -> str:
         if self.layers:
-            return f"encoder layer {self.layers} unpadded"
+            return f"encoder layer {self.layers} unpadded" + (f" tuned {self.tuned}" if self.tuned else "")
         return "window unpadded" if self.window == 0 else f"window {self.window:g} s"
 
-    def sort_key(self) -> tuple[int, float]:
-        return (self.layers or 0, self.window)
+    def sort_key(self) -> tuple[int, float, str]:
+        return (self.layers or 0, self.window, self.tuned or "")
 
 
 RECOGNITION = FrameSource()  # the runtime's recognition pass: last layer, 10 s window
@@ -82,7 +95,12 @@ class VoiceData:
 
         if source not in self._featurizers:
             opts = RecogniserOptions(encoder_window_s=source.window)
-            self._featurizers[source] = VoiceFeaturizer(self.cache_dir, opts, source.layers)
+            delta = None
+            if source.tuned:
+                from pipelines.train.voice.finetune import delta_for
+
+                delta = delta_for(source.tuned, self.seed, self.limit)
+            self._featurizers[source] = VoiceFeaturizer(self.cache_dir, opts, source.layers, delta)
         return self._featurizers[source]
 
     def labels(self, name: str) -> np.ndarray:

@@ -155,6 +155,8 @@ def ensemble(name: str, rc: dict, data: VoiceData, cfg: dict, cache_dir: Path | 
 
 def _evaluate(name: str, rc: dict, data: VoiceData, cfg: dict) -> RecipeResult:
     seed = int(cfg["seed"])
+    if rc.get("tuned"):  # fine-tuned layers never see the held-out speakers (the CV speakers they do: see describe)
+        rc = {**rc, "tuned_without": list(cfg.get("heldout_speakers") or [])}
     inp = recipe_inputs(rc, data, cfg)
     y_ev = data.labels(cfg["eval_dataset"])
     cv_splits, heldout_splits = splits_for(data, cfg)
@@ -230,11 +232,13 @@ def describe(rc: dict) -> str:
         "attention": "attention pooling" + (" + weighted std" if rc.get("stats") else "") + " → MLP",
         "mfcc_mlp": "MFCC-mean (128) → MLP (CogniCIC)",
     }[rc["model"]]
-    data = "UEM+EmoDB" if D.EMODB in rc["datasets"] else "UEM"
+    data = "+".join({D.UEM: "UEM", D.EMODB: "EmoDB", D.URDU: "Urdu"}[n] for n in rc["datasets"])
     no_frames = rc["model"] == "mfcc_mlp" or not rc.get("frames", True)
     window = "" if no_frames else f", {FrameSource.of(rc).name}"
     what = "frames and prosody" if pros and rc.get("frames", True) else "prosody" if pros else "frames"
     norm = f"; {what} normalised per speaker / stream (causal at test)" if rc.get("stream_norm") else ""
+    if rc.get("tuned"):
+        norm += "; the layer fine-tuned without the held-out speakers but with the CV ones (CV optimistic)"
     copies = int(rc.get("augment") or 0)
     if not copies:
         return f"{model}; {data}{window}{norm}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,7 @@ from streamer.frames import LABELS
 from streamer.prosody import ProsodyReader
 
 log = logging.getLogger(__name__)
+DELTA_FILE = "voice_encoder_delta.npz"  # a fine-tuned head's encoder delta, beside it in the package
 DATASET_TAGS = {D.UEM: "uem", D.EMODB: "emodb", D.URDU: "urdu"}  # in the head's id
 
 
@@ -55,6 +57,7 @@ def fit_final(name: str, cfg: dict, data: VoiceData) -> tuple[VoiceModel, dict]:
         "datasets": list(rc["datasets"]),
         "encoder_window_s": source.window,
         **({"encoder_layers": source.layers} if source.layers else {}),
+        **({"encoder_tuned": source.tuned} if source.tuned else {}),
         "n_train": len(y),
         "train_label_counts": label_counts(y),
         "augment_copies": int(rc.get("augment") or 0),
@@ -115,18 +118,19 @@ def _fit_ensemble(name: str, rc: dict, cfg: dict, data: VoiceData) -> tuple[Voic
         heads += inner
         weights += [w / len(parts) for w in inner_w]
     infos = [i for _, i in parts]
-    sources = {(i["encoder_window_s"], i.get("encoder_layers")) for i in infos if "frames" in i["inputs"]}
+    sources = {FrameSource.of_info(i) for i in infos if "frames" in i["inputs"]}
     if len(sources) > 1:
-        raise ValueError(f"{name}: members read frames of different encoder passes {sorted(map(str, sources))}")
-    window, layers = next(iter(sources), (infos[0]["encoder_window_s"], None))
+        raise ValueError(f"{name}: members read frames of different encoder passes {sorted(s.name for s in sources)}")
+    source = next(iter(sources), FrameSource(infos[0]["encoder_window_s"]))
     norm = _shared(name, "stream normalisation", [m.norm for m, i in parts if "frames" in i["inputs"]], _same_norm)
     prosody = _shared(name, "prosody", [m.prosody for m, i in parts if "prosody" in i["inputs"]], _same_prosody)
     info = {
         "members": infos,
         "inputs": "+".join(b for b in ("frames", "prosody") if any(b in i["inputs"] for i in infos)),
         "datasets": list(dict.fromkeys(d for i in infos for d in i["datasets"])),
-        "encoder_window_s": window,
-        **({"encoder_layers": layers} if layers else {}),
+        "encoder_window_s": source.window,
+        **({"encoder_layers": source.layers} if source.layers else {}),
+        **({"encoder_tuned": source.tuned} if source.tuned else {}),
     }
     for key in ("stream_norm", "prosody", "prosody_norm"):  # the members that have one agree (checked above)
         info |= next(({key: i[key]} for i in infos if key in i), {})
@@ -195,11 +199,20 @@ def ship(name: str, cfg: dict, data: VoiceData, out: Path, result: RecipeResult 
             columns = stream_columns(dataclasses.replace(result, more=dict(result.more))).extras
             estimates["stream_norm"] = {how: columns[c] for how, c in STREAM_COLUMNS.items() if c in columns}
     layers = info.get("encoder_layers")
-    featurizer = data.featurizer(FrameSource(info["encoder_window_s"], layers))
+    featurizer = data.featurizer(FrameSource.of_info(info))
     datasets = info["datasets"]
-    # v5: the voice branch's own encoder pass; v4: prosody; v3: stream norm
-    version = 5 if layers else 4 if model.prosody is not None else 3 if model.norm is not None else 2
-    frames = f"layer{layers}" if layers else f"w{info['encoder_window_s']:g}"
+    tuned = info.get("encoder_tuned")
+    # v6: fine-tuned layers; v5: the voice branch's own encoder pass; v4: prosody; v3: stream norm
+    version = 6 if tuned else 5 if layers else 4 if model.prosody is not None else 3 if model.norm is not None else 2
+    frames = (f"layer{layers}" + ("ft" if tuned else "")) if layers else f"w{info['encoder_window_s']:g}"
+    delta = {}
+    if tuned:  # the fine-tuned layers' delta ships beside the head
+        from pipelines.train.voice.finetune import delta_for
+        from streamer.models import sha256_of
+
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(delta_for(tuned, seed, data.limit), out / DELTA_FILE)
+        delta = {"encoder_delta": DELTA_FILE, "encoder_delta_sha256": sha256_of(out / DELTA_FILE)}
     meta = {
         "id": f"voice-{'+'.join(DATASET_TAGS[n] for n in datasets)}-whisperbase-{frames}-{name}-v{version}",
         "head": "voice",
@@ -207,6 +220,7 @@ def ship(name: str, cfg: dict, data: VoiceData, out: Path, result: RecipeResult 
         "labels": list(LABELS),
         "feature": (
             f"whisper-encoder-layer{layers}-unpadded-frames (streamer.voice_encoder)"
+            + (f", the layers fine-tuned ({DELTA_FILE})" if tuned else "")
             if layers
             else "whisper-encoder-last-layer-covered-frames"
         )
@@ -215,6 +229,7 @@ def ship(name: str, cfg: dict, data: VoiceData, out: Path, result: RecipeResult 
         "encoder": featurizer.encoder_id,
         "encoder_device": featurizer.device,
         "encoder_compute_type": featurizer.compute_type,
+        **delta,
         **info,
         "cv": estimates,
         "selected_by": cfg.get("selected_by")
