@@ -193,3 +193,34 @@ def test_delta_for_trains_on_the_named_corpora_only(tmp_path, monkeypatch):
         F.delta_for("nope@speech_es_uem", 0, config=config)
     with pytest.raises(ValueError, match="only a LoRA"):
         F.delta_for(f"frozen@{D.UEM}", 0, config=config)
+
+
+def test_shipping_a_fine_tuned_recipe_ships_its_delta_and_loads(tmp_path, monkeypatch):
+    """`--ship` of a `tuned:` recipe (a tiny real run: 8 clips per corpus) writes the head and the delta its meta
+    names and pins; the runtime's `VoiceModel` then runs the voice pass through the merged encoder."""
+    import yaml
+
+    from pipelines.data import corpora as D
+    from pipelines.train.voice import finetune as F
+    from pipelines.train.voice import ship as VS
+    from pipelines.train.voice.inputs import VoiceData
+    from pipelines.train.voice.recipes import DEFAULT_CONFIG
+    from streamer.classifier import VoiceModel
+    from streamer.models import sha256_of
+    from tests.conftest import DATA, data_dir
+
+    for name in (D.UEM, D.EMODB, D.URDU):
+        data_dir(name)
+    monkeypatch.setenv("EMOTION_DATA_DIR", str(DATA))
+    monkeypatch.setattr(F, "DELTA_CACHE", tmp_path / "deltas")
+    cfg = yaml.safe_load(DEFAULT_CONFIG.read_text(encoding="utf-8"))
+    data = VoiceData(None, tmp_path / "features", 0, 8)
+    out = tmp_path / "models"
+    path = VS.ship("L3ft-meanstd-lr", cfg, data, out, None, DEFAULT_CONFIG)
+    model = VoiceModel.load(path)
+    meta = model.head.meta
+    assert meta["encoder_delta"] == VS.DELTA_FILE and meta["encoder_delta_sha256"] == sha256_of(out / VS.DELTA_FILE)
+    assert meta["encoder_tuned"] == f"lora8-chan@{D.EMODB}+{D.UEM}+{D.URDU}" and "-v6" in meta["id"]
+    assert model.encoder.model_id.endswith(meta["encoder_delta_sha256"][:12])
+    p = model.predict(model.frames_of(voiced(1.0), None))
+    assert p.shape == (6,) and abs(p.sum() - 1) < 1e-5
