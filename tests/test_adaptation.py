@@ -60,7 +60,7 @@ def test_a_head_file_carries_its_normalisation(tmp_path):
 def test_the_shipped_voice_head_carries_its_stream_normalisation():
     """The shipped voice head (`ens-lr+attn+aug-x3-sn`) was trained on speaker-normalised frames, so its file must
     carry the runtime's normalisation: the raw training frames' 512-d prior, n0 5, divided by the std."""
-    from streamer.classifier import load_voice_head
+    from streamer.voice_heads import load_voice_head
 
     norm = StreamNorm.load(VOICE_HEAD)
     assert norm is not None, "the shipped voice head has no norm.* arrays"

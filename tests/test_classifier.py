@@ -14,18 +14,12 @@ import pytest
 
 from pipelines.evaluate.metrics import expected_calibration_error
 from streamer import models
-from streamer.classifier import (
-    AttentionHead,
-    EmotionClassifier,
-    EnsembleHead,
-    LinearHead,
-    TextModel,
-    load_voice_head,
-    softmax,
-    temper,
-)
+from streamer.classifier import EmotionClassifier
 from streamer.frames import LABELS, Transcript
+from streamer.heads import LinearHead, softmax, temper
 from streamer.models import TEXT_HEAD, TEXT_HEADS, VOICE_HEAD, ModelFileError
+from streamer.voice_heads import AttentionHead, EnsembleHead, load_voice_head
+from streamer.words import TextModel
 from tests.conftest import ANGRY_ES, HAPPY_ES
 
 K = len(LABELS)
@@ -225,7 +219,7 @@ def test_the_shipped_voice_head_reads_the_utterances_prosody(speak) -> None:
     """The same frames with the prosody of two voices (espeak-ng's male and female variants of one sentence) give
     different probabilities: the shipped head reads prosody, normalised per stream, without the cut-dependent
     columns."""
-    from streamer.classifier import VoiceModel
+    from streamer.voice_heads import VoiceModel
 
     model = VoiceModel.load(VOICE_HEAD)
     assert model.head.reads_prosody and model.prosody is not None and model.prosody.norm is not None
@@ -244,8 +238,8 @@ def test_a_linear_voice_head_reads_what_its_file_says(tmp_path: Path) -> None:
     """`inputs` is saved only when it is not the frames (files before v4 load as frames heads); a head that reads
     prosody needs its file's prosody block, and only such a head may have one."""
     from streamer.adaptation import StreamNorm
-    from streamer.classifier import VoiceModel
     from streamer.prosody import ProsodyReader
+    from streamer.voice_heads import VoiceModel
 
     rng = np.random.default_rng(5)
     frames = rng.normal(size=(20, 4)).astype(np.float32)
@@ -317,7 +311,7 @@ def test_tfidf_terms_are_sklearns(analyzer: str, ngram_range: tuple[int, int]) -
     other scripts, letters whose lower case is longer, words shorter than n)."""
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    from streamer.classifier import tfidf_terms
+    from streamer.words import tfidf_terms
 
     sk = TfidfVectorizer(analyzer=analyzer, ngram_range=ngram_range, lowercase=True).build_analyzer()
     for text in [ANGRY_ES, HAPPY_ES, ANGRY_EN, *ODD_TEXTS]:
@@ -325,7 +319,7 @@ def test_tfidf_terms_are_sklearns(analyzer: str, ngram_range: tuple[int, int]) -
 
 
 def tfidf_member(rng: np.random.Generator, constant: str | None = None):
-    from streamer.classifier import TfidfBlock, TfidfHead
+    from streamer.words import TfidfBlock, TfidfHead
 
     vocab = {t: j for j, t in enumerate(["muy", "contento", "harto", "muy contento"])}
     chars = {t: j for j, t in enumerate([" m", "mu", "uy", "y ", " h"])}
@@ -339,7 +333,7 @@ def tfidf_member(rng: np.random.Generator, constant: str | None = None):
 
 
 def test_words_ensemble_votes_with_its_weights_offsets_and_temperature(tmp_path: Path) -> None:
-    from streamer.classifier import TfidfHead, WordsEnsemble, WordsEnsembleHead, load_words_model
+    from streamer.words import TfidfHead, WordsEnsemble, WordsEnsembleHead, load_words_model
 
     rng = np.random.default_rng(0)
     a, b = tfidf_member(rng), tfidf_member(rng, constant="joy")
@@ -377,7 +371,8 @@ def test_the_default_words_head_is_the_shipped_ensemble() -> None:
     """`classifier.words_head` defaults to `ensemble`: e5 LR, USE LR and TF-IDF LR soft-voted, encoders shared with
     the English head; hard transcripts (empty, blank, 5,000 characters, emoji, other scripts) get a distribution
     each, and Spanish anger and joy still read as such. `frozen` is the single e5 head."""
-    from streamer.classifier import ClassifierOptions, TfidfHead, WordsEnsemble, valence_arousal
+    from streamer.classifier import ClassifierOptions, valence_arousal
+    from streamer.words import TfidfHead, WordsEnsemble
 
     assert ClassifierOptions().words_head == models.DEFAULT_WORDS_HEAD == "ensemble"
     clf = EmotionClassifier()

@@ -5,18 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streamer.classifier import (
-    FUSION_RULES,
-    TEXT_ENCODERS,
-    ClassifierOptions,
-    LinearHead,
-    TextModel,
-    certainty,
-    fuse,
-    text_gate,
-)
+from streamer.classifier import FUSION_RULES, ClassifierOptions, certainty, fuse, text_gate
 from streamer.frames import LABELS
+from streamer.heads import LinearHead
 from streamer.models import TEXT_HEAD
+from streamer.words import TEXT_ENCODERS, TextModel
 
 K = len(LABELS)
 UNIFORM = np.full(K, 1 / K)

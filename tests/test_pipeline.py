@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from streamer.classifier import LinearHead, load_voice_head, voice_features
 from streamer.event import to_wire, validate
 from streamer.frames import LABELS, SAMPLE_RATE, AudioChunk, Utterance
+from streamer.heads import LinearHead, voice_features
 from streamer.models import TEXT_HEAD, VOICE_HEAD
 from streamer.pipeline import StreamStats, Superseded, run_stream
 from streamer.segmenter import Segmenter, SegmenterOptions
 from streamer.sources import FileSource
+from streamer.voice_heads import load_voice_head
 from tests.conftest import ANGRY_ES, HAPPY_ES, silence
 
 
@@ -104,7 +105,7 @@ def test_an_event_on_speech_carries_the_prosody_its_voice_read(engine, speak):
 def test_an_older_voice_head_without_prosody_still_loads_and_classifies(engine, speak, tmp_path):
     """A head file from before prosody (v3: an LR and attention heads on stream-normalised frames, no `inputs`, no
     `prosody.*`): the engine runs it, computes no prosody, and keeps the frames' history only."""
-    from streamer.classifier import EnsembleHead, VoiceModel
+    from streamer.voice_heads import EnsembleHead, VoiceModel
 
     shipped = engine.classifier.voice
     path = tmp_path / "voice_head_v3.npz"

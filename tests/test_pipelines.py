@@ -15,9 +15,11 @@ import pytest
 import soundfile as sf
 
 from pipelines.data import corpora as D
-from streamer.classifier import TEXT_ENCODERS, LinearHead, load_voice_head, voice_features
 from streamer.frames import LABELS, SAMPLE_RATE, Utterance
+from streamer.heads import LinearHead, voice_features
 from streamer.models import TEXT_HEAD, VOICE_HEAD
+from streamer.voice_heads import load_voice_head
+from streamer.words import TEXT_ENCODERS
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "train" / "heads.yaml"
@@ -349,7 +351,7 @@ def test_shipped_voice_head_on_real_clips(recogniser) -> None:
     require(D.UEM)
     from pipelines.data.features import VoiceFeaturizer
     from streamer.adaptation import StreamHistory
-    from streamer.classifier import VoiceModel
+    from streamer.voice_heads import VoiceModel
 
     voice = VoiceModel.load(VOICE_HEAD)
     clips = [c for c in D.read_uem().records if c.speaker == "test1"]
@@ -378,7 +380,7 @@ def test_shipped_voice_head_on_real_clips(recogniser) -> None:
 def test_shipped_text_head_on_real_texts() -> None:
     """EmoSPeech rows (in the head's training data: a consistency check, the CV estimate is in the meta)."""
     require(D.EMOSPEECH)
-    from streamer.classifier import TextModel
+    from streamer.words import TextModel
 
     rows = D.read_emospeech(include_extra=False).records[::15]
     p = TextModel.load(TEXT_HEAD, threads=2).predict_proba([r.text for r in rows])

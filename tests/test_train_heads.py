@@ -12,8 +12,8 @@ from pipelines.data import corpora as D
 from pipelines.evaluate.calibration import calibration, crossfit_temper, fit_temperature
 from pipelines.evaluate.metrics import expected_calibration_error
 from pipelines.train.linear import oof_proba
-from streamer.classifier import LinearHead, softmax, temper
 from streamer.frames import LABELS
+from streamer.heads import LinearHead, softmax, temper
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "train" / "heads.yaml"
@@ -117,8 +117,8 @@ def test_the_shipped_tfidf_member_is_sklearns_pipeline_without_pickles() -> None
     _need(D.EMOSPEECH)
     from pipelines.train.linear import proba_in_label_order
     from pipelines.train.text import fit_tfidf
-    from streamer.classifier import TfidfHead, WordsEnsembleHead
     from streamer.models import TEXT_HEAD_ENSEMBLE
+    from streamer.words import TfidfHead, WordsEnsembleHead
     from tests.test_classifier import ODD_TEXTS
 
     head = WordsEnsembleHead.load(TEXT_HEAD_ENSEMBLE)
@@ -141,8 +141,8 @@ def test_the_shipped_tfidf_member_is_sklearns_pipeline_without_pickles() -> None
 def test_tiny_words_ensemble_run_is_deterministic_and_compares_with_the_shipped_head(tmp_path: Path) -> None:
     _need(D.EMOSPEECH)
     from pipelines.train.heads import main
-    from streamer.classifier import TfidfHead, WordsEnsemble, WordsEnsembleHead
     from streamer.models import sha256_of
+    from streamer.words import TfidfHead, WordsEnsemble, WordsEnsembleHead
 
     args = ["--config", str(CONFIG), "--heads", "text_ensemble", "--limit", "60", "--cache-dir", str(tmp_path / "c")]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0

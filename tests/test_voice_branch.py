@@ -8,10 +8,10 @@ import math
 import numpy as np
 import soundfile as sf
 
-from streamer.classifier import VoiceModel
 from streamer.frames import LABELS, SAMPLE_RATE, Utterance
 from streamer.pipeline import run_stream
 from streamer.sources import FileSource
+from streamer.voice_heads import VoiceModel
 from tests.conftest import ANGRY_ES, silence
 
 CALM_ES = "Mañana por la tarde iré al mercado a comprar fruta."

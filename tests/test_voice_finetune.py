@@ -140,8 +140,8 @@ def test_a_voice_head_on_tuned_layers_loads_its_delta_and_refuses_a_changed_one(
     the one the head recorded is an error naming the file, never a silently different encoder."""
     import dataclasses
 
-    from streamer.classifier import VoiceModel
     from streamer.models import VOICE_HEAD, sha256_of
+    from streamer.voice_heads import VoiceModel
 
     model, _ = toy_model
     delta = tmp_path / "voice_encoder_delta.npz"
@@ -205,8 +205,8 @@ def test_shipping_a_fine_tuned_recipe_ships_its_delta_and_loads(tmp_path, monkey
     from pipelines.train.voice import ship as VS
     from pipelines.train.voice.inputs import VoiceData
     from pipelines.train.voice.recipes import DEFAULT_CONFIG
-    from streamer.classifier import VoiceModel
     from streamer.models import sha256_of
+    from streamer.voice_heads import VoiceModel
     from tests.conftest import DATA, data_dir
 
     for name in (D.UEM, D.EMODB, D.URDU):

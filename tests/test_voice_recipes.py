@@ -18,9 +18,10 @@ from pipelines.train.voice import models as VM
 from pipelines.train.voice import norm as VN
 from pipelines.train.voice import recipes as VR
 from pipelines.train.voice import ship as VS
-from streamer.classifier import AttentionHead, LinearHead, load_voice_head, voice_features
 from streamer.frames import LABELS
+from streamer.heads import LinearHead, voice_features
 from streamer.models import VOICE_HEAD
+from streamer.voice_heads import AttentionHead, load_voice_head
 
 torch = pytest.importorskip("torch", reason="torch (train extra / setup.sh) is needed to train the attention heads")
 CONFIG = yaml.safe_load(VR.DEFAULT_CONFIG.read_text(encoding="utf-8"))
@@ -75,7 +76,7 @@ def test_attention_head_roundtrip_and_voice_head_loader(tmp_path: Path) -> None:
 
 
 def test_ensemble_head_averages_its_members(tmp_path: Path) -> None:
-    from streamer.classifier import EnsembleHead
+    from streamer.voice_heads import EnsembleHead
 
     attn = VM.to_head(random_net(False), np.zeros(E, np.float32), np.ones(E, np.float32), False, {"id": "a"})
     linear = LinearHead.load(_linear_head(tmp_path))
@@ -597,7 +598,7 @@ def test_fit_final_of_a_stream_norm_recipe_writes_its_normalisation(tmp_path: Pa
     """An `-sn` ensemble refitted on speaker-normalised frames, and the runtime's `StreamNorm` in its file: the prior
     is the raw clean training frames' global mean / variance (every frame alike), n0 and std from the config."""
     from streamer.adaptation import FrameMoments, StreamNorm
-    from streamer.classifier import EnsembleHead
+    from streamer.voice_heads import EnsembleHead
 
     cfg = tiny_cfg()
     data = fake_data(tmp_path)
@@ -666,8 +667,8 @@ def test_fit_final_of_a_late_prosody_fusion_writes_what_the_runtime_reads(tmp_pa
     prosody, a third each. The file carries the frames' and the prosody's normalisation and the prosody columns;
     loaded back it predicts as fitted, and the prosody moves the probabilities."""
     from streamer.adaptation import StreamHistory
-    from streamer.classifier import VoiceModel
     from streamer.prosody import PROSODY_NAMES
+    from streamer.voice_heads import VoiceModel
 
     cfg = prosody_cfg()
     data = fake_data(tmp_path)

@@ -24,11 +24,11 @@ import numpy as np
 
 from pipelines.bench.live import add_clip_arguments, bench_clips
 from streamer.adaptation import StreamNorm
-from streamer.classifier import load_voice_head
 from streamer.frames import Utterance
 from streamer.models import VOICE_HEAD
 from streamer.recogniser import Recogniser, RecogniserOptions
 from streamer.segmenter import speech_seconds
+from streamer.voice_heads import load_voice_head
 
 NATIVE_S = 30.0
 

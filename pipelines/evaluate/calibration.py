@@ -11,7 +11,7 @@ import numpy as np
 
 from pipelines.evaluate.metrics import expected_calibration_error as ece
 from pipelines.evaluate.metrics import nll
-from streamer.classifier import temper
+from streamer.heads import temper
 
 
 def fit_temperature(p: np.ndarray, y: np.ndarray) -> float:

@@ -34,9 +34,9 @@ from pipelines.train.voice.recipes import DEFAULT_CONFIG
 from pipelines.train.voice.recipes import DEFAULT_OUT as VOICE_RECIPES_OUT
 from pipelines.train.voice.ship import fit_final, recipe_closure
 from streamer.adaptation import StreamHistory
-from streamer.classifier import VoiceModel
 from streamer.frames import LABELS
 from streamer.prosody import PROSODY_NAMES
+from streamer.voice_heads import VoiceModel
 
 log = logging.getLogger("pipelines.cross_corpus")
 

@@ -39,8 +39,9 @@ from pipelines.data import corpora as D
 from pipelines.data.corpora import take_rows, text_folds
 from pipelines.train import fusion as F
 from pipelines.train.linear import apply_bias, fit_quiet, inner_bias, make_model, proba_in_label_order
-from streamer.classifier import FUSION_RULES, fuse, temper
+from streamer.classifier import FUSION_RULES, fuse
 from streamer.frames import LABELS
+from streamer.heads import temper
 
 log = logging.getLogger("pipelines.evaluate.fusion")
 
@@ -248,8 +249,9 @@ def evaluate(fcfg: dict) -> tuple[dict[str, Fused], Material, dict]:
     """Every recipe's decisions on the same folds and pairings, what they were scored on, and facts for the report."""
     from pipelines.data.features import DEFAULT_CACHE, Transcriber, text_features
     from pipelines.train.voice.inputs import RECOGNITION, VoiceData
-    from streamer.classifier import TextModel, load_voice_head
     from streamer.models import VOICE_HEAD
+    from streamer.voice_heads import load_voice_head
+    from streamer.words import TextModel
 
     seed = int(fcfg["seed"])
     data = VoiceData(None, DEFAULT_CACHE, seed, None)

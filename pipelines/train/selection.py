@@ -10,8 +10,8 @@ import numpy as np
 
 from pipelines.evaluate.metrics import Estimate, pooled_scores
 from pipelines.train.linear import classifier_meta, fit_quiet, label_counts, make_model
-from streamer.classifier import TEXT_ENCODERS
 from streamer.frames import LABELS
+from streamer.words import TEXT_ENCODERS
 
 ESTIMATE_NAMES = {
     "cv": "grouped CV",

@@ -97,7 +97,7 @@ def make_tfidf(C: float, seed: int, spec: dict | None = None):
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline, make_union
 
-    from streamer.classifier import TFIDF_ANALYZERS
+    from streamer.words import TFIDF_ANALYZERS
 
     spec = {**TFIDF_SPEC, **(spec or {})}
     blocks = [
@@ -129,7 +129,7 @@ def tfidf_head(model, meta: dict):
     idf, the logistic regression's coefficients in LABELS order (stored as float32, as the file keeps them)."""
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    from streamer.classifier import TfidfBlock, TfidfHead
+    from streamer.words import TfidfBlock, TfidfHead
 
     union, lr = model[0], model[-1]
     blocks = []
@@ -448,8 +448,8 @@ ENSEMBLE_HEADING = "### The default words head: the ensemble against the single 
 def ensemble_section(path: Path | None = None) -> list[str]:
     """The comparison stored in the shipped words ensemble (`pipelines.train.heads --heads text_ensemble` scores it
     and the single e5 head on the same folds in one run) as markdown lines; none when the file is absent."""
-    from streamer.classifier import WordsEnsembleHead
     from streamer.models import TEXT_HEAD_ENSEMBLE, sha256_of
+    from streamer.words import WordsEnsembleHead
 
     path = path or TEXT_HEAD_ENSEMBLE
     if not path.is_file():
@@ -507,7 +507,7 @@ def english(args) -> int:
     from pipelines.evaluate.report import Predictions, RecipeResult, write_report
     from pipelines.train.heads_en import english_splits, stack_split
     from pipelines.train.linear import oof_proba
-    from streamer.classifier import LinearHead
+    from streamer.heads import LinearHead
 
     started = time.perf_counter()
     cfg = yaml.safe_load(args.config.read_text(encoding="utf-8"))

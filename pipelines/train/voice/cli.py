@@ -21,7 +21,7 @@ from pipelines.train.voice.norm import stream_columns
 from pipelines.train.voice.recipes import DEFAULT_CONFIG, DEFAULT_OUT, evaluate
 from pipelines.train.voice.report import intro, notes
 from pipelines.train.voice.ship import ship
-from streamer.classifier import VoiceModel
+from streamer.voice_heads import VoiceModel
 
 log = logging.getLogger("pipelines.train.voice")
 

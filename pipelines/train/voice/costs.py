@@ -14,7 +14,7 @@ import numpy as np
 from pipelines.data import corpora as D
 from pipelines.evaluate.metrics import median_ms
 from pipelines.train.voice.inputs import FrameSource, VoiceData
-from streamer.classifier import VoiceModel
+from streamer.voice_heads import VoiceModel
 
 log = logging.getLogger(__name__)
 

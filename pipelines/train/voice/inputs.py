@@ -15,7 +15,7 @@ import numpy as np
 
 from pipelines.data import corpora as D
 from pipelines.data.corpora import take_rows
-from streamer.classifier import voice_features
+from streamer.heads import voice_features
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ from collections.abc import Callable
 import numpy as np
 
 from pipelines.train.linear import fit_quiet, make_model, proba_in_label_order
-from streamer.classifier import AttentionHead
 from streamer.frames import LABELS
+from streamer.voice_heads import AttentionHead
 
 
 def torch_single_thread():
@@ -43,7 +43,7 @@ def make_attention_net(dim: int, hidden: int, dropout: float, stats: bool):
     nn = torch.nn
 
     class AttentionNet(nn.Module):
-        """The torch twin of `streamer.classifier.AttentionHead` (same layers, same GELU)."""
+        """The torch twin of `streamer.voice_heads.AttentionHead` (same layers, same GELU)."""
 
         def __init__(self) -> None:
             super().__init__()

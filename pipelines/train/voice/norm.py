@@ -18,7 +18,7 @@ from pipelines.evaluate.metrics import macro_f1
 from pipelines.evaluate.report import Predictions, RecipeResult
 from pipelines.train.voice.inputs import MAIN, Inputs, Split, Splitter, VoiceData, cat_rows
 from streamer.adaptation import FrameMoments, StreamNorm
-from streamer.classifier import voice_features
+from streamer.heads import voice_features
 
 CAUSAL, SKEWED, TRANSDUCTIVE = "causal", "skewed", "transductive"
 

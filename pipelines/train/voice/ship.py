@@ -22,9 +22,9 @@ from pipelines.train.voice.inputs import FrameSource, VoiceData, cat_rows, proso
 from pipelines.train.voice.models import torch_single_thread, train_attention
 from pipelines.train.voice.norm import STREAM_COLUMNS, SpeakerNormalised, side_by_side, stream_columns, stream_sides
 from streamer.adaptation import StreamNorm
-from streamer.classifier import EnsembleHead, VoiceModel
 from streamer.frames import LABELS
 from streamer.prosody import ProsodyReader
+from streamer.voice_heads import EnsembleHead, VoiceModel
 
 log = logging.getLogger(__name__)
 DELTA_FILE = "voice_encoder_delta.npz"  # a fine-tuned head's encoder delta, beside it in the package
