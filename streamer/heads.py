@@ -131,3 +131,17 @@ def voice_features(encoder_frames: np.ndarray) -> np.ndarray:
     """Mean and standard deviation over the encoder frames that cover the utterance ([frames, 512] → [1024])."""
     frames = np.asarray(encoder_frames, dtype=np.float32)
     return np.concatenate([frames.mean(axis=0), frames.std(axis=0)])
+
+
+def member_arrays(members) -> dict[str, np.ndarray]:
+    """An ensemble's members' arrays (each has `arrays()`) under `m<i>.` prefixes, as an ensemble file stores them."""
+    return {f"m{i}.{k}": v for i, member in enumerate(members) for k, v in member.arrays().items()}
+
+
+def member_parts(z) -> list[dict[str, np.ndarray]]:
+    """Each member's arrays of an opened ensemble file (`m<i>.*`, the prefix removed), in order."""
+    parts: list[dict[str, np.ndarray]] = []
+    while f"m{len(parts)}.labels" in z.files:
+        prefix = f"m{len(parts)}."
+        parts.append({k[len(prefix) :]: z[k] for k in z.files if k.startswith(prefix)})
+    return parts

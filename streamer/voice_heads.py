@@ -19,7 +19,7 @@ import numpy as np
 
 from streamer.adaptation import StreamHistory, StreamNorm
 from streamer.frames import LABELS
-from streamer.heads import LinearHead, read_temperature, softmax, temper
+from streamer.heads import LinearHead, member_arrays, member_parts, read_temperature, softmax, temper
 from streamer.models import VOICE_HEAD, ModelFileError, save_arrays, verify
 from streamer.prosody import ProsodyReader
 from streamer.voice_encoder import VoiceEncoder, VoiceEncoderOptions
@@ -151,21 +151,17 @@ class EnsembleHead:
         }
         if self.weights is not None:
             arrays["weights"] = np.asarray(self.weights, dtype=np.float64)
-        for i, member in enumerate(self.members):
-            arrays |= {f"m{i}.{k}": v for k, v in member.arrays().items()}
-        save_arrays(path, arrays)
+        save_arrays(path, arrays | member_arrays(self.members))
 
     @classmethod
     def load(cls, path: Path) -> EnsembleHead:
         with np.load(path, allow_pickle=False) as z:
             if "kind" not in z.files or str(z["kind"]) != "ensemble":
                 raise ValueError(f"{path}: not an ensemble head")
-            members = []
-            while f"m{len(members)}.labels" in z.files:
-                prefix = f"m{len(members)}."
-                part = {k[len(prefix) :]: z[k] for k in z.files if k.startswith(prefix)}
-                kind = AttentionHead if "kind" in part else LinearHead
-                members.append(kind.from_arrays(part, f"{path} member {len(members)}"))
+            members = [
+                (AttentionHead if "kind" in part else LinearHead).from_arrays(part, f"{path} member {i}")
+                for i, part in enumerate(member_parts(z))
+            ]
             if not members:
                 raise ValueError(f"{path}: ensemble without members")
             weights = tuple(float(v) for v in z["weights"]) if "weights" in z.files else None

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from streamer.frames import LABELS
-from streamer.heads import LinearHead, read_temperature, softmax
+from streamer.heads import LinearHead, member_arrays, member_parts, read_temperature, softmax
 from streamer.models import TEXT_HEAD, e5_small_path, finetuned_e5_path, save_arrays, verify_use
 
 
@@ -271,9 +271,7 @@ class WordsEnsembleHead:
             "offsets": np.asarray(self.offsets, dtype=np.float64),
             "temperature": np.array(self.temperature, dtype=np.float64),
         }
-        for i, member in enumerate(self.members):
-            arrays |= {f"m{i}.{k}": v for k, v in member.arrays().items()}
-        save_arrays(path, arrays)
+        save_arrays(path, arrays | member_arrays(self.members))
 
     @classmethod
     def load(cls, path: Path) -> WordsEnsembleHead:
@@ -283,10 +281,8 @@ class WordsEnsembleHead:
             if tuple(str(v) for v in z["labels"]) != LABELS:
                 raise ValueError(f"{path}: labels differ from {LABELS}")
             members: list[LinearHead | TfidfHead] = []
-            while f"m{len(members)}.labels" in z.files:
-                prefix = f"m{len(members)}."
-                part = {k[len(prefix) :]: z[k] for k in z.files if k.startswith(prefix)}
-                where = f"{path} member {len(members)}"
+            for i, part in enumerate(member_parts(z)):
+                where = f"{path} member {i}"
                 kind = str(part["kind"]) if "kind" in part else "linear"
                 if kind not in ("linear", "tfidf"):
                     raise ValueError(f"{where}: unknown member kind {kind!r}")
