@@ -227,9 +227,6 @@ def build_model(frozen: int, layers: int, rank: int, train_layers: bool):
             var = ((x - mean[:, None]) ** 2 * w).sum(1) / n
             return torch.cat([mean, var.sqrt()], dim=1)
 
-        def forward(self, x):
-            return self.head(self.drop(self.pooled(x)))
-
     return Model()
 
 
@@ -254,6 +251,9 @@ def batches(clips: list[Clip], batch: int, crop: int, aug_p: float, rng: np.rand
 
 
 def train(clips: list[Clip], rc: dict, frozen: int, layers: int, seed: int):
+    """The model of `build_model` trained on `clips` by recipe `rc` (class-weighted cross-entropy over the labels the
+    clips have, AdamW with a one-cycle schedule, the head at `head_lr`, the encoder's trained weights at `lr`, mixup
+    of the pooled frames with `mixup` = alpha); deterministic for a seed and a thread count."""
     import torch
 
     torch.manual_seed(seed)
@@ -280,15 +280,15 @@ def train(clips: list[Clip], rc: dict, frozen: int, layers: int, seed: int):
     model.train()
     for _ in range(epochs):
         for x, t in batches(clips, batch, int(rc.get("crop", 100)), float(rc.get("aug_p", 0.5)), rng):
-            logits_in = model.pooled(torch.from_numpy(x))
+            pooled = model.pooled(torch.from_numpy(x))
             target = torch.from_numpy(t)
             if mixup:
                 lam = float(rng.beta(mixup, mixup))
                 perm = torch.from_numpy(rng.permutation(len(t)))
-                logits = model.head(model.drop(lam * logits_in + (1 - lam) * logits_in[perm]))
+                logits = model.head(model.drop(lam * pooled + (1 - lam) * pooled[perm]))
                 loss = lam * loss_fn(logits, target) + (1 - lam) * loss_fn(logits, target[perm])
             else:
-                loss = loss_fn(model.head(model.drop(logits_in)), target)
+                loss = loss_fn(model.head(model.drop(pooled)), target)
             opt.zero_grad()
             loss.backward()
             opt.step()
