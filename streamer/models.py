@@ -30,8 +30,6 @@ WHISPER_ENCODER_SHA256 = {
     4: "44ca41d812954c30e3d049736ea6d1c455b5577664bf639dec40430234b55569",
     5: "9f5be2f0070de68f6de2790a9bcc72442fffb09e49f31a8a6ccd2be92ee7c4c8",
 }
-# fine-tuned voice encoder deltas shipped with a head (SHA-256 of the delta → SHA-256 of the model.bin it builds)
-VOICE_ENCODER_BUILDS: dict[str, str] = {}
 SILERO_SHA256 = "4cbf549b8326f60f80f2536d9eefeb450a9abe83365a098031c89719f1be17d2"
 E5_SMALL_SHA256 = "1571fc9827503943b6bb2e2c03c071f70a14f6e8ffc673946a1f7abbbfbb782f"
 USE_SHA256 = {
@@ -140,28 +138,22 @@ def whisper_encoder_dir(layers: int) -> Path:
 
 def tuned_encoder_dir(layers: int, delta: Path) -> Path:
     """`whisper_encoder_dir(layers)` with the fine-tuned weights of the low-rank `delta` file merged in
-    (`streamer.ct2file.lora_merged`), built once into `<cache>/whisper-base-encoder<k>-<delta's hash>/`. A shipped
-    delta is checked against its pinned hash and so is what it builds; any other (a training fold's) is named by its
-    hash and its build is checked against the hash recorded beside it. A copy that does not match is rebuilt once."""
+    (`streamer.ct2file.lora_merged`), built once into `<cache>/whisper-base-encoder<k>-<delta's hash>/` from the
+    pinned base and the delta (a shipped delta is pinned by its head: `voice_heads.encoder_delta`). The build's
+    hash is recorded beside it; a copy that does not match it is rebuilt."""
     from streamer.ct2file import Ct2File, lora_merged, truncate_encoder
 
     delta = Path(delta)
     if not delta.is_file():
         raise ModelFileError(f"{delta}: the voice encoder's fine-tuned delta is missing: reinstall the package")
-    digest = sha256_of(delta)
-    expected = VOICE_ENCODER_BUILDS.get(digest)
-    target = cache_dir() / f"whisper-base-encoder{layers}-{digest[:12]}"
+    target = cache_dir() / f"whisper-base-encoder{layers}-{sha256_of(delta)[:12]}"
     recorded = target / "model.bin.sha256"
-    if expected is None and recorded.is_file():
-        expected = recorded.read_text().strip()
-    if (target / "model.bin").is_file() and sha256_of(target / "model.bin") == expected:
+    built = target / "model.bin"
+    if recorded.is_file() and built.is_file() and sha256_of(built) == recorded.read_text().strip():
         return target
     base = whisper_base_dir()
     truncate_encoder(base, target, layers, lora_merged(Ct2File.read(base / "model.bin"), delta))
-    built = sha256_of(target / "model.bin")
-    if digest in VOICE_ENCODER_BUILDS and built != VOICE_ENCODER_BUILDS[digest]:
-        raise ModelFileError(f"{target / 'model.bin'}: built from {delta} with SHA-256 {built}, pinned {expected}")
-    recorded.write_text(built + "\n")
+    recorded.write_text(sha256_of(built) + "\n")
     return target
 
 

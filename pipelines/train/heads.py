@@ -333,16 +333,18 @@ def train_text_ensemble(cfg: dict, seed: int, root, limit, cache_dir, out: Path 
         return p_out, offsets
 
     candidates = {}  # name → (members, offsets?, out-of-fold probabilities)
+    mean_f1 = {}  # name → its cv macro_f1_mean, which chooses the shipped one
     for ens, names in cfg["ensembles"].items():
         candidates[ens] = (list(names), False, vote(names, oof))
         if cfg.get("bias_tuning"):
             candidates[f"{ens}+bias"] = (list(names), True, nested(names)[0])
         for cand in (ens, f"{ens}+bias") if cfg.get("bias_tuning") else (ens,):
             est = estimate("cv", y, candidates[cand][2], fold).summary()
+            mean_f1[cand] = est["macro_f1_mean"]
             C = "/".join(f"{chosen_C[n]:g}" for n in names)
             results.append({"head": "words", "variant": cand, "C": 0.0, "member_C": C, "estimates": {"cv": est}})
             log.info("words %-24s %s", cand, short(results[-1]))
-    best_name = max(candidates, key=lambda c: estimate("cv", y, candidates[c][2], fold).summary()["macro_f1_mean"])
+    best_name = max(candidates, key=mean_f1.__getitem__)
     names, with_offsets, p_best = candidates[best_name]
 
     # the shipped single head's recipe on the same folds, with and without its nested offsets
