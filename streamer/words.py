@@ -1,7 +1,8 @@
 """The words heads: the transcript's emotion from its sentence embeddings and its n-grams.
 
 A `TextModel` is a `LinearHead` (`streamer.heads`) whose input is the concatenation of the sentence encoders its
-meta names (`e5`: multilingual-e5-small; `use`: USE-multilingual v3). The default Spanish words head is a
+meta names (`e5`: multilingual-e5-small's sentence embedding; `e5layers`: its layers 6, 9 and 12, run by
+onnxruntime; `use`: USE-multilingual v3). The default Spanish words head is a
 `WordsEnsemble`: the soft vote of such linear heads and a `TfidfHead` (word and char_wb n-gram TF-IDF → logistic
 regression, sklearn's transform reproduced in numpy from arrays), `load_words_model` picks the class from the file.
 """
