@@ -173,7 +173,9 @@ class Engine:
                 self._waiting.remove(job)
             elif job.utterance.stream not in streams | self._busy and len(batch) < self.max_batch:
                 streams.add(job.utterance.stream)
-                late = now - job.utterance.emitted + self._decode_s > self.latency_budget_s
+                # never shed one that waited less than a recent recognition: a CPU too slow for the budget still
+                # transcribes, and sheds only its backlog
+                late = now - job.utterance.emitted + self._decode_s > max(self.latency_budget_s, 2 * self._decode_s)
                 if self.latency_budget_s and late and not job.spare:
                     job.decode = False  # overloaded: the voice now beats the words too late
                 batch.append(job)
@@ -223,7 +225,8 @@ class PipelineOptions:
     max_batch: int | None = None  # utterances of different streams recognised together; None: 2 on CPU, 16 on GPU
     # Live sources (run, serve): when an utterance's wait since its cut plus the recent recognition time would
     # pass this, it is classified from the voice alone (no transcript), so latency stays bounded when there are
-    # more streams than the machine can transcribe. 0 = never.
+    # more streams than the machine can transcribe. Never below twice the recent recognition time, so a CPU slower
+    # than the budget sheds only utterances that waited. 0 = never.
     latency_budget_ms: float = 1000.0
 
 
