@@ -369,7 +369,7 @@ def test_words_ensemble_votes_with_its_weights_offsets_and_temperature(tmp_path:
 @pytest.mark.slow
 def test_the_default_words_head_is_the_shipped_ensemble() -> None:
     """`classifier.words_head` defaults to `ensemble`: an LR on e5's layers 6, 9, 12 ⊕ USE and a TF-IDF LR
-    soft-voted, USE shared with the English head; hard transcripts (empty, blank, 5,000 characters, emoji, other
+    soft-voted, both encoders shared with the English head; hard transcripts (empty, blank, 5,000 characters, emoji, other
     scripts) get a distribution each, and Spanish anger and joy still read as such. `frozen` is the single e5 head."""
     from streamer.classifier import ClassifierOptions, valence_arousal
     from streamer.words import TfidfHead, WordsEnsemble
@@ -379,8 +379,8 @@ def test_the_default_words_head_is_the_shipped_ensemble() -> None:
     model = clf.text_model
     assert isinstance(model, WordsEnsemble) and models.TEXT_HEAD_ENSEMBLE.stat().st_size <= 5_000_000
     assert model.encoder_names == ("e5layers", "use") and any(isinstance(m, TfidfHead) for m in model.head.members)
-    assert clf.text_models["en"].encoder_names == ("e5", "use")
-    assert clf.text_models["en"].encoders[1] is model.encoders[1]  # USE loaded once
+    assert clf.text_models["en"].encoder_names == ("e5layers", "use")
+    assert all(a is b for a, b in zip(clf.text_models["en"].encoders, model.encoders, strict=True))  # loaded once
     assert f"text:{model.model_id}" in clf.model_id and model.head.meta["limit"] is None
     texts = [ANGRY_ES, HAPPY_ES, *ODD_TEXTS]
     p = clf.classify_text(texts, "es")

@@ -1,5 +1,5 @@
 """`pipelines.train.text`: the Spanish table and the English section share one page without overwriting each
-other, and a tiny `--english` run (real data and the shipped heads; skipped where the data is absent)."""
+other or the sections after them, and a tiny `--english` run (real data and the shipped heads; skipped where the data is absent)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,12 @@ def test_each_mode_rewrites_only_its_own_part(tmp_path: Path) -> None:
     assert page.read_text() == f"# Spanish v2\n\ntable 2\n\n{EN_SECTION}\n\nEnglish v1\n"
     write_part(page, f"{EN_SECTION}\n\nEnglish v2\n", english=True)
     assert page.read_text() == f"# Spanish v2\n\ntable 2\n\n{EN_SECTION}\n\nEnglish v2\n"
+    # sections after the English one (other pipelines write them) stay, whichever part is rewritten
+    page.write_text(page.read_text() + "\n## Fine-tuning\n\n### Table\n\nrows\n")
+    write_part(page, f"{EN_SECTION}\n\nEnglish v3\n", english=True)
+    write_part(page, "# Spanish v3\n\ntable 3\n", english=False)
+    tail = "\n\n## Fine-tuning\n\n### Table\n\nrows\n"
+    assert page.read_text() == f"# Spanish v3\n\ntable 3\n\n{EN_SECTION}\n\nEnglish v3{tail}"
 
 
 @pytest.mark.slow

@@ -140,7 +140,8 @@ def test_the_shipped_tfidf_member_is_sklearns_pipeline_without_pickles() -> None
 @pytest.mark.slow
 def test_tiny_words_ensemble_run_is_deterministic_and_compares_with_the_shipped_head(tmp_path: Path) -> None:
     _need(D.EMOSPEECH)
-    from pipelines.train.heads import main
+    from pipelines.train.heads import ensemble_oof, main
+    from pipelines.train.text import words_scores
     from streamer.models import sha256_of
     from streamer.words import TfidfHead, WordsEnsemble, WordsEnsembleHead
 
@@ -163,5 +164,16 @@ def test_tiny_words_ensemble_run_is_deterministic_and_compares_with_the_shipped_
     assert rows[head.meta["chosen"]]["macro_f1_no_fear_mean"] == best
     p = WordsEnsemble(head).predict_proba(["Estoy muy contento", ""])
     assert p.shape == (2, K) and np.allclose(p.sum(axis=1), 1)
+    # the fusion evaluation's out-of-fold probabilities of the shipped recipe are the training run's own
+    seed = head.meta["recipe"]["seed"]
+    records = D.limit_records(D.read_emospeech(include_extra=True).records, 60, seed)
+    splits = D.text_folds(records, int(head.meta["recipe"]["cv_folds"]), seed)
+    fold = np.full(len(records), -1)
+    for k, (_, test) in enumerate(splits):
+        fold[test] = k
+    oof = ensemble_oof(head, records, splits, tmp_path / "c")
+    y = np.array([r.label for r in records])
+    again = words_scores("again", "", oof, y, fold, 10, seed)
+    assert again["macro_f1_mean"] == pytest.approx(rows[head.meta["chosen"]]["macro_f1_mean"], abs=1e-12)
     assert main([*args, "--out", str(tmp_path / "b")]) == 0
     assert sha256_of(tmp_path / "b" / "text_head_ens.npz") == sha256_of(path)  # the same bytes for a seed

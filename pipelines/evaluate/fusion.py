@@ -105,10 +105,15 @@ def voice_oof(seed: int, data, head) -> tuple[np.ndarray, np.ndarray, list]:
     return temper(p, head.temperature), data.labels(D.UEM), splits
 
 
-def text_oof_emospeech(rows: list, X: np.ndarray, head, folds: list, seed: int) -> np.ndarray:
-    """Out-of-fold EmoSPeech probabilities of the shipped text recipe on the given video-grouped folds: its
-    classifier settings, its per-class offsets (tuned on inner folds of each training side) when the shipped head
-    has them, and its temperature."""
+def text_oof_emospeech(rows: list, X: np.ndarray, head, folds: list, seed: int, cache_dir) -> np.ndarray:
+    """Out-of-fold EmoSPeech probabilities of the shipped words recipe on the given video-grouped folds: its
+    classifier settings (an ensemble: each member's), its per-class offsets (tuned on inner folds of each training
+    side) when the shipped head has them, and its temperature."""
+    from pipelines.train.heads import ensemble_oof
+    from streamer.words import WordsEnsembleHead
+
+    if isinstance(head, WordsEnsembleHead):
+        return temper(ensemble_oof(head, rows, folds, cache_dir), head.temperature)
     y = np.array([r.label for r in rows])
     groups = np.array([r.youtube_key for r in rows])
     clf = head.meta["classifier"]
@@ -249,22 +254,24 @@ def evaluate(fcfg: dict) -> tuple[dict[str, Fused], Material, dict]:
     """Every recipe's decisions on the same folds and pairings, what they were scored on, and facts for the report."""
     from pipelines.data.features import DEFAULT_CACHE, Transcriber, text_features
     from pipelines.train.voice.inputs import RECOGNITION, VoiceData
-    from streamer.models import VOICE_HEAD
+    from streamer.models import DEFAULT_WORDS_HEAD, VOICE_HEAD, WORDS_HEADS
     from streamer.voice_heads import load_voice_head
-    from streamer.words import TextModel
+    from streamer.words import TextModel, load_words_model
 
     seed = int(fcfg["seed"])
     data = VoiceData(None, DEFAULT_CACHE, seed, None)
     voice_head = load_voice_head(VOICE_HEAD)
     pv, y, splits = voice_oof(seed, data, voice_head)
     transcripts = Transcriber().many(data.clips[D.UEM], "uem transcripts")
-    text_model = TextModel.load(threads=2)
+    text_model = load_words_model(WORDS_HEADS[DEFAULT_WORDS_HEAD], threads=2)
     has_text = np.array([bool(t) for t in transcripts])
     pt = np.full((len(y), len(LABELS)), 1 / len(LABELS))  # no transcript: the words say nothing
     pt[has_text] = text_model.predict_proba([t for t in transcripts if t])
-    encoders = text_model.head.meta.get("encoders", ["e5"])
-    e_uem = np.full((len(y), text_model.head.coef.shape[1]), np.nan)
-    e_uem[has_text] = text_features([t for t in transcripts if t], encoders, DEFAULT_CACHE, "uem transcripts")
+    # the learned recipes read a sentence embedding: the words head's own encoders, or e5 beside an ensemble
+    encoders = text_model.head.meta.get("encoders", ["e5"]) if isinstance(text_model, TextModel) else ["e5"]
+    kept = text_features([t for t in transcripts if t], encoders, DEFAULT_CACHE, "uem transcripts")
+    e_uem = np.full((len(y), kept.shape[1]), np.nan)
+    e_uem[has_text] = kept
 
     rows = D.read_emospeech().records
     y_es = np.array([r.label for r in rows])
@@ -272,7 +279,7 @@ def evaluate(fcfg: dict) -> tuple[dict[str, Fused], Material, dict]:
     text_splits = text_folds(rows, len(splits), seed)
     if len(text_splits) != len(splits):
         raise RuntimeError(f"{len(text_splits)} text folds for {len(splits)} UEM folds")
-    pt_es = text_oof_emospeech(rows, e_es, text_model.head, text_splits, seed)
+    pt_es = text_oof_emospeech(rows, e_es, text_model.head, text_splits, seed, DEFAULT_CACHE)
     pairs = pairings(y, splits, y_es, text_splits, int(fcfg["pairings"]), seed)
     m = Material(y, splits, pv, pt, e_uem, y_es, pt_es, e_es, text_splits, pairs)
 

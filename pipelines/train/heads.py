@@ -271,14 +271,73 @@ class _Member:
         return p
 
 
+class _Votes:
+    """Soft votes (equal weights) of fitted members on the outer folds: as they are, or with per-class offsets tuned
+    on 3 inner video-grouped folds of each training side (nested: the test fold tunes nothing). Each member's inner
+    out-of-fold probabilities are computed once and shared by every vote it is in."""
+
+    def __init__(self, members: dict, C: dict, oof: dict, y: np.ndarray, videos: np.ndarray, splits, seed: int):
+        self.members, self.C, self.oof, self.y, self.videos, self.splits, self.seed = (
+            members, C, oof, y, videos, splits, seed
+        )  # fmt: skip
+        self._inner: dict = {}
+
+    def plain(self, names) -> np.ndarray:
+        return np.mean([self.oof[n] for n in names], axis=0)
+
+    def _inner_vote(self, names, k: int, train: np.ndarray) -> np.ndarray:
+        inner = D.grouped_folds(self.y[train], self.videos[train], 3, self.seed + 1)
+        parts = []
+        for n in names:
+            if (n, k) not in self._inner:
+                m, p = self.members[n], np.zeros((len(train), len(LABELS)))
+                for itr, ite in inner:
+                    p[ite] = m.proba(m.fit(self.C[n], train[itr]), train[ite])
+                self._inner[n, k] = p
+            parts.append(self._inner[n, k])
+        return np.mean(parts, axis=0)
+
+    def nested(self, names) -> tuple[np.ndarray, list]:
+        """Out-of-fold probabilities with nested offsets, and each fold's offsets."""
+        from pipelines.train.linear import apply_bias, tune_bias
+
+        p_out, offsets, plain = np.zeros((len(self.y), len(LABELS))), [], self.plain(names)
+        for k, (train, test) in enumerate(self.splits):
+            b = tune_bias(self._inner_vote(names, k, train), self.y[train])
+            p_out[test] = apply_bias(plain[test], b)
+            offsets.append([round(float(v), 4) for v in b])
+        return p_out, offsets
+
+    def final_offsets(self, names) -> np.ndarray:
+        """The offsets of the final head: tuned on 3 inner grouped folds of all rows."""
+        from pipelines.train.linear import tune_bias
+
+        return tune_bias(self._inner_vote(names, -1, np.arange(len(self.y))), self.y)
+
+
+def ensemble_oof(head, rows: list, splits, cache_dir) -> np.ndarray:
+    """Out-of-fold probabilities (untempered) of a shipped words ensemble's recipe on other folds of `rows`: its
+    members refitted at their C in each fold, voted, with nested offsets when the head has offsets."""
+    recipe = head.meta["recipe"]
+    seed = int(recipe["seed"])
+    texts = np.array([r.text for r in rows], dtype=object)
+    y = np.array([r.label for r in rows])
+    names = list(head.meta["members"])
+    members = {n: _Member(n, recipe["members"][n], texts, y, recipe, seed, cache_dir) for n in names}
+    C = {n: float(head.meta["member_C"][n]) for n in names}
+    oof = {n: members[n].oof(C[n], splits) for n in names}
+    votes = _Votes(members, C, oof, y, np.array([r.youtube_key for r in rows]), splits, seed)
+    return votes.nested(names)[0] if head.meta["chosen"].endswith("+bias") else votes.plain(names)
+
+
 def train_text_ensemble(cfg: dict, seed: int, root, limit, cache_dir, out: Path | None = None):
     """The default Spanish words head: the soft vote (equal weights) of member recipes (`members`: e5 LR, USE LR,
     e5 ⊕ USE LR, TF-IDF LR), each at the C its own out-of-fold macro-F1 prefers, on the video-grouped folds of the
     `text` head. Every average of `ensembles` is scored as is and with per-class offsets tuned on inner grouped folds
-    of each training side (nested: the test fold tunes nothing); the best by mean macro-F1 is shipped, with a
-    temperature fitted on its out-of-fold probabilities. The shipped single-e5 head's recipe (its C, with and
-    without its nested offsets) is scored on the same folds in the same run."""
-    from pipelines.train.linear import apply_bias, final_head, oof_proba, proba_in_label_order, tune_bias
+    of each training side (nested: the test fold tunes nothing); the best by mean macro-F1 without fear (ties: with
+    fear) is shipped, with a temperature fitted on its out-of-fold probabilities. The shipped single-e5 head's
+    recipe (its C, with and without its nested offsets) is scored on the same folds in the same run."""
+    from pipelines.train.linear import final_head, oof_proba, proba_in_label_order
     from pipelines.train.selection import ENCODER_TAGS, TEXT_ENCODERS, TEXT_FEATURE_SPECS
     from pipelines.train.text import tfidf_head, words_scores
     from streamer.models import TEXT_HEAD
@@ -309,28 +368,7 @@ def train_text_ensemble(cfg: dict, seed: int, root, limit, cache_dir, out: Path 
                 best = (est["macro_f1_mean"], float(C), p)
         chosen_C[name], oof[name] = best[1], best[2]
 
-    def vote(names, parts) -> np.ndarray:
-        return np.mean([parts[n] for n in names], axis=0)
-
-    # nested offsets: inner grouped folds of each outer training side, every member refitted there
-    inner_cache: dict = {}
-
-    def inner_oof(name: str, k: int, train: np.ndarray, inner) -> np.ndarray:
-        if (name, k) not in inner_cache:
-            p = np.zeros((len(train), len(LABELS)))
-            for itr, ite in inner:
-                p[ite] = members[name].proba(members[name].fit(chosen_C[name], train[itr]), train[ite])
-            inner_cache[name, k] = p
-        return inner_cache[name, k]
-
-    def nested(names) -> tuple[np.ndarray, list]:
-        p_out, offsets = np.zeros((len(y), len(LABELS))), []
-        for k, (train, test) in enumerate(splits):
-            inner = D.grouped_folds(y[train], videos[train], 3, seed + 1)
-            b = tune_bias(vote(names, {n: inner_oof(n, k, train, inner) for n in names}), y[train])
-            p_out[test] = apply_bias(vote(names, oof)[test], b)
-            offsets.append([round(float(v), 4) for v in b])
-        return p_out, offsets
+    votes = _Votes(members, chosen_C, oof, y, videos, splits, seed)
 
     def members_desc(ns) -> str:
         return " + ".join(f"{n} (C {chosen_C[n]:g})" for n in ns)
@@ -338,9 +376,9 @@ def train_text_ensemble(cfg: dict, seed: int, root, limit, cache_dir, out: Path 
     candidates = {}  # name → (members, offsets?, out-of-fold probabilities)
     rows = {}  # name → its comparison row (`words_scores`), whose macro-F1 without fear chooses the shipped one
     for ens, names in cfg["ensembles"].items():
-        candidates[ens] = (list(names), False, vote(names, oof))
+        candidates[ens] = (list(names), False, votes.plain(names))
         if cfg.get("bias_tuning"):
-            candidates[f"{ens}+bias"] = (list(names), True, nested(names)[0])
+            candidates[f"{ens}+bias"] = (list(names), True, votes.nested(names)[0])
         for cand in (ens, f"{ens}+bias") if cfg.get("bias_tuning") else (ens,):
             ns, off, p = candidates[cand]
             est = estimate("cv", y, p, fold).summary()
@@ -382,10 +420,7 @@ def train_text_ensemble(cfg: dict, seed: int, root, limit, cache_dir, out: Path 
     )
     # final fits on all rows; offsets (when chosen) from 3 inner grouped folds of all rows
     everything = np.arange(len(y))
-    offsets = np.zeros(len(LABELS))
-    if with_offsets:
-        inner = D.grouped_folds(y, videos, 3, seed + 1)
-        offsets = tune_bias(vote(names, {n: inner_oof(n, -1, everything, inner) for n in names}), y)
+    offsets = votes.final_offsets(names) if with_offsets else np.zeros(len(LABELS))
     heads = []
     odd = ["", "   ", "🙂" * 20, "Ты меня бесишь!", "我很生气", "x" * 5000, "hola\t\tmundo  \n adiós"]
     check = list(texts[: min(len(texts), 200)]) + odd

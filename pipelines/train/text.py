@@ -368,11 +368,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_part(path: Path, md: str, english: bool) -> None:
-    """Write the Spanish table (`english` False) or the English section of `path`, keeping the other part."""
+    """Write the Spanish table (`english` False) or the English section of `path` (up to the next `## ` heading),
+    keeping the rest of the page."""
     old = path.read_text(encoding="utf-8") if path.is_file() else ""
     spanish, _, section = old.partition(EN_SECTION)
-    section = EN_SECTION + section if section else ""
-    text = spanish.rstrip("\n") + "\n\n" + md if english else md.rstrip("\n") + "\n\n" + section
+    if english:
+        _, heading, after = section.partition("\n## ")
+        text = spanish.rstrip("\n") + "\n\n" + md.rstrip("\n") + ("\n\n## " + after if heading else "")
+    else:
+        text = md.rstrip("\n") + "\n\n" + (EN_SECTION + section if section else "")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text.strip("\n") + "\n", encoding="utf-8")
 
