@@ -369,8 +369,9 @@ def test_words_ensemble_votes_with_its_weights_offsets_and_temperature(tmp_path:
 @pytest.mark.slow
 def test_the_default_words_head_is_the_shipped_ensemble() -> None:
     """`classifier.words_head` defaults to `ensemble`: an LR on e5's layers 6, 9, 12 ⊕ USE and a TF-IDF LR
-    soft-voted, both encoders shared with the English head; hard transcripts (empty, blank, 5,000 characters, emoji, other
-    scripts) get a distribution each, and Spanish anger and joy still read as such. `frozen` is the single e5 head."""
+    soft-voted, both encoders shared with the English head; hard transcripts (empty, blank, 5,000 characters, emoji,
+    other scripts) get a distribution each, and Spanish anger and joy still read as such. `frozen` is the single e5
+    head."""
     from streamer.classifier import ClassifierOptions, valence_arousal
     from streamer.words import TfidfHead, WordsEnsemble
 

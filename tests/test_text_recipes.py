@@ -1,5 +1,6 @@
 """`pipelines.train.text`: the Spanish table and the English section share one page without overwriting each
-other or the sections after them, and a tiny `--english` run (real data and the shipped heads; skipped where the data is absent)."""
+other or the sections after them, and a tiny `--english` run (real data and the shipped heads; skipped where the
+data is absent)."""
 
 from __future__ import annotations
 
