@@ -180,6 +180,19 @@ def test_the_words_head_follows_the_transcript_language(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_the_gate_reads_the_words_vote_before_its_temperature(tmp_path: Path) -> None:
+    """A head whose own vote says sadness 0.7 (under the 0.8 gate) and whose temperature 0.5 sharpens that to 0.97:
+    the published words scores are the sharpened ones, and the gate stays shut, so the voice alone decides."""
+    head = constant_text_head("sadness", "sharp")
+    head.intercept[LABELS.index("sadness")] = np.log(0.7 / 0.3 * (K - 1))  # softmax → 0.7 for sadness
+    dataclasses.replace(head, temperature=0.5).save(tmp_path / "sharp.npz")
+    clf = EmotionClassifier(default_text_head=tmp_path / "sharp.npz")
+    e = clf.classify(transcript("hola", "es"))
+    assert e.text_scores["sadness"] == pytest.approx(0.7**2 / (0.7**2 + (K - 1) * 0.06**2), abs=1e-3)
+    assert e.scores == e.audio_scores and not e.incongruent
+
+
+@pytest.mark.slow
 def test_shipped_english_head_reads_anger_and_joy() -> None:
     model = TextModel.load(TEXT_HEADS["en"])
     assert model.head.meta["languages"] == "en" and model.head.meta["limit"] is None

@@ -116,7 +116,7 @@ def test_unknown_rule_is_rejected() -> None:
 
 
 def test_default_fusion_is_the_safe_rule() -> None:
-    assert ClassifierOptions().fusion == "gated" and ClassifierOptions().text_gate == 0.6
+    assert ClassifierOptions().fusion == "gated" and ClassifierOptions().text_gate == 0.8
 
 
 # --------------------------------------------------------------------------- shipped words model

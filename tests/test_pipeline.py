@@ -67,13 +67,16 @@ def test_engine_fuses_voice_and_words(engine, speak):
     event = engine.process(make_utterance(angry, len(angry) / SAMPLE_RATE), 0)
     e = event.emotion
     assert e.text_scores is not None
-    # late fusion, default rule `gated`: each modality weighted by its certainty, the words also by their gate
+    # late fusion, default rule `gated`: each modality weighted by its certainty, the words also by their gate, on
+    # the words head's vote (its published scores without their temperature)
     from streamer.classifier import certainty, text_gate
+    from streamer.heads import temper
 
     pv = np.array([e.audio_scores[label] for label in LABELS])
     pt = np.array([e.text_scores[label] for label in LABELS])
-    wv, wt = 0.5 * certainty(pv), 0.5 * certainty(pt) * text_gate(pt)
-    expected = (wv * pv + wt * pt) / (wv + wt) if wv + wt > 0 else pv
+    vote = temper(pt, 1 / engine.classifier.text_model_for(event.transcript.language).head.temperature)
+    wv, wt = 0.5 * certainty(pv), 0.5 * certainty(vote) * text_gate(vote, engine.classifier.opts.text_gate)
+    expected = (wv * pv + wt * vote) / (wv + wt) if wv + wt > 0 else pv
     for label, value in zip(LABELS, expected, strict=True):
         assert e.scores[label] == pytest.approx(value, abs=2e-4)
     assert e.label == max(e.scores, key=e.scores.get) and e.confidence == e.scores[e.label]
