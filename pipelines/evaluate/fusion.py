@@ -511,8 +511,8 @@ def render(fused: dict[str, Fused], m: Material, ctx: dict) -> str:
         "",
         f"**What should ship.** Keep `gated` (w = 0.5, gate {GATE:g}) as the default of `streamer.classifier`."
         f" Rows never below voice alone in a UEM fold: {', '.join(f'`{k}`' for k in never) or 'none'}. `gated`"
-        f" stays within {-np.min(s[SHIPPED]['uem'] - voice):.3f} of voice alone in every UEM fold while gaining"
-        f" {d(SHIPPED, 'sim')} when the words are informative (ECE {s[SHIPPED]['ece_uem']:.3f} / "
+        f" stays within {max(0.0, -np.min(s[SHIPPED]['uem'] - voice)):.3f} of voice alone in every UEM fold while"
+        f" gaining {d(SHIPPED, 'sim')} when the words are informative (ECE {s[SHIPPED]['ece_uem']:.3f} / "
         f"{s[SHIPPED]['ece_sim']:.3f}: about voice alone's, whose temperature is fitted where the voice head meets"
         " other corpora, see the model card), and it is a fixed rule with nothing fitted to these two data sets."
         f" Gate {GATES[-1]:g} (`classifier.text_gate`, a setting, no code) is safer"
