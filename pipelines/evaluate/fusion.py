@@ -76,9 +76,11 @@ def rules(words_temperature: float) -> dict[str, tuple[Callable[[np.ndarray, np.
         "max (ITST)": (F.max_rule, True),
     }
     for rule in FUSION_RULES:
-        fn = partial(fuse, rule=rule, text_weight=0.5)
-        if rule == "gated":
-            fn = partial(_gated, words_temperature=words_temperature, gate=GATE)
+        fn = (
+            partial(_gated, words_temperature=words_temperature, gate=GATE)
+            if rule == "gated"
+            else partial(fuse, rule=rule, text_weight=0.5)
+        )
         out[f"{rule} (w=0.5)"] = (fn, True)
     for gate in GATES:
         out[f"gated (w=0.5, gate {gate:g})"] = (partial(_gated, words_temperature=words_temperature, gate=gate), False)

@@ -297,16 +297,14 @@ class _Votes:
             parts.append(self._inner[n, k])
         return np.mean(parts, axis=0)
 
-    def nested(self, names) -> tuple[np.ndarray, list]:
-        """Out-of-fold probabilities with nested offsets, and each fold's offsets."""
+    def nested(self, names) -> np.ndarray:
+        """Out-of-fold probabilities with nested offsets."""
         from pipelines.train.linear import apply_bias, tune_bias
 
-        p_out, offsets, plain = np.zeros((len(self.y), len(LABELS))), [], self.plain(names)
+        p_out, plain = np.zeros((len(self.y), len(LABELS))), self.plain(names)
         for k, (train, test) in enumerate(self.splits):
-            b = tune_bias(self._inner_vote(names, k, train), self.y[train])
-            p_out[test] = apply_bias(plain[test], b)
-            offsets.append([round(float(v), 4) for v in b])
-        return p_out, offsets
+            p_out[test] = apply_bias(plain[test], tune_bias(self._inner_vote(names, k, train), self.y[train]))
+        return p_out
 
     def final_offsets(self, names) -> np.ndarray:
         """The offsets of the final head: tuned on 3 inner grouped folds of all rows."""
@@ -327,7 +325,7 @@ def ensemble_oof(head, rows: list, splits, cache_dir) -> np.ndarray:
     C = {n: float(head.meta["member_C"][n]) for n in names}
     oof = {n: members[n].oof(C[n], splits) for n in names}
     votes = _Votes(members, C, oof, y, np.array([r.youtube_key for r in rows]), splits, seed)
-    return votes.nested(names)[0] if head.meta["chosen"].endswith("+bias") else votes.plain(names)
+    return votes.nested(names) if head.meta["chosen"].endswith("+bias") else votes.plain(names)
 
 
 def train_text_ensemble(cfg: dict, seed: int, root, limit, cache_dir, out: Path | None = None):
@@ -378,7 +376,7 @@ def train_text_ensemble(cfg: dict, seed: int, root, limit, cache_dir, out: Path 
     for ens, names in cfg["ensembles"].items():
         candidates[ens] = (list(names), False, votes.plain(names))
         if cfg.get("bias_tuning"):
-            candidates[f"{ens}+bias"] = (list(names), True, votes.nested(names)[0])
+            candidates[f"{ens}+bias"] = (list(names), True, votes.nested(names))
         for cand in (ens, f"{ens}+bias") if cfg.get("bias_tuning") else (ens,):
             ns, off, p = candidates[cand]
             est = estimate("cv", y, p, fold).summary()
