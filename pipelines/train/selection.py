@@ -21,7 +21,7 @@ ESTIMATE_NAMES = {
     "dev_bias": "dev + bias (3-fold)",
     "test": "test (official)",
 }
-ENCODER_TAGS = {"e5": "e5small", "e5layers": "e5small-l6-9-12", "use": "usem3"}
+ENCODER_TAGS = {"e5": "e5small", "e5layers": "e5small-int8-l6-9-12", "use": "usem3"}
 TEXT_FEATURE_SPECS = {"e5": "e5-query-prefix-384", "e5layers": "e5-query-prefix-l6-9-12-1152", "use": "usem3-512"}
 
 

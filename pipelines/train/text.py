@@ -460,7 +460,7 @@ def ensemble_section(path: Path | None = None) -> list[str]:
         return []
     head = WordsEnsembleHead.load(path)
     meta, calib = head.meta, head.meta["calibration"]
-    offsets = "per-class offsets" if np.any(head.offsets) else "no offsets (the nested estimate prefers none)"
+    offsets = "per-class offsets" if np.any(head.offsets) else "no offsets (the rule below chose the row without them)"
     return [
         ENSEMBLE_HEADING,
         "",
