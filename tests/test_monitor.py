@@ -181,7 +181,9 @@ def test_classify_text(tmp_path):
 
 def test_classify_text_in_english_uses_the_english_head(tmp_path):
     src = tmp_path / "in.csv"
-    src.write_text("text\nI am absolutely furious with you\n")
+    # not "I am absolutely furious with you": the English head reads first-person statements of anger as sadness
+    # (0.55 vs anger 0.27; model card, English words head), which the float head barely did not (anger 0.49 / 0.38)
+    src.write_text("text\nYou make me so mad!\n")
     out = tmp_path / "out.jsonl"
     result = cli("classify-text", "--csv", str(src), "--column", "text", "--language", "en", "--jsonl", str(out))
     assert result.returncode == 0, result.stderr.decode()
