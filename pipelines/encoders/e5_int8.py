@@ -27,18 +27,14 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from pipelines.encoders.e5 import LAYER_TENSORS, load_bert
 from streamer.e5file import E5File
 from streamer.e5onnx import LINEARS, E5Tokenizer, layer_weights
 
 log = logging.getLogger(__name__)
 
-# streamer.e5onnx.LINEARS → the BertLayer module whose input is that linear's input
-MODULES = {
-    "qkv": "attention.self.query",
-    "ao": "attention.output.dense",
-    "fi": "intermediate.dense",
-    "fo": "output.dense",
-}
+# streamer.e5onnx.LINEARS → the BertLayer module whose input is that linear's input (the first of its parts')
+MODULES = {linear: LAYER_TENSORS[parts[0]] for linear, parts in LINEARS.items()}
 
 
 def calibration_sentences(cfg: dict, root=None) -> list[str]:
@@ -55,15 +51,13 @@ def activation_maxima(file: E5File, sentences: list[str]) -> dict[str, np.ndarra
     """Per input channel of each linear layer, the largest |value| over every token of `sentences`."""
     import torch
 
-    from pipelines.encoders.e5 import load_bert
-
     model, tokenizer = load_bert(file), E5Tokenizer(file)
-    maxima: dict[str, np.ndarray] = {}
+    maxima: dict[str, np.ndarray] = {f"l{i}.{n}": 0.0 for i in range(len(model.encoder.layer)) for n in LINEARS}
 
     def hook(name: str):
         def record(_module, inputs, _output) -> None:
             m = inputs[0].detach().abs().reshape(-1, inputs[0].shape[-1]).amax(0).numpy()
-            maxima[name] = np.maximum(maxima.get(name, 0.0), m)
+            maxima[name] = np.maximum(maxima[name], m)
 
         return record
 
@@ -172,18 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     file = E5File.read(e5_small_path())
     sentences = calibration_sentences(cfg, args.data_dir)
     scales = smoothing_scales(file, activation_maxima(file, sentences), float(cfg["alpha"]))
-    save_arrays(args.out, {name: scales[name] for name in sorted(scales, key=_layer_order)})
+    save_arrays(args.out, scales)  # layer by layer, LINEARS' order in each
     digest = hashlib.sha256(args.out.read_bytes()).hexdigest()
     log.info("%d sentences, %.0f s → %s (SHA-256 %s)", len(sentences), time.perf_counter() - t0, args.out, digest)
     report = parity_report(scales, sentences, time.perf_counter() - t0, args.config)
     args.report.write_text(report, encoding="utf-8")
     log.info("%s", report)
     return 0
-
-
-def _layer_order(name: str) -> tuple[int, int]:
-    layer, linear = name.split(".")
-    return int(layer[1:]), list(LINEARS).index(linear)
 
 
 if __name__ == "__main__":
