@@ -137,7 +137,10 @@ def quantize_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def encoder_graph(
-    file: E5File, outputs: tuple[int, ...], smoothing: dict[str, np.ndarray] | None = None
+    file: E5File,
+    outputs: tuple[int, ...],
+    smoothing: dict[str, np.ndarray] | None = None,
+    overrides: dict[str, np.ndarray] | None = None,
 ) -> tuple[bytes, dict[str, np.ndarray]]:
     """The file's embedding LayerNorm and layers (`layer_weights`) as a serialized ONNX model, and its large
     tensors by name: they are declared external in the graph and handed to onnxruntime as they are
@@ -145,7 +148,8 @@ def encoder_graph(
     (word + position + type embeddings) and `attn_bias` [B, 1, 1, T] (0, or `MASKED` for padding); outputs
     `hidden<i>` [B, T, H], the states after layer i for each i in `outputs` (1-based; 12 is the last).
     `smoothing` (`l<i>.<linear>` → the per-channel scale of that input, for each of `LINEARS`) makes the linear
-    layers int8 (module docstring)."""
+    layers int8 (module docstring). `overrides` replaces tensors of `layer_weights` by name (fine-tuned layers in
+    float: the same int8 conversion then applies to them)."""
     from onnx import TensorProto, helper, numpy_helper
 
     h = file.header
@@ -155,6 +159,11 @@ def encoder_graph(
         if missing:
             raise ValueError(f"the int8 e5's smoothing table has no scale for {', '.join(missing)}")
     weights = layer_weights(file)
+    for name, value in (overrides or {}).items():
+        if name not in weights or np.shape(value) != weights[name].shape:
+            expected = weights[name].shape if name in weights else "no such tensor"
+            raise ValueError(f"e5 override {name}: shape {np.shape(value)}, the file has {expected}")
+        weights[name] = np.asarray(value, np.float32)
     nodes: list = []
     inits: list = []
     external: dict[str, np.ndarray] = {}
@@ -256,6 +265,7 @@ class OnnxE5:
         outputs: tuple[int, ...] = (12,),
         max_length: int = 512,
         smoothing: dict[str, np.ndarray] | None = None,
+        overrides: dict[str, np.ndarray] | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -268,7 +278,7 @@ class OnnxE5:
         self._position = file.array("emb.pos", self.header.hidden)
         self._type = file.array("emb.type", self.header.hidden)[0]
         self.int8 = smoothing is not None
-        graph, external = encoder_graph(file, self.outputs, smoothing)
+        graph, external = encoder_graph(file, self.outputs, smoothing, overrides)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

@@ -106,6 +106,20 @@ def test_a_smoothing_table_without_a_layer_is_a_clear_error() -> None:
         OnnxE5(e5_small_path(), outputs=(6,), smoothing=partial)
 
 
+def test_overridden_layers_change_the_graph_and_a_wrong_override_is_a_clear_error() -> None:
+    """Fine-tuned float layers replace the file's tensors by name (`overrides`); a tensor the file does not have, or
+    of another shape, is refused by name."""
+    file = E5File.read(e5_small_path())
+    base = OnnxE5(e5_small_path(), outputs=(12,)).embed(["Estoy muy enfadado."])
+    bias = file.array("l11.oln.b") + 0.5
+    changed = OnnxE5(e5_small_path(), outputs=(12,), overrides={"l11.oln.b": bias}).embed(["Estoy muy enfadado."])
+    assert float((base @ changed.T)[0, 0]) < 0.999
+    with pytest.raises(ValueError, match=re.escape("l12.q.w")):
+        OnnxE5(e5_small_path(), outputs=(6,), overrides={"l12.q.w": np.zeros((384, 384))})
+    with pytest.raises(ValueError, match=re.escape("l3.fo.w")):
+        OnnxE5(e5_small_path(), outputs=(6,), overrides={"l3.fo.w": np.zeros((384, 384))})
+
+
 def test_a_corrupt_smoothing_file_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import streamer.models as models
 

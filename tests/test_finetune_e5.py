@@ -68,10 +68,8 @@ def test_torch_twin_reproduces_the_engine_and_its_tokenizer(e5_file):
 CUES = {"anger": "furioso", "disgust": "asco", "fear": "miedo", "joy": "feliz", "neutral": "mesa", "sadness": "triste"}
 
 
-def test_a_tiny_4bit_aware_run_learns_and_runs_the_same_in_the_engine():
-    """One trained layer, cue words among filler: the trained model learns them, and the engine running the spliced
-    Q4_0 layer agrees with torch."""
-    from pipelines.train.finetune_e5_model import Encoder, Recipe, engine_proba, restore, train
+def cue_rows() -> tuple[list[str], np.ndarray]:
+    """16 rows a label: five filler words and the label's cue word, shuffled."""
     from streamer.frames import LABELS
 
     rng = np.random.default_rng(0)
@@ -83,10 +81,18 @@ def test_a_tiny_4bit_aware_run_learns_and_runs_the_same_in_the_engine():
             rng.shuffle(words)
             texts.append(" ".join(words))
             y.append(k)
-    y = np.array(y)
+    return texts, np.array(y)
+
+
+def test_a_tiny_4bit_aware_run_learns_and_runs_the_same_in_the_engine():
+    """One trained layer, cue words among filler: the trained model learns them, and the engine running the spliced
+    Q4_0 layer agrees with torch."""
+    from pipelines.train.finetune_e5_model import Encoder, Recipe, engine_proba, restore, train
+
+    texts, y = cue_rows()
     encoder = Encoder(threads=2)
     recipe = Recipe(train_layers=1, lr=5e-4, head_lr=3e-3, epochs=4, batch_size=16, head_dropout=0.0)
-    idx = rng.permutation(len(y))
+    idx = np.random.default_rng(1).permutation(len(y))
     train_idx, val_idx = idx[:72], idx[72:]
     trained = train(encoder, recipe, texts, y, train_idx, val_idx, seed=0)
     assert set(trained.layers) == {11}
@@ -94,9 +100,39 @@ def test_a_tiny_4bit_aware_run_learns_and_runs_the_same_in_the_engine():
     states = encoder.lower_states(texts, 11, recipe.max_length)
     p_torch = restore(encoder, recipe, trained).proba(states, val_idx)
     assert (p_torch.argmax(1) == y[val_idx]).mean() >= 0.9
-    p_engine = engine_proba(encoder, [trained], [texts[i] for i in val_idx], threads=1)
+    p_engine = engine_proba(encoder, recipe, [trained], [texts[i] for i in val_idx], threads=1)
     assert (p_engine.argmax(1) == p_torch.argmax(1)).mean() >= 0.95
     assert np.abs(p_engine - p_torch).max() < 0.1
+
+
+def test_a_tiny_float_lora_run_from_a_probe_trains_a_low_rank_update_and_runs_the_same_in_int8():
+    """Two layers with LoRA (rank 2), the head on layers 10 and 12 started from the linear probe: only a rank-2 update
+    of each weight trains, the base model is untouched, and the int8 onnxruntime graph with the merged layers agrees
+    with torch."""
+    from pipelines.train.finetune_e5_model import Encoder, Recipe, TopModel, engine_proba, restore, train
+
+    texts, y = cue_rows()
+    encoder = Encoder(threads=2)
+    base = encoder.bert.encoder.layer[11].intermediate.dense.weight.detach().clone()
+    recipe = Recipe(
+        train_layers=2, four_bit=False, lora_rank=2, pool_layers=[10, 12], probe_C=0.1, lr=3e-3, head_lr=1e-3,
+        epochs=3, batch_size=16, head_dropout=0.0,
+    )  # fmt: skip
+    idx = np.random.default_rng(1).permutation(len(y))
+    train_idx, val_idx = idx[:72], idx[72:]
+    trained = train(encoder, recipe, texts, y, train_idx, val_idx, seed=0)
+    assert set(trained.layers) == {10, 11} and trained.coef.shape == (6, 2 * 384)
+    update = trained.layers[11]["intermediate.dense.weight"] - base
+    assert 0 < torch.linalg.matrix_rank(update).item() <= 2
+    assert torch.equal(encoder.bert.encoder.layer[11].intermediate.dense.weight, base)
+    states = encoder.lower_states(texts, 10, recipe.max_length)
+    p_torch = restore(encoder, recipe, trained).proba(states, val_idx)
+    assert (p_torch.argmax(1) == y[val_idx]).mean() >= 0.9
+    p_engine = engine_proba(encoder, recipe, [trained], [texts[i] for i in val_idx], threads=1)
+    assert (p_engine.argmax(1) == p_torch.argmax(1)).mean() >= 0.95
+    assert np.abs(p_engine - p_torch).max() < 0.1
+    with pytest.raises(ValueError, match="pool_layers"):
+        TopModel(encoder, Recipe(train_layers=2, pool_layers=[9, 12]), seed=0)
 
 
 # --------------------------------------------------------------------------- the shipped words model

