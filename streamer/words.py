@@ -94,9 +94,7 @@ class E5LayersEncoder:
         self._model = OnnxE5(e5_small_path(), threads, outputs=self.layers, smoothing=e5_int8_smoothing())
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        pooled = self._model.pooled(list(texts))
-        pooled /= np.maximum(np.linalg.norm(pooled, axis=2, keepdims=True), 1e-12)
-        return pooled.reshape(len(pooled), -1)
+        return self._model.unit_blocks(list(texts))
 
 
 TEXT_ENCODERS = {"e5": TextEncoder, "e5ft": FineTunedTextEncoder, "e5layers": E5LayersEncoder, "use": UseEncoder}

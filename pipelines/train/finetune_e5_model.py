@@ -376,9 +376,7 @@ def engine_embeddings(encoder: Encoder, recipe: Recipe, trained: Trained, texts:
         e5_small_path(), threads, tuple(recipe.pool_layers), smoothing=e5_int8_smoothing(),
         overrides=float_tensors(trained),
     )  # fmt: skip
-    pooled = model.pooled(texts)
-    pooled /= np.maximum(np.linalg.norm(pooled, axis=2, keepdims=True), 1e-12)
-    return pooled.reshape(len(texts), -1) * EMBED_SCALE
+    return model.unit_blocks(texts) * EMBED_SCALE
 
 
 def engine_proba(encoder: Encoder, recipe: Recipe, trained: list[Trained], texts: list[str], threads: int):
