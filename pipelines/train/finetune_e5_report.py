@@ -99,6 +99,8 @@ def table_row(name: str, what: str, y: np.ndarray, p: np.ndarray, fold: np.ndarr
 def report(cfg: dict, results: dict, results_dir: Path, texts, y, splits, out: Path) -> None:
     """The fine-tuning section of docs/models/text_recipes.md: frozen members, every recipe (as shipped: engine),
     the ensembles of the config, all on the same folds."""
+    from pipelines.train.text import write_section
+
     frozen_file = results_dir / "frozen_oof.npz"
     probs = {}
     if frozen_file.exists():
@@ -160,11 +162,4 @@ def report(cfg: dict, results: dict, results_dir: Path, texts, y, splits, out: P
         *NOT_RUN,
         "",
     ]
-    text = out.read_text() if out.exists() else ""
-    if SECTION in text:
-        head, _, rest = text.partition(SECTION)
-        nxt = rest.find("\n## ")
-        text = head + "\n".join(lines) + (rest[nxt:] if nxt >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + "\n".join(lines)
-    out.write_text(text)
+    write_section(out, SECTION, "\n".join(lines))

