@@ -22,11 +22,12 @@ def _need_goemotions() -> None:
 
 def test_english_rows_are_the_english_heads() -> None:
     _need_goemotions()
-    from pipelines.train.finetune_e5_en import HEADS, english_rows
+    from pipelines.train.finetune_e5_en import HEADS
+    from pipelines.train.heads_en import split_rows
 
     cfg = yaml.safe_load(HEADS.read_text())["text_en"]
     cap = cfg["datasets"][D.GOEMOTIONS]["train_cap_per_label"]
-    rows = english_rows(cfg, None, None, seed=0)
+    rows = split_rows(D.GOEMOTIONS, cfg["datasets"][D.GOEMOTIONS], 0, None, None)
     records = D.read_english(D.GOEMOTIONS, None).records
     counts = Counter(r.label for r in rows["train"])
     assert max(counts.values()) == cap and len(counts) == 6

@@ -26,6 +26,7 @@ from pipelines.data import corpora as D
 from pipelines.train.finetune_e5 import load_config, recipe_of
 from pipelines.train.finetune_e5_model import Encoder, engine_proba, train
 from pipelines.train.finetune_e5_report import per_class_cell, pooled_cell, summary
+from pipelines.train.heads_en import split_rows
 from pipelines.train.linear import apply_bias, proba_in_label_order, tune_bias
 from streamer.frames import LABELS
 
@@ -36,18 +37,6 @@ HEADS = D.REPO_ROOT / "configs" / "train" / "heads.yaml"
 DEFAULT_OUT = D.REPO_ROOT / "docs" / "models" / "text_recipes.md"
 SECTION = "## English: fine-tuned e5 on GoEmotions"
 FROZEN_FEATURES = {"e5layers": ["e5layers"], "use": ["use"], "e5layers+use": ["e5layers", "use"]}
-
-
-def english_rows(heads_cfg: dict, root, limit: int | None, seed: int) -> dict[str, list[D.TextRow]]:
-    """GoEmotions' train (capped per label as the English head's recipe), dev and test rows."""
-    cap = (heads_cfg["datasets"][D.GOEMOTIONS] or {}).get("train_cap_per_label")
-    records = D.read_english(D.GOEMOTIONS, root).records
-    out = {}
-    for split in D.SPLITS:
-        rows = [r for r in records if r.source == split]
-        rows = D.cap_per_label(rows, cap, seed) if split == "train" else rows
-        out[split] = D.limit_records(rows, limit, seed)
-    return out
 
 
 def frozen_proba(X: dict[str, np.ndarray], y_train: np.ndarray, y_dev: np.ndarray, grid, seed: int):
@@ -104,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     name = cfg["english"]["recipe"]
     recipe = recipe_of(cfg, name)
     seed = int(cfg["seed"])
-    rows = english_rows(heads_cfg, args.data_dir, args.limit, seed)
+    rows = split_rows(D.GOEMOTIONS, heads_cfg["datasets"][D.GOEMOTIONS], seed, args.data_dir, args.limit)
     texts = {split: [r.text for r in rs] for split, rs in rows.items()}
     y = {split: np.array([LABELS.index(r.label) for r in rs]) for split, rs in rows.items()}
 

@@ -43,21 +43,28 @@ class SplitData:
         return np.array([r.label for r in self.rows])
 
 
+def split_rows(name: str, dcfg: dict | None, seed: int, root, limit) -> dict[str, list[D.TextRow]]:
+    """split → rows of one English dataset of the `text_en` recipe. A training split may be capped per label
+    (`train_cap_per_label`): GoEmotions has 15k joy and 13k neutral rows, and embedding all of them costs more than
+    they add once classes are weighted; dev and test are kept whole."""
+    records = D.read_english(name, root).records
+    out = {}
+    for split in D.SPLITS:
+        rows = [r for r in records if r.source == split]
+        if split == "train":
+            rows = D.cap_per_label(rows, (dcfg or {}).get("train_cap_per_label"), seed)
+        out[split] = D.limit_records(rows, limit, seed)
+    return out
+
+
 def english_splits(cfg: dict, seed: int, root, limit, cache_dir) -> dict[str, dict[str, SplitData]]:
-    """dataset → split → rows and features, for the datasets of the `text_en` recipe. A training split may be
-    capped per label (`train_cap_per_label`): GoEmotions has 15k joy and 13k neutral rows, and embedding all of
-    them costs more than they add once classes are weighted; dev and test are kept whole."""
+    """dataset → split → rows (`split_rows`) and features, for the datasets of the `text_en` recipe."""
     from pipelines.data.features import text_features
 
     out: dict[str, dict[str, SplitData]] = {}
     for name, dcfg in cfg["datasets"].items():
-        records = D.read_english(name, root).records
         out[name] = {}
-        for split in D.SPLITS:
-            rows = [r for r in records if r.source == split]
-            if split == "train":
-                rows = D.cap_per_label(rows, (dcfg or {}).get("train_cap_per_label"), seed)
-            rows = D.limit_records(rows, limit, seed)
+        for split, rows in split_rows(name, dcfg, seed, root, limit).items():
             texts = [r.text for r in rows]
             X = {f: text_features(texts, enc, cache_dir, f"{name} {split}") for f, enc in cfg["features"].items()}
             out[name][split] = SplitData(rows, X)
