@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -244,10 +245,26 @@ def _retained_test() -> Iterator[None]:
         yield
 
 
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range. A port from bind(0) is ephemeral, so an outgoing connection
+    (a test's MQTT client, say) can be given it before the test's server binds it: "address already in use"."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(10000, max(_ephemeral_start(), 10001))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range after 200 tries")
 
 
 def data_dir(name: str) -> Path:
