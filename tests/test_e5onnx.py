@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from streamer.e5file import E5File, E5FileError
-from streamer.e5onnx import LINEARS, WEIGHT_LEVELS, OnnxE5, quantize_columns
+from streamer.e5onnx import LINEARS, WEIGHT_LEVELS, OnnxE5, apply_delta, layer_delta, layer_weights, quantize_columns
 from streamer.models import E5_INT8_SMOOTHING, ModelFileError, e5_int8_smoothing, e5_small_path
 
 TEXTS = [
@@ -118,6 +118,32 @@ def test_overridden_layers_change_the_graph_and_a_wrong_override_is_a_clear_erro
         OnnxE5(e5_small_path(), outputs=(6,), overrides={"l12.q.w": np.zeros((384, 384))})
     with pytest.raises(ValueError, match=re.escape("l3.fo.w")):
         OnnxE5(e5_small_path(), outputs=(6,), overrides={"l3.fo.w": np.zeros((384, 384))})
+
+
+def test_a_layer_delta_stands_for_the_tuned_layer_within_its_own_int8_step() -> None:
+    """A fine-tuned layer shipped as its int8 change per output row (`layer_delta`): applied to the base it gives the
+    tuned weights back within half a step of that row's change (far finer than the weight's own int8 step), 1-D
+    tensors exactly; a delta that names a tensor the base lacks, or lacks its scales, is refused by name."""
+    base = layer_weights(E5File.read(e5_small_path()))
+    rng = np.random.default_rng(0)
+    tuned = {name: base[name] + rng.normal(0, 0.003, base[name].shape).astype(np.float32) for name in
+             ("l7.q.w", "l7.fi.w", "l7.aln.w", "l7.fo.b")}  # fmt: skip
+    delta = layer_delta(tuned, base)
+    assert delta["l7.q.w.dq"].dtype == np.int8 and delta["l7.q.w.ds"].shape == (384,)
+    assert "l7.aln.w" in delta and "l7.aln.w.dq" not in delta
+    back = apply_delta(base, delta)
+    assert set(back) == set(tuned)
+    for name in ("l7.q.w", "l7.fi.w"):
+        step = delta[f"{name}.ds"][:, None]
+        assert (np.abs(back[name] - tuned[name]) <= 0.5 * step + 1e-6).all()
+        assert step.max() < 0.2 * (np.abs(base[name]).max(axis=1) / 127).min()  # 5× finer than the weight step
+    np.testing.assert_array_equal(back["l7.fo.b"], tuned["l7.fo.b"])
+    with pytest.raises(ValueError, match=re.escape("l12.q.w")):
+        apply_delta(base, {"l12.q.w.dq": delta["l7.q.w.dq"], "l12.q.w.ds": delta["l7.q.w.ds"]})
+    with pytest.raises(ValueError, match=re.escape("l7.q.w.ds")):
+        apply_delta(base, {"l7.q.w.dq": delta["l7.q.w.dq"]})
+    with pytest.raises(ValueError, match=re.escape("l7.q.w")):
+        layer_delta({"l7.q.w": np.zeros((3, 3))}, base)
 
 
 def test_a_corrupt_smoothing_file_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -180,21 +180,21 @@ def ship(encoder: Encoder, cfg: dict, texts, y, videos, tuning: dict, limit, out
     return {"delta_sha256": sha256_of(delta_path), "e5ft_sha256": built, "head": str(head_path)}
 
 
-def runtime_cost(texts: list[str]) -> dict:
-    """What the shipped words model costs the monitor: building the fine-tuned file into an empty cache, loading
-    the words model from a built cache, and ms per transcript one at a time on one thread (median, p95)."""
-    from streamer.models import WORDS_HEADS
-    from streamer.words import TextModel
+def runtime_cost(head: Path, texts: list[str]) -> dict:
+    """What a words model with a fine-tuned encoder costs the monitor: loading it into an empty cache (which builds
+    the fine-tuned encoder from its delta), loading it from a built cache, and ms per transcript one at a time on
+    one thread (median, p95)."""
+    from streamer.words import load_words_model
 
     previous = os.environ.get("EMOTION_MONITOR_CACHE")
     with tempfile.TemporaryDirectory() as cache:
         os.environ["EMOTION_MONITOR_CACHE"] = cache
         try:
             t0 = time.perf_counter()
-            TextModel.load(WORDS_HEADS["finetuned"], threads=1)
+            load_words_model(head, threads=1)
             cold = time.perf_counter() - t0
             t0 = time.perf_counter()
-            model = TextModel.load(WORDS_HEADS["finetuned"], threads=1)
+            model = load_words_model(head, threads=1)
             warm = time.perf_counter() - t0
         finally:
             if previous is None:
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = D.limit_records(D.read_emospeech(args.data, include_extra=True).records, args.limit, cfg["seed"])
     texts = [r.text for r in rows]
     if args.runtime_cost:
-        print(json.dumps(runtime_cost(texts[::20])))
+        print(json.dumps(runtime_cost(TEXT_HEAD_FINETUNED, texts[::20])))
         return 0
     y = np.array([LABELS.index(r.label) for r in rows])
     videos = np.array([r.youtube_key for r in rows])

