@@ -150,7 +150,7 @@ def ship(out_dir: Path, delta: dict, trained: Trained, recipe, use_head: LinearH
         path = out_dir / f"text_encoder_en_delta{i}.npz"
         save_arrays(path, part)
         pins[path.name] = sha256_of(path)
-    head_path = out_dir / f"{TEXT_HEADS['en'].name}"
+    head_path = out_dir / TEXT_HEADS["en"].name
     head.save(head_path)
     with tempfile.TemporaryDirectory() as tmp:
         from streamer.e5file import E5File
