@@ -257,9 +257,9 @@ def _ephemeral_start() -> int:
 def free_port() -> int:
     """A free port below the kernel's ephemeral range. A port from bind(0) is ephemeral, so an outgoing connection
     (a test's MQTT client, say) can be given it before the test's server binds it: "address already in use"."""
-    rng = random.SystemRandom()
+    rng, end = random.SystemRandom(), max(_ephemeral_start(), 10001)
     for _ in range(200):
-        port = rng.randrange(10000, max(_ephemeral_start(), 10001))
+        port = rng.randrange(10000, end)
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))

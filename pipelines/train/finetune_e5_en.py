@@ -116,8 +116,10 @@ def table(y_dev: np.ndarray, y_tests: dict, probas: dict, about: dict) -> list[s
     return lines
 
 
-def ship(out_dir: Path, delta: dict, trained: Trained, recipe, use_head: LinearHead, p_dev, y_dev, tests, meta, seed):
-    """Write the English words head and the delta files; return the SHA-256 to pin."""
+def ship(out_dir: Path, delta: dict, layers: dict, trained: Trained, recipe, use_head: LinearHead, p_dev, y_dev, tests,
+         meta, seed):  # fmt: skip
+    """Write the English words head and the delta files; return the SHA-256 to pin: the files', and that of the
+    layers the delta stands for (`layers`, as `streamer.models.english_e5_layers` builds them into the cache)."""
     from streamer.words import WordsEnsembleHead
 
     names = np.array(LABELS)
@@ -145,23 +147,20 @@ def ship(out_dir: Path, delta: dict, trained: Trained, recipe, use_head: LinearH
     meta = meta | {"heldout": heldout, "offsets": "tuned on dev for macro-F1", "calibration": calib}
     head = WordsEnsembleHead((tuned, use_head), (0.5, 0.5), offsets, meta, calib["temperature"])
     out_dir.mkdir(parents=True, exist_ok=True)
+    head.save(out_dir / TEXT_HEADS["en"].name)
+    parts = delta_files(delta)
+    if len(parts) != len(TEXT_ENCODER_EN_DELTA):
+        log.warning("%d delta files, streamer.models.TEXT_ENCODER_EN_DELTA pins %d", len(parts),
+                    len(TEXT_ENCODER_EN_DELTA))  # fmt: skip
     pins = {}
-    for i, part in enumerate(delta_files(delta), 1):
+    for i, part in enumerate(parts, 1):
         path = out_dir / f"text_encoder_en_delta{i}.npz"
         save_arrays(path, part)
         pins[path.name] = sha256_of(path)
-    head_path = out_dir / TEXT_HEADS["en"].name
-    head.save(head_path)
     with tempfile.TemporaryDirectory() as tmp:
-        from streamer.e5file import E5File
-        from streamer.models import e5_small_path
-
         built = Path(tmp) / "layers.npz"
-        save_arrays(built, apply_delta(layer_weights(E5File.read(e5_small_path())), delta))
+        save_arrays(built, layers)
         pins["E5_EN_LAYERS_SHA256"] = sha256_of(built)
-    if len(pins) - 1 != len(TEXT_ENCODER_EN_DELTA):
-        log.warning("%d delta files, streamer.models.TEXT_ENCODER_EN_DELTA pins %d", len(pins) - 1,
-                    len(TEXT_ENCODER_EN_DELTA))  # fmt: skip
     return pins
 
 
@@ -216,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     base = layer_weights(encoder.file)
     delta = layer_delta(float_tensors(trained), base)
-    graph = graph_encoder(recipe, apply_delta(base, delta), recipe.threads)
+    layers = apply_delta(base, delta)  # what ships: the layers the monitor builds from the delta
+    graph = graph_encoder(recipe, layers, recipe.threads)
     tuned = {s: shipped_proba(graph, trained, texts[s]) for s in ("dev", "test")}
     minutes = (time.perf_counter() - t0) / 60
     log.info("%s: best epoch %d, %.0f min", name, trained.best_epoch, minutes)
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             "(Apache-2.0)",
             "licence": D.EN_LICENCES[D.GOEMOTIONS],
         }
-        pins = ship(args.out_dir, delta, trained, recipe, use_head, p_dev, y["dev"], tests, meta, seed)
+        pins = ship(args.out_dir, delta, layers, trained, recipe, use_head, p_dev, y["dev"], tests, meta, seed)
         for key, sha in pins.items():
             print(f"{key} {sha}")
     return 0
