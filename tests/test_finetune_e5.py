@@ -159,6 +159,33 @@ def test_a_soup_recipe_averages_its_seeds_into_one_model_that_still_reads_the_cu
     assert accuracy[2] >= 0.9 and accuracy[2] >= min(accuracy[:2]) - 0.05, accuracy
 
 
+def test_rdrop_adds_the_two_dropout_passes_disagreement_and_a_tiny_rdrop_run_reads_the_cues():
+    """R-Drop's loss is the plain loss when dropout is off (two equal passes, no divergence), exceeds the two passes'
+    mean loss when dropout is on, and a tiny R-Drop run learns the cue words."""
+    from pipelines.train.finetune_e5_model import Encoder, Recipe, TopModel, pad_states, rdrop_loss, restore, train
+
+    texts, y = cue_rows()
+    encoder = Encoder(threads=2)
+    recipe = Recipe(train_layers=1, four_bit=False, lr=5e-4, head_lr=3e-3, epochs=3, batch_size=16, rdrop=1.0)
+    states = encoder.lower_states(texts, 11, recipe.max_length)
+    model = TopModel(encoder, recipe, seed=0)
+    h, mask = pad_states(states, np.arange(32))
+    target = torch.tensor(y[:32])
+    loss_fn = torch.nn.CrossEntropyLoss()
+    model.train(False)
+    with torch.no_grad():
+        assert torch.isclose(rdrop_loss(model, loss_fn, h, mask, target), loss_fn(model.logits(h, mask), target))
+        model.train(True)
+        torch.manual_seed(0)
+        with_kl = rdrop_loss(model, loss_fn, h, mask, target)
+        torch.manual_seed(0)
+        a, b = model.logits(h, mask), model.logits(h, mask)
+        assert with_kl > (loss_fn(a, target) + loss_fn(b, target)) / 2
+    idx = np.random.default_rng(1).permutation(len(y))
+    trained = train(encoder, recipe, texts, y, idx[:72], idx[72:], seed=0)
+    assert (restore(encoder, recipe, trained).proba(states, idx[72:]).argmax(1) == y[idx[72:]]).mean() >= 0.9
+
+
 def test_an_intermediate_task_recipe_starts_from_the_english_heads_layers():
     """`start: goemotions`: the trained layers begin as the English words head's (GoEmotions-tuned) layers, not as
     e5's; an unknown start is refused."""

@@ -49,6 +49,7 @@ class Recipe:
     warmup: float = 0.1  # share of the steps with a linear warm-up, then a linear decay to 0
     class_weight: str = "balanced"  # "balanced" (CogniCIC), "sqrt" (softer) or "none"
     dropout_samples: int = 1  # multi-sample dropout: the head averages this many dropout masks
+    rdrop: float = 0.0  # > 0: R-Drop, each batch runs twice (two dropout masks); the loss adds rdrop × their sym. KL
     head_dropout: float = 0.1
     max_length: int = 64  # tokens per training transcript (99 % of EmoSPeech rows fit in 75)
     val_folds: int = 10  # the validation split is one of this many video-grouped folds of the training side
@@ -339,7 +340,11 @@ def train(encoder: Encoder, recipe: Recipe, texts: list[str], y: np.ndarray, tra
         for batch in length_batches(lengths, recipe.batch_size, rng):
             idx = train_idx[batch]
             h, mask = pad_states(states, idx)
-            loss = loss_fn(model.logits(h, mask), target[idx])
+            loss = (
+                rdrop_loss(model, loss_fn, h, mask, target[idx])
+                if recipe.rdrop
+                else loss_fn(model.logits(h, mask), target[idx])
+            )
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -354,6 +359,19 @@ def train(encoder: Encoder, recipe: Recipe, texts: list[str], y: np.ndarray, tra
             best = (val_f1, epoch, (model.layer_states(), copy.deepcopy(model.head.state_dict())))
     layers, head = best[2]
     return Trained(layers, head["weight"].numpy(), head["bias"].numpy(), history, best[1])
+
+
+def rdrop_loss(model: TopModel, loss_fn, h, mask, target):
+    """R-Drop (Liang et al. 2021): the batch through the model twice, each pass with its own dropout masks; the mean
+    of the two losses plus `rdrop` × the symmetric KL divergence between the two predictions, which pulls the
+    sub-models that dropout samples towards one answer."""
+    import torch
+
+    a, b = model.logits(h, mask), model.logits(h, mask)
+    la, lb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+    kl = torch.nn.functional.kl_div
+    sym = (kl(la, lb, log_target=True, reduction="batchmean") + kl(lb, la, log_target=True, reduction="batchmean")) / 2
+    return (loss_fn(a, target) + loss_fn(b, target)) / 2 + model.recipe.rdrop * sym
 
 
 def soup(fits: list[Trained]) -> Trained:
