@@ -162,7 +162,7 @@ def test_a_soup_recipe_averages_its_seeds_into_one_model_that_still_reads_the_cu
 def test_rdrop_adds_the_two_dropout_passes_disagreement_and_a_tiny_rdrop_run_reads_the_cues():
     """R-Drop's loss is the plain loss when dropout is off (two equal passes, no divergence), exceeds the two passes'
     mean loss when dropout is on, and a tiny R-Drop run learns the cue words."""
-    from pipelines.train.finetune_e5_model import Encoder, Recipe, TopModel, pad_states, rdrop_loss, restore, train
+    from pipelines.train.finetune_e5_model import Encoder, Recipe, TopModel, batch_loss, pad_states, restore, train
 
     texts, y = cue_rows()
     encoder = Encoder(threads=2)
@@ -174,10 +174,10 @@ def test_rdrop_adds_the_two_dropout_passes_disagreement_and_a_tiny_rdrop_run_rea
     loss_fn = torch.nn.CrossEntropyLoss()
     model.train(False)
     with torch.no_grad():
-        assert torch.isclose(rdrop_loss(model, loss_fn, h, mask, target), loss_fn(model.logits(h, mask), target))
+        assert torch.isclose(batch_loss(model, loss_fn, h, mask, target), loss_fn(model.logits(h, mask), target))
         model.train(True)
         torch.manual_seed(0)
-        with_kl = rdrop_loss(model, loss_fn, h, mask, target)
+        with_kl = batch_loss(model, loss_fn, h, mask, target)
         torch.manual_seed(0)
         a, b = model.logits(h, mask), model.logits(h, mask)
         assert with_kl > (loss_fn(a, target) + loss_fn(b, target)) / 2

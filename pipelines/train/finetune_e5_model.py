@@ -340,11 +340,7 @@ def train(encoder: Encoder, recipe: Recipe, texts: list[str], y: np.ndarray, tra
         for batch in length_batches(lengths, recipe.batch_size, rng):
             idx = train_idx[batch]
             h, mask = pad_states(states, idx)
-            loss = (
-                rdrop_loss(model, loss_fn, h, mask, target[idx])
-                if recipe.rdrop
-                else loss_fn(model.logits(h, mask), target[idx])
-            )
+            loss = batch_loss(model, loss_fn, h, mask, target[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -361,12 +357,14 @@ def train(encoder: Encoder, recipe: Recipe, texts: list[str], y: np.ndarray, tra
     return Trained(layers, head["weight"].numpy(), head["bias"].numpy(), history, best[1])
 
 
-def rdrop_loss(model: TopModel, loss_fn, h, mask, target):
-    """R-Drop (Liang et al. 2021): the batch through the model twice, each pass with its own dropout masks; the mean
-    of the two losses plus `rdrop` × the symmetric KL divergence between the two predictions, which pulls the
-    sub-models that dropout samples towards one answer."""
+def batch_loss(model: TopModel, loss_fn, h, mask, target):
+    """One batch's training loss. With the recipe's `rdrop` > 0, R-Drop (Liang et al. 2021): the batch through the
+    model twice, each pass with its own dropout masks; the mean of the two losses plus `rdrop` × the symmetric KL
+    divergence between the two predictions, which pulls the sub-models that dropout samples towards one answer."""
     import torch
 
+    if not model.recipe.rdrop:
+        return loss_fn(model.logits(h, mask), target)
     a, b = model.logits(h, mask), model.logits(h, mask)
     la, lb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
     kl = torch.nn.functional.kl_div

