@@ -331,7 +331,6 @@ class OnnxE5:
 
         if pooling not in ("mean", "cls"):
             raise ValueError(f"pooling {pooling!r}: 'mean' or 'cls'")
-
         file = E5File.read(path)
         self.header = file.header
         self.tokenizer, self._word = vocabulary(file)

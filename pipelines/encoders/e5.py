@@ -134,6 +134,9 @@ def cls_pool(hidden, mask):
     return hidden[:, 0]
 
 
+POOLS = {"mean": mean_pool, "cls": cls_pool}  # a recipe's `pooling`
+
+
 def embed(model, tokenizer: E5Tokenizer, texts: list[str], batch_size: int = 32) -> np.ndarray:
     """L2-normalised mean-pooled sentence embeddings, as the engine's `query()` gives them."""
     import torch

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.encoders.e5 import E5Tokenizer, cls_pool, file_tensors, load_bert, mean_pool, pad_batch
+from pipelines.encoders.e5 import POOLS, E5Tokenizer, file_tensors, load_bert, pad_batch
 from pipelines.evaluate.metrics import macro_f1
 from streamer.e5file import E5File, splice
 from streamer.frames import LABELS
@@ -206,8 +206,8 @@ class TopModel:
         self.first = first
         if min(recipe.pool_layers) < first or max(recipe.pool_layers) > len(encoder.bert.encoder.layer):
             raise ValueError(f"pool_layers {recipe.pool_layers}: the head reads layers {first}..12 of this recipe")
-        if recipe.pooling not in ("mean", "cls"):
-            raise ValueError(f"pooling {recipe.pooling!r}: 'mean' or 'cls'")
+        if recipe.pooling not in POOLS:
+            raise ValueError(f"pooling {recipe.pooling!r}: one of {sorted(POOLS)}")
         self.layers = torch.nn.ModuleList(copy.deepcopy(encoder.bert.encoder.layer[first:]))
         if recipe.start == "goemotions":
             self.start_from_goemotions()
@@ -273,7 +273,7 @@ class TopModel:
         states = {self.first: h}
         for i, layer in enumerate(self.layers, self.first + 1):
             states[i] = h = run_layers([layer], h, mask)
-        pool = cls_pool if self.recipe.pooling == "cls" else mean_pool
+        pool = POOLS[self.recipe.pooling]
         pooled = [torch.nn.functional.normalize(pool(states[k], mask), dim=-1) for k in self.recipe.pool_layers]
         return torch.cat(pooled, dim=-1) * EMBED_SCALE
 
